@@ -189,6 +189,12 @@ impl ValueSpace {
         &self.builtin_reserved
     }
 
+    /// True for prefix pools, whose claims have a length of their own and so
+    /// always need a record beside their bits.
+    pub fn is_prefix(&self) -> bool {
+        matches!(self.kind, PoolKind::Prefixes { .. })
+    }
+
     /// Units a default allocation takes.
     pub fn default_units(&self) -> u64 {
         match &self.kind {

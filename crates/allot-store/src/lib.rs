@@ -31,10 +31,14 @@
 //! # }
 //! ```
 
+mod apply;
+mod codec;
 mod error;
+mod lease;
 mod memory;
 mod redb_store;
 mod types;
+mod watch;
 
 pub use error::StoreError;
 pub use memory::MemoryStore;

@@ -1,1 +1,436 @@
-// placeholder
+//! allot engine: pools, claims and mark-and-sweep, written once over the
+//! [`allot_store::Store`] trait so it runs unchanged on every backend.
+//!
+//! Invariants kept here:
+//! - uniqueness: allocation state lives in block bitmaps (allot-core); every
+//!   write of a block is guarded by a compare on the revision this process
+//!   last saw, so two writers can never both hand out a value;
+//! - durability: a request is answered only after the transaction holding
+//!   its effects committed (in `sync` mode the store fsyncs first);
+//! - idempotence: a key maps to one value, read and written in the same
+//!   guarded transaction as the bitmap;
+//! - bad input changes nothing: requests are validated before anything is
+//!   written, and a refused request contributes no operation to its batch.
+//!
+//! Concurrent requests on one pool share a transaction (group commit): each
+//! request joins the pool's queue, and whoever holds the pool's lock drains
+//! the queue and commits everything in it at once.
+//!
+//! ```
+//! use allot::{Allot, AllocRequest, PoolSpec, PoolKind};
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let allot = Allot::new(std::sync::Arc::new(allot_store::MemoryStore::new()));
+//! allot.create_pool("vlans", PoolSpec::new(PoolKind::Range { lo: 100, hi: 4094 }), Default::default()).await.unwrap();
+//! let first = allot.allocate("vlans", AllocRequest::key("site-a")).await.unwrap();
+//! let again = allot.allocate("vlans", AllocRequest::key("site-a")).await.unwrap();
+//! assert_eq!(first[0].value, "100");
+//! assert_eq!(again, first);
+//! # });
+//! ```
+
+mod batch;
+mod clock;
+mod error;
+pub mod keys;
+mod model;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use allot_core::{parse_cidr, PoolKind, PoolSpec, PoolStats, Strategy, DEFAULT_BLOCK_SIZE};
+use allot_core::{Block, PoolState, Run};
+use allot_store::{Compare, KeyValue, Op, Revision, Store, Txn};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use model::*;
+
+use batch::{Outcome, PendingOp, PoolHandle};
+
+/// The engine. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct Allot {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pools: std::sync::Mutex<HashMap<String, Arc<PoolHandle>>>,
+    seed: AtomicU64,
+}
+
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these short locks cannot leave the map
+    // half-updated (single insert/remove), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+pub(crate) fn encode_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Serializing plain structs of strings, numbers and JSON values cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// An open resync pass: its owner filter and the revision it began at.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenResync {
+    owner: Option<String>,
+    revision: Revision,
+}
+
+impl OpenResync {
+    /// Whether a keyed claim last written at `rev` by `owner` is stale under this pass.
+    fn marks(&self, owner: Option<&str>, rev: Revision) -> bool {
+        rev < self.revision && (self.owner.is_none() || self.owner.as_deref() == owner)
+    }
+}
+
+pub(crate) fn is_stale(resyncs: &[OpenResync], rec: &ClaimRecord, rev: Revision) -> bool {
+    rec.key.is_some() && resyncs.iter().any(|r| r.marks(rec.owner.as_deref(), rev))
+}
+
+impl Allot {
+    /// An engine over `store` with the system clock.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_clock(store, Arc::new(SystemClock))
+    }
+
+    /// An engine with an injected clock (quarantine timing in tests).
+    pub fn with_clock(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        let seed = clock.now_ms() ^ 0x9E37_79B9_7F4A_7C15;
+        Allot {
+            inner: Arc::new(Inner { store, clock, pools: std::sync::Mutex::new(HashMap::new()), seed: AtomicU64::new(seed) }),
+        }
+    }
+
+    /// The store this engine writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Creates a pool. Fails with [`Error::PoolExists`] if the name is taken.
+    pub async fn create_pool(&self, name: &str, spec: PoolSpec, labels: BTreeMap<String, String>) -> Result<PoolInfo> {
+        validate_pool_name(name)?;
+        spec.validate().map_err(|e| Error::from_core(name, e))?;
+        for (k, v) in &labels {
+            check_text("label name", k, MAX_NAME_LEN)?;
+            check_text("label value", v, MAX_OWNER_LEN)?;
+        }
+        let record = PoolRecord { name: name.to_string(), spec, labels, created_ms: self.inner.clock.now_ms() };
+        let key = keys::pool(name);
+        let resp = self
+            .inner
+            .store
+            .txn(Txn::new().when(Compare::absent(&key)).then(Op::put(&key, encode_json(&record))))
+            .await?;
+        if !resp.succeeded {
+            return Err(Error::PoolExists(name.to_string()));
+        }
+        self.pool(name).await
+    }
+
+    /// A pool with its counters.
+    pub async fn pool(&self, name: &str) -> Result<PoolInfo> {
+        let handle = self.inner.handle(name).await?;
+        let state = handle.state.lock().await;
+        Ok(info(&handle.record, &state.core))
+    }
+
+    /// Every pool, by name.
+    pub async fn list_pools(&self) -> Result<Vec<PoolInfo>> {
+        let end = allot_store::prefix_end(keys::POOLS_PREFIX);
+        let res = self.inner.store.range(keys::POOLS_PREFIX, &end, 0).await?;
+        let mut out = Vec::with_capacity(res.kvs.len());
+        for kv in res.kvs {
+            let record: PoolRecord = decode_json("pool record", &kv.value)?;
+            match self.pool(&record.name).await {
+                Ok(i) => out.push(i),
+                // Deleted between the range and the load.
+                Err(Error::PoolNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a pool and everything in it. Refused while values are
+    /// claimed unless `force`.
+    pub async fn delete_pool(&self, name: &str, force: bool) -> Result<()> {
+        let handle = self.inner.handle(name).await?;
+        let state = handle.state.lock().await;
+        let claims = state.core.stats().allocated;
+        if claims > 0 && !force {
+            return Err(Error::PoolNotEmpty { pool: name.to_string(), claims });
+        }
+        let mut txn = Txn::new()
+            .when(Compare::mod_revision(keys::pool(name), handle.record_rev))
+            .then(Op::delete(keys::pool(name)))
+            .then(Op::delete(keys::cursor(name)));
+        for prefix in [keys::blocks_prefix(name), keys::values_prefix(name), keys::keys_prefix(name), keys::resyncs_prefix(name)] {
+            txn = txn.then(Op::delete_prefix(prefix));
+        }
+        let resp = self.inner.store.txn(txn).await;
+        self.inner.forget(name, &handle);
+        if !resp?.succeeded {
+            return Err(Error::Contention(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Allocates: one value, `count` values all or nothing, a requested
+    /// value, or the value bound to a key (idempotent).
+    pub async fn allocate(&self, pool: &str, req: AllocRequest) -> Result<Vec<Claim>> {
+        req.validate()?;
+        match self.inner.submit(pool, PendingOp::Alloc(req)).await? {
+            Outcome::Claims(c) => Ok(c),
+            other => Err(Error::Corrupt(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Releases a claim by value or key and returns what was released.
+    pub async fn release(&self, pool: &str, target: Target) -> Result<Claim> {
+        if let Target::Key(k) = &target {
+            check_text("key", k, MAX_KEY_LEN)?;
+        }
+        match self.inner.submit(pool, PendingOp::Release(target)).await? {
+            Outcome::Released(c) => Ok(c),
+            other => Err(Error::Corrupt(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Looks a claim up by value or key.
+    pub async fn lookup(&self, pool: &str, target: Target) -> Result<Claim> {
+        let handle = self.inner.handle(pool).await?;
+        let store = &self.inner.store;
+        let resyncs = self.inner.open_resyncs(pool).await?;
+        let (run, rec) = match &target {
+            Target::Key(k) => {
+                check_text("key", k, MAX_KEY_LEN)?;
+                let kv = store
+                    .get(&keys::key(pool, k))
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("key '{k}' is not claimed in pool '{pool}'")))?;
+                let kr: KeyRecord = decode_json("key record", &kv.value)?;
+                let rec = store.get(&keys::value(pool, kr.offset)).await?;
+                (Run { offset: kr.offset, units: kr.units }, rec)
+            }
+            Target::Value(v) => {
+                let run = handle.space().parse(v).map_err(|e| Error::from_core(pool, e))?;
+                (run, store.get(&keys::value(pool, run.offset)).await?)
+            }
+        };
+        let text = handle.space().format(run);
+        if let Some(kv) = rec {
+            let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
+            if rec.units == run.units {
+                return Ok(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+            }
+        } else if !handle.space().is_prefix() {
+            // A bare allocation is just its bit: read the block as stored.
+            let idx = run.offset / handle.record.spec.block_size;
+            if let Some(kv) = store.get(&keys::block(pool, idx)).await? {
+                let block = Block::decode(&kv.value).map_err(|e| Error::from_core(pool, e))?;
+                let local = (run.offset % handle.record.spec.block_size) as u32;
+                if block.bits.contains(local) && !block.quarantine.contains_key(&local) {
+                    return Ok(Claim { value: text, key: None, owner: None, meta: None, stale: false });
+                }
+            }
+        }
+        Err(Error::NotFound(format!("value {text} is not claimed in pool '{pool}'")))
+    }
+
+    /// Claims in value order, `limit` at a time, starting after `after`.
+    pub async fn list_claims(&self, pool: &str, after: Option<&str>, limit: usize) -> Result<ClaimPage> {
+        let limit = limit.clamp(1, 10_000);
+        let handle = self.inner.handle(pool).await?;
+        let start = match after {
+            Some(v) => {
+                let run = handle.space().parse(v).map_err(|e| Error::from_core(pool, e))?;
+                match run.offset.checked_add(run.units) {
+                    Some(s) => s,
+                    None => return Ok(ClaimPage { claims: Vec::new(), next: None }),
+                }
+            }
+            None => 0,
+        };
+        let resyncs = self.inner.open_resyncs(pool).await?;
+        let store = &self.inner.store;
+        let vend = allot_store::prefix_end(&keys::values_prefix(pool));
+        let mut claims = Vec::new();
+        let more;
+        if handle.space().is_prefix() {
+            // Prefix pools keep a record for every claim.
+            let res = store.range(&keys::value(pool, start), &vend, limit).await?;
+            more = res.more;
+            for kv in res.kvs {
+                let offset = keys::value_offset(&kv.key).ok_or_else(|| Error::Corrupt("claim key".into()))?;
+                let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
+                let text = handle.space().format(Run { offset, units: rec.units });
+                claims.push(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+            }
+        } else {
+            let offsets: Vec<u64> = {
+                let state = handle.state.lock().await;
+                state.core.allocated_from(start).take(limit + 1).collect()
+            };
+            more = offsets.len() > limit;
+            let offsets = &offsets[..offsets.len().min(limit)];
+            let records: HashMap<u64, KeyValue> = match (offsets.first(), offsets.last()) {
+                (Some(&first), Some(&last)) => {
+                    let end = last.checked_add(1).map_or(vend.clone(), |e| keys::value(pool, e));
+                    let res = store.range(&keys::value(pool, first), &end, 0).await?;
+                    res.kvs.into_iter().filter_map(|kv| keys::value_offset(&kv.key).map(|o| (o, kv))).collect()
+                }
+                _ => HashMap::new(),
+            };
+            for &o in offsets {
+                let text = handle.space().format(Run::single(o));
+                match records.get(&o) {
+                    Some(kv) => {
+                        let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
+                        claims.push(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+                    }
+                    None => claims.push(Claim { value: text, key: None, owner: None, meta: None, stale: false }),
+                }
+            }
+        }
+        let next = if more { claims.last().map(|c| c.value.clone()) } else { None };
+        Ok(ClaimPage { claims, next })
+    }
+
+    /// Opens a mark-and-sweep pass: every keyed claim (of `owner`, or all)
+    /// is stale until it is claimed again.
+    pub async fn resync_begin(&self, pool: &str, owner: Option<&str>) -> Result<ResyncReport> {
+        if let Some(o) = owner {
+            check_text("owner", o, MAX_OWNER_LEN)?;
+        }
+        let handle = self.inner.handle(pool).await?;
+        let rec = ResyncRecord { owner: owner.map(str::to_string), started_ms: self.inner.clock.now_ms() };
+        let resp = self
+            .inner
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(keys::pool(pool), handle.record_rev))
+                    .then(Op::put(keys::resync(pool, owner), encode_json(&rec))),
+            )
+            .await?;
+        if !resp.succeeded {
+            return Err(Error::PoolNotFound(pool.to_string()));
+        }
+        let pass = OpenResync { owner: rec.owner.clone(), revision: resp.revision };
+        let marked = self.inner.scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev)).await?;
+        Ok(ResyncReport { pool: pool.to_string(), owner: rec.owner, count: marked.len() as u64, released: Vec::new() })
+    }
+
+    /// Closes a pass: releases every claim it marked that was not claimed
+    /// again, and reports them.
+    pub async fn resync_end(&self, pool: &str, owner: Option<&str>) -> Result<ResyncReport> {
+        let handle = self.inner.handle(pool).await?;
+        let rkey = keys::resync(pool, owner);
+        let Some(kv) = self.inner.store.get(&rkey).await? else {
+            let who = owner.map_or(String::new(), |o| format!(" for owner '{o}'"));
+            return Err(Error::NotFound(format!("no resync in progress on pool '{pool}'{who}; run resync begin first")));
+        };
+        let pass = OpenResync { owner: owner.map(str::to_string), revision: kv.mod_revision };
+        let stale = self.inner.scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev)).await?;
+        let mut released = Vec::new();
+        for chunk in stale.chunks(1024) {
+            let waits: Vec<_> = chunk
+                .iter()
+                .map(|&(offset, rev)| self.inner.submit(pool, PendingOp::ReleaseStale { offset, rev }))
+                .collect();
+            for r in futures::future::join_all(waits).await {
+                if let Outcome::Released(c) = r? {
+                    released.push(c);
+                }
+            }
+        }
+        // Closing the pass only if nobody re-opened it meanwhile.
+        self.inner
+            .store
+            .txn(Txn::new().when(Compare::mod_revision(&rkey, kv.mod_revision)).then(Op::delete(&rkey)))
+            .await?;
+        drop(handle);
+        Ok(ResyncReport { pool: pool.to_string(), owner: owner.map(str::to_string), count: released.len() as u64, released })
+    }
+}
+
+fn info(record: &PoolRecord, core: &PoolState) -> PoolInfo {
+    let stats = core.stats();
+    PoolInfo { record: record.clone(), description: core.space().describe(), utilization: stats.utilization(), stats }
+}
+
+pub(crate) fn claim_from(value: String, rec: &ClaimRecord, stale: bool) -> Claim {
+    Claim { value, key: rec.key.clone(), owner: rec.owner.clone(), meta: rec.meta.clone(), stale }
+}
+
+impl Inner {
+    fn next_seed(&self) -> u64 {
+        self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+    }
+
+    /// The loaded pool, loading it from the store on first use.
+    pub(crate) async fn handle(&self, name: &str) -> Result<Arc<PoolHandle>> {
+        if let Some(h) = lock(&self.pools).get(name) {
+            return Ok(h.clone());
+        }
+        validate_pool_name(name)?;
+        let handle = Arc::new(PoolHandle::load(self.store.as_ref(), name, self.next_seed()).await?);
+        let mut pools = lock(&self.pools);
+        Ok(pools.entry(name.to_string()).or_insert(handle).clone())
+    }
+
+    /// Drops a cached pool so the next request reloads it.
+    pub(crate) fn forget(&self, name: &str, handle: &Arc<PoolHandle>) {
+        let mut pools = lock(&self.pools);
+        if pools.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            pools.remove(name);
+        }
+    }
+
+    pub(crate) async fn open_resyncs(&self, pool: &str) -> Result<Vec<OpenResync>> {
+        let prefix = keys::resyncs_prefix(pool);
+        let res = self.store.range(&prefix, &allot_store::prefix_end(&prefix), 0).await?;
+        res.kvs
+            .into_iter()
+            .map(|kv| {
+                let r: ResyncRecord = decode_json("resync record", &kv.value)?;
+                Ok(OpenResync { owner: r.owner, revision: kv.mod_revision })
+            })
+            .collect()
+    }
+
+    /// Offsets and revisions of claim records matching `pred`, in pages.
+    async fn scan_records(
+        &self,
+        pool: &str,
+        pred: impl Fn(&ClaimRecord, Revision) -> bool,
+    ) -> Result<Vec<(u64, Revision)>> {
+        let prefix = keys::values_prefix(pool);
+        let end = allot_store::prefix_end(&prefix);
+        let mut start = prefix.clone();
+        let mut out = Vec::new();
+        loop {
+            let res = self.store.range(&start, &end, 4096).await?;
+            for kv in &res.kvs {
+                let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
+                if pred(&rec, kv.mod_revision) {
+                    let offset = keys::value_offset(&kv.key).ok_or_else(|| Error::Corrupt("claim key".into()))?;
+                    out.push((offset, kv.mod_revision));
+                }
+            }
+            match (res.more, res.kvs.last()) {
+                (true, Some(last)) => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+}

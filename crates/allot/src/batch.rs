@@ -1,0 +1,563 @@
+//! Group commit per pool: requests queue up, one task applies the whole
+//! queue to the in-memory pool state and commits it in one guarded
+//! transaction, then answers everybody. On a lost compare (another process
+//! wrote first) the batch is undone, the touched records are re-read and the
+//! batch runs again; on a store error it is undone and every request fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use allot_core::{Block, PoolState, Run, ValueSpace};
+use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::model::{AllocRequest, Claim, ClaimRecord, KeyRecord, PoolRecord, Target};
+use crate::{claim_from, decode_json, encode_json, is_stale, keys, lock, Inner, OpenResync};
+
+/// Most requests one transaction carries; the rest wait for the next one.
+const MAX_BATCH: usize = 2048;
+/// Attempts when other writers keep winning the compares.
+const MAX_ATTEMPTS: usize = 8;
+
+#[derive(Debug)]
+pub(crate) enum PendingOp {
+    Alloc(AllocRequest),
+    Release(Target),
+    /// Release a claim marked by a resync, unless it was written after `rev`.
+    ReleaseStale { offset: u64, rev: Revision },
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Claims(Vec<Claim>),
+    Released(Claim),
+    /// ReleaseStale found the claim re-claimed (or gone): nothing to do.
+    Skipped,
+}
+
+struct Pending {
+    op: PendingOp,
+    tx: oneshot::Sender<Result<Outcome>>,
+}
+
+/// A pool loaded in memory.
+pub(crate) struct PoolHandle {
+    pub(crate) record: PoolRecord,
+    /// Revision of the pool record this handle was loaded from; every write
+    /// compares it, so a deleted or re-created pool is never written through
+    /// a stale handle.
+    pub(crate) record_rev: Revision,
+    space: ValueSpace,
+    queue: std::sync::Mutex<Vec<Pending>>,
+    pub(crate) state: tokio::sync::Mutex<LoadedState>,
+}
+
+pub(crate) struct LoadedState {
+    pub(crate) core: PoolState,
+    /// mod_revision of each stored block (absent: no record).
+    block_revs: HashMap<u64, Revision>,
+    cursor_rev: Revision,
+    /// False after a store error: the next batch reloads before working.
+    fresh: bool,
+}
+
+impl PoolHandle {
+    pub(crate) async fn load(store: &dyn Store, name: &str, seed: u64) -> Result<PoolHandle> {
+        let kv = store.get(&keys::pool(name)).await?.ok_or_else(|| Error::PoolNotFound(name.to_string()))?;
+        let record: PoolRecord = decode_json("pool record", &kv.value)?;
+        let core = PoolState::new(&record.spec, seed).map_err(|e| Error::from_core(name, e))?;
+        let space = core.space().clone();
+        let mut state = LoadedState { core, block_revs: HashMap::new(), cursor_rev: 0, fresh: false };
+        state.reload(store, name).await?;
+        Ok(PoolHandle {
+            record,
+            record_rev: kv.mod_revision,
+            space,
+            queue: std::sync::Mutex::new(Vec::new()),
+            state: tokio::sync::Mutex::new(state),
+        })
+    }
+
+    pub(crate) fn space(&self) -> &ValueSpace {
+        &self.space
+    }
+}
+
+impl LoadedState {
+    /// Reads every block and the cursor of the pool from the store.
+    async fn reload(&mut self, store: &dyn Store, name: &str) -> Result<()> {
+        let prefix = keys::blocks_prefix(name);
+        let end = allot_store::prefix_end(&prefix);
+        let mut start = prefix.clone();
+        let mut loaded: Vec<(u64, Block, Revision)> = Vec::new();
+        loop {
+            let res = store.range(&start, &end, 1024).await?;
+            for kv in &res.kvs {
+                let idx = keys::block_index(&kv.key).ok_or_else(|| Error::Corrupt("block key".into()))?;
+                let block = Block::decode(&kv.value).map_err(|e| Error::from_core(name, e))?;
+                loaded.push((idx, block, kv.mod_revision));
+            }
+            match (res.more, res.kvs.last()) {
+                (true, Some(last)) => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        // Blocks we knew that are gone from the store must be forgotten too.
+        let known: Vec<u64> = self.block_revs.keys().copied().collect();
+        for idx in known {
+            self.core.reload_block(idx, None);
+        }
+        self.block_revs.clear();
+        for (idx, block, rev) in loaded {
+            self.core.load_block(idx, block);
+            self.block_revs.insert(idx, rev);
+        }
+        self.reload_cursor(store, name).await?;
+        self.fresh = true;
+        Ok(())
+    }
+
+    async fn reload_cursor(&mut self, store: &dyn Store, name: &str) -> Result<()> {
+        match store.get(&keys::cursor(name)).await? {
+            Some(kv) => {
+                let bytes: [u8; 8] = kv.value.as_slice().try_into().map_err(|_| Error::Corrupt("cursor record".into()))?;
+                self.core.set_cursor(u64::from_le_bytes(bytes));
+                self.cursor_rev = kv.mod_revision;
+            }
+            None => self.cursor_rev = 0,
+        }
+        Ok(())
+    }
+
+    /// Re-reads only the given blocks (after another writer won a compare).
+    async fn refresh_blocks(&mut self, store: &dyn Store, name: &str, blocks: &[u64]) -> Result<()> {
+        for &idx in blocks {
+            match store.get(&keys::block(name, idx)).await? {
+                Some(kv) => {
+                    let block = Block::decode(&kv.value).map_err(|e| Error::from_core(name, e))?;
+                    self.core.reload_block(idx, Some(block));
+                    self.block_revs.insert(idx, kv.mod_revision);
+                }
+                None => {
+                    self.core.reload_block(idx, None);
+                    self.block_revs.remove(&idx);
+                }
+            }
+        }
+        self.reload_cursor(store, name).await
+    }
+}
+
+impl Inner {
+    /// Queues `op` on the pool and waits for the batch that carries it.
+    pub(crate) async fn submit(self: &Arc<Self>, pool: &str, op: PendingOp) -> Result<Outcome> {
+        let handle = self.handle(pool).await?;
+        let (tx, rx) = oneshot::channel();
+        lock(&handle.queue).push(Pending { op, tx });
+        // The batch runs in its own task so a caller that gives up (timeout,
+        // closed connection) cannot interrupt a commit half way.
+        let me = self.clone();
+        let name = pool.to_string();
+        tokio::spawn(async move { me.drive(&name, handle).await });
+        rx.await.map_err(|_| Error::Contention(pool.to_string()))?
+    }
+
+    async fn drive(&self, name: &str, handle: Arc<PoolHandle>) {
+        let mut state = handle.state.lock().await;
+        let batch: Vec<Pending> = {
+            let mut q = lock(&handle.queue);
+            let n = q.len().min(MAX_BATCH);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return; // an earlier task carried our request
+        }
+        let (ops, txs): (Vec<PendingOp>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.tx)).unzip();
+        let results = self.run_batch(name, &handle, &mut state, &ops).await;
+        for (tx, r) in txs.into_iter().zip(results) {
+            let _ = tx.send(r);
+        }
+    }
+
+    async fn run_batch(
+        &self,
+        name: &str,
+        handle: &PoolHandle,
+        state: &mut LoadedState,
+        ops: &[PendingOp],
+    ) -> Vec<Result<Outcome>> {
+        let store = self.store.as_ref();
+        for _ in 0..MAX_ATTEMPTS {
+            if !state.fresh {
+                if let Err(e) = state.reload(store, name).await {
+                    return fail_all(ops.len(), &e);
+                }
+            }
+            let mut work = match Work::prepare(store, name, handle, ops).await {
+                Ok(w) => w,
+                Err(e) => return fail_all(ops.len(), &e),
+            };
+            let now = self.clock.now_ms();
+            state.core.checkpoint();
+            let cursor_before = state.core.cursor();
+            let results: Vec<Result<Outcome>> = ops.iter().map(|op| work.apply(handle, &mut state.core, op, now)).collect();
+
+            let mut txn = Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
+            for (key, rev) in &work.read_revs {
+                txn = txn.when(Compare::mod_revision(key, *rev));
+            }
+            for (key, value) in &work.writes {
+                txn = txn.then(match value {
+                    Some(v) => Op::put(key, v),
+                    None => Op::delete(key),
+                });
+            }
+            let dirty: Vec<(u64, Option<Vec<u8>>)> =
+                state.core.dirty_blocks().into_iter().map(|(i, b)| (i, b.map(Block::encode))).collect();
+            for (idx, bytes) in &dirty {
+                let key = keys::block(name, *idx);
+                txn = txn.when(Compare::mod_revision(&key, state.block_revs.get(idx).copied().unwrap_or(0)));
+                txn = txn.then(match bytes {
+                    Some(b) => Op::put(&key, b),
+                    None => Op::delete(&key),
+                });
+            }
+            let cursor = state.core.cursor();
+            if cursor != cursor_before {
+                txn = txn
+                    .when(Compare::mod_revision(keys::cursor(name), state.cursor_rev))
+                    .then(Op::put(keys::cursor(name), cursor.to_le_bytes()));
+            }
+            if txn.success.is_empty() {
+                // Nothing to write (reads, idempotent re-claims, refusals).
+                state.core.commit();
+                return results;
+            }
+            // Get the pool record back on failure to tell "deleted" from "busy".
+            txn = txn.otherwise(Op::get(keys::pool(name)));
+            match store.txn(txn).await {
+                Ok(resp) if resp.succeeded => {
+                    for (idx, bytes) in &dirty {
+                        match bytes {
+                            Some(_) => state.block_revs.insert(*idx, resp.revision),
+                            None => state.block_revs.remove(idx),
+                        };
+                    }
+                    if cursor != cursor_before {
+                        state.cursor_rev = resp.revision;
+                    }
+                    state.core.commit();
+                    return results;
+                }
+                Ok(resp) => {
+                    state.core.rollback();
+                    let same_pool = matches!(resp.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
+                    if !same_pool {
+                        self.forget_by_name(name, handle);
+                        return fail_all(ops.len(), &Error::PoolNotFound(name.to_string()));
+                    }
+                    let idxs: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
+                    if let Err(e) = state.refresh_blocks(store, name, &idxs).await {
+                        state.fresh = false;
+                        return fail_all(ops.len(), &e);
+                    }
+                }
+                Err(e) => {
+                    state.core.rollback();
+                    // The commit may or may not have happened: trust nothing cached.
+                    state.fresh = false;
+                    return fail_all(ops.len(), &Error::Store(e));
+                }
+            }
+        }
+        fail_all(ops.len(), &Error::Contention(name.to_string()))
+    }
+
+    fn forget_by_name(&self, name: &str, handle: &PoolHandle) {
+        let mut pools = lock(&self.pools);
+        if pools.get(name).is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), handle)) {
+            pools.remove(name);
+        }
+    }
+}
+
+fn fail_all(n: usize, e: &Error) -> Vec<Result<Outcome>> {
+    (0..n).map(|_| Err(clone_error(e))).collect()
+}
+
+/// Errors are not Clone (store errors wrap I/O); rebuild an equivalent one.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::PoolNotFound(p) => Error::PoolNotFound(p.clone()),
+        Error::Contention(p) => Error::Contention(p.clone()),
+        Error::Corrupt(m) => Error::Corrupt(m.clone()),
+        Error::Store(s) => Error::Store(match s {
+            allot_store::StoreError::Unavailable(m) => allot_store::StoreError::Unavailable(m.clone()),
+            other => allot_store::StoreError::Backend(other.to_string()),
+        }),
+        other => Error::Corrupt(other.to_string()),
+    }
+}
+
+/// Records read for a batch and the writes it produces.
+struct Work {
+    name: String,
+    /// Key and claim records as they are now, inside this batch.
+    records: HashMap<Vec<u8>, Option<(Vec<u8>, Revision)>>,
+    /// What the transaction must find unchanged: key → mod_revision read (0 = absent).
+    read_revs: BTreeMap<Vec<u8>, Revision>,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    resyncs: Vec<OpenResync>,
+    resyncs_loaded: bool,
+}
+
+impl Work {
+    /// Reads, in one snapshot, every record the batch will look at.
+    async fn prepare(store: &dyn Store, name: &str, handle: &PoolHandle, ops: &[PendingOp]) -> Result<Work> {
+        let mut want: Vec<Vec<u8>> = Vec::new();
+        for op in ops {
+            match op {
+                PendingOp::Alloc(AllocRequest { key: Some(k), .. }) | PendingOp::Release(Target::Key(k)) => {
+                    want.push(keys::key(name, k))
+                }
+                PendingOp::Release(Target::Value(v)) => {
+                    if let Ok(run) = handle.space().parse(v) {
+                        want.push(keys::value(name, run.offset));
+                    }
+                }
+                PendingOp::ReleaseStale { offset, .. } => want.push(keys::value(name, *offset)),
+                PendingOp::Alloc(_) => {}
+            }
+        }
+        let mut work = Work {
+            name: name.to_string(),
+            records: HashMap::new(),
+            read_revs: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            resyncs: Vec::new(),
+            resyncs_loaded: false,
+        };
+        work.fetch(store, want).await?;
+        // Second round: the claim records the keys point at.
+        let mut follow = Vec::new();
+        for (k, v) in &work.records {
+            if k.starts_with(b"k/") {
+                if let Some((bytes, _)) = v {
+                    let kr: KeyRecord = decode_json("key record", bytes)?;
+                    follow.push(keys::value(name, kr.offset));
+                }
+            }
+        }
+        work.fetch(store, follow).await?;
+        let keyed = ops.iter().any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
+        if keyed {
+            let prefix = keys::resyncs_prefix(name);
+            let res = store.range(&prefix, &allot_store::prefix_end(&prefix), 0).await?;
+            for kv in res.kvs {
+                let r: crate::model::ResyncRecord = decode_json("resync record", &kv.value)?;
+                work.resyncs.push(OpenResync { owner: r.owner, revision: kv.mod_revision });
+            }
+            work.resyncs_loaded = true;
+        }
+        Ok(work)
+    }
+
+    async fn fetch(&mut self, store: &dyn Store, mut want: Vec<Vec<u8>>) -> Result<()> {
+        want.sort();
+        want.dedup();
+        want.retain(|k| !self.records.contains_key(k));
+        if want.is_empty() {
+            return Ok(());
+        }
+        let mut txn = Txn::new();
+        for k in &want {
+            txn = txn.then(Op::get(k));
+        }
+        let resp = store.txn(txn).await?;
+        for (k, r) in want.into_iter().zip(resp.results) {
+            let kv: Option<KeyValue> = match r {
+                OpResult::Get(kv) => kv,
+                _ => None,
+            };
+            self.read_revs.insert(k.clone(), kv.as_ref().map_or(0, |kv| kv.mod_revision));
+            self.records.insert(k, kv.map(|kv| (kv.value, kv.mod_revision)));
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&(Vec<u8>, Revision)> {
+        self.records.get(key).and_then(|r| r.as_ref())
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        // Revision MAX marks "written in this batch": newer than any resync.
+        self.records.insert(key.clone(), Some((value.clone(), Revision::MAX)));
+        self.writes.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.records.insert(key.clone(), None);
+        self.writes.insert(key, None);
+    }
+
+    fn claim_record(&self, offset: u64) -> Result<Option<(ClaimRecord, Revision)>> {
+        match self.get(&keys::value(&self.name, offset)) {
+            Some((bytes, rev)) => Ok(Some((decode_json("claim record", bytes)?, *rev))),
+            None => Ok(None),
+        }
+    }
+
+    fn apply(&mut self, handle: &PoolHandle, core: &mut PoolState, op: &PendingOp, now: u64) -> Result<Outcome> {
+        let name = self.name.clone();
+        let core_err = |e| Error::from_core(&name, e);
+        match op {
+            PendingOp::Alloc(req) => {
+                let units = match req.prefix_len {
+                    Some(l) => handle.space().units_for_prefix_len(l).map_err(core_err)?,
+                    None => handle.space().default_units(),
+                };
+                let wanted = match &req.value {
+                    Some(v) => {
+                        let run = handle.space().parse(v).map_err(core_err)?;
+                        if req.prefix_len.is_some() && run.units != units {
+                            return Err(Error::InvalidInput(format!(
+                                "value {v} does not have the requested prefix length /{}",
+                                req.prefix_len.unwrap_or_default()
+                            )));
+                        }
+                        Some(run)
+                    }
+                    None => None,
+                };
+                if let Some(key) = &req.key {
+                    if let Some((bytes, _)) = self.get(&keys::key(&name, key)).cloned() {
+                        return self.reclaim(handle, core, req, key, &bytes, wanted, units);
+                    }
+                }
+                let runs = match wanted {
+                    Some(run) => {
+                        core.allocate_at(run, now).map_err(core_err)?;
+                        vec![run]
+                    }
+                    None if req.count == 1 => vec![core.allocate(units, now).map_err(core_err)?],
+                    None => core.allocate_many(req.count, units, now).map_err(core_err)?,
+                };
+                let mut claims = Vec::with_capacity(runs.len());
+                for run in runs {
+                    let rec = ClaimRecord {
+                        units: run.units,
+                        key: req.key.clone(),
+                        owner: req.owner.clone(),
+                        meta: req.meta.clone(),
+                        claimed_ms: now,
+                    };
+                    if rec.key.is_some() || rec.owner.is_some() || rec.meta.is_some() || handle.space().is_prefix() {
+                        self.put(keys::value(&name, run.offset), encode_json(&rec));
+                    }
+                    if let Some(key) = &req.key {
+                        let kr = KeyRecord { offset: run.offset, units: run.units };
+                        self.put(keys::key(&name, key), encode_json(&kr));
+                    }
+                    claims.push(claim_from(handle.space().format(run), &rec, false));
+                }
+                Ok(Outcome::Claims(claims))
+            }
+            PendingOp::Release(Target::Key(key)) => {
+                let Some((bytes, _)) = self.get(&keys::key(&name, key)).cloned() else {
+                    return Err(Error::NotFound(format!("key '{key}' is not claimed in pool '{name}'")));
+                };
+                let kr: KeyRecord = decode_json("key record", &bytes)?;
+                self.release_run(handle, core, Run { offset: kr.offset, units: kr.units }, now).map(Outcome::Released)
+            }
+            PendingOp::Release(Target::Value(v)) => {
+                let run = handle.space().parse(v).map_err(core_err)?;
+                self.release_run(handle, core, run, now).map(Outcome::Released)
+            }
+            PendingOp::ReleaseStale { offset, rev } => match self.claim_record(*offset)? {
+                Some((rec, r)) if r == *rev => {
+                    self.release_run(handle, core, Run { offset: *offset, units: rec.units }, now).map(Outcome::Released)
+                }
+                _ => Ok(Outcome::Skipped),
+            },
+        }
+    }
+
+    /// A key that is already claimed: same value back, refreshed if needed.
+    #[allow(clippy::too_many_arguments)]
+    fn reclaim(
+        &mut self,
+        handle: &PoolHandle,
+        core: &PoolState,
+        req: &AllocRequest,
+        key: &str,
+        key_bytes: &[u8],
+        wanted: Option<Run>,
+        units: u64,
+    ) -> Result<Outcome> {
+        let name = self.name.clone();
+        let kr: KeyRecord = decode_json("key record", key_bytes)?;
+        let run = Run { offset: kr.offset, units: kr.units };
+        let current = handle.space().format(run);
+        if let Some(w) = wanted {
+            if w != run {
+                return Err(Error::Conflict(format!(
+                    "key '{key}' already holds {current} in pool '{name}', not {}",
+                    handle.space().format(w)
+                )));
+            }
+        }
+        if req.prefix_len.is_some() && units != run.units {
+            return Err(Error::Conflict(format!("key '{key}' already holds {current}, of another prefix length")));
+        }
+        if !core.is_allocated(run) {
+            return Err(Error::Corrupt(format!("key '{key}' points at {current}, which is not allocated")));
+        }
+        let (mut rec, rev) = self
+            .claim_record(run.offset)?
+            .ok_or_else(|| Error::Corrupt(format!("key '{key}' has no claim record")))?;
+        let stale = self.resyncs_loaded && is_stale(&self.resyncs, &rec, rev);
+        let mut changed = stale;
+        if req.owner.is_some() && req.owner != rec.owner {
+            rec.owner = req.owner.clone();
+            changed = true;
+        }
+        if req.meta.is_some() && req.meta != rec.meta {
+            rec.meta = req.meta.clone();
+            changed = true;
+        }
+        if changed {
+            // Rewriting the record gives it a new revision, which clears the mark.
+            self.put(keys::value(&name, run.offset), encode_json(&rec));
+        }
+        Ok(Outcome::Claims(vec![claim_from(current, &rec, false)]))
+    }
+
+    fn release_run(&mut self, handle: &PoolHandle, core: &mut PoolState, run: Run, now: u64) -> Result<Claim> {
+        let name = self.name.clone();
+        let text = handle.space().format(run);
+        let record = self.claim_record(run.offset)?;
+        let rec = match record {
+            Some((rec, _)) if rec.units != run.units => {
+                let held = handle.space().format(Run { offset: run.offset, units: rec.units });
+                return Err(Error::NotFound(format!("{text} is not claimed in pool '{name}' ({held} is)")));
+            }
+            Some((rec, _)) => rec,
+            None if handle.space().is_prefix() => {
+                return Err(Error::NotFound(format!("{text} is not claimed in pool '{name}'")));
+            }
+            None => ClaimRecord { units: 1, ..Default::default() },
+        };
+        core.release(run, now).map_err(|e| Error::from_core(&name, e))?;
+        if let Some(k) = &rec.key {
+            self.delete(keys::key(&name, k));
+        }
+        if self.get(&keys::value(&name, run.offset)).is_some() {
+            self.delete(keys::value(&name, run.offset));
+        }
+        Ok(claim_from(text, &rec, false))
+    }
+}

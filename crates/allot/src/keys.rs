@@ -1,0 +1,65 @@
+//! The keyspace: where each record lives in the store. Pool names cannot
+//! contain '/', so one pool's prefix never covers another's.
+//!
+//! | key                         | value                      |
+//! |-----------------------------|----------------------------|
+//! | `p/{pool}`                  | pool definition (JSON)     |
+//! | `c/{pool}`                  | next-fit cursor (u64 LE)   |
+//! | `b/{pool}/{block: u64 BE}`  | block bitmap (core format) |
+//! | `v/{pool}/{offset: u64 BE}` | claim record (JSON)        |
+//! | `k/{pool}/{key}`            | key → offset (JSON)        |
+//! | `r/{pool}/{owner}`          | an open resync ("" = all)  |
+
+pub fn pool(name: &str) -> Vec<u8> {
+    format!("p/{name}").into_bytes()
+}
+pub const POOLS_PREFIX: &[u8] = b"p/";
+
+pub fn cursor(name: &str) -> Vec<u8> {
+    format!("c/{name}").into_bytes()
+}
+
+fn with_u64(prefix: &str, name: &str, n: u64) -> Vec<u8> {
+    let mut k = format!("{prefix}/{name}/").into_bytes();
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn tail_u64(key: &[u8]) -> Option<u64> {
+    let tail = key.get(key.len().checked_sub(8)?..)?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+pub fn block(name: &str, index: u64) -> Vec<u8> {
+    with_u64("b", name, index)
+}
+pub fn blocks_prefix(name: &str) -> Vec<u8> {
+    format!("b/{name}/").into_bytes()
+}
+pub fn block_index(key: &[u8]) -> Option<u64> {
+    tail_u64(key)
+}
+
+pub fn value(name: &str, offset: u64) -> Vec<u8> {
+    with_u64("v", name, offset)
+}
+pub fn values_prefix(name: &str) -> Vec<u8> {
+    format!("v/{name}/").into_bytes()
+}
+pub fn value_offset(key: &[u8]) -> Option<u64> {
+    tail_u64(key)
+}
+
+pub fn key(name: &str, key: &str) -> Vec<u8> {
+    format!("k/{name}/{key}").into_bytes()
+}
+pub fn keys_prefix(name: &str) -> Vec<u8> {
+    format!("k/{name}/").into_bytes()
+}
+
+pub fn resync(name: &str, owner: Option<&str>) -> Vec<u8> {
+    format!("r/{name}/{}", owner.unwrap_or("")).into_bytes()
+}
+pub fn resyncs_prefix(name: &str) -> Vec<u8> {
+    format!("r/{name}/").into_bytes()
+}
