@@ -85,8 +85,10 @@ impl LeaseClock {
 pub(crate) trait LeaseHost: Send + Sync + 'static {
     /// The earliest lease deadline, if any lease is live.
     fn next_deadline(&self) -> Option<Instant>;
-    /// Expires every lease that is due.
-    fn expire_due(self: Arc<Self>) -> impl Future<Output = ()> + Send;
+    /// Expires every lease that is due. The work is started before this
+    /// returns; the future only waits for it and must not hold the backend,
+    /// so that dropping the store is never delayed by this task.
+    fn expire_due(&self) -> impl Future<Output = ()> + Send + 'static;
     /// The task's bookkeeping, owned by the backend.
     fn expiry(&self) -> &ExpiryTask;
 }
@@ -148,10 +150,11 @@ impl ExpiryTask {
                     },
                     None => wake.notified().await,
                 }
-                match weak.upgrade() {
-                    Some(host) => host.expire_due().await,
+                let done = match weak.upgrade() {
+                    Some(host) => host.expire_due(),
                     None => return,
-                }
+                };
+                done.await;
             }
         });
     }

@@ -204,12 +204,11 @@ impl LeaseHost for Inner {
         self.lock().clock.next_deadline()
     }
 
-    fn expire_due(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            if let Err(err) = self.lock().expire_due(Instant::now(), &self.events) {
-                tracing::warn!(%err, "expiring leases failed");
-            }
+    fn expire_due(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        if let Err(err) = self.lock().expire_due(Instant::now(), &self.events) {
+            tracing::warn!(%err, "expiring leases failed");
         }
+        std::future::ready(())
     }
 
     fn expiry(&self) -> &ExpiryTask {

@@ -208,23 +208,51 @@ impl Inner {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let closed = || StoreError::Unavailable(format!("store {} closed", self.path.display()));
-        self.requests.send(make(tx)).map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        self.send(make).await
     }
 
-    /// Expires the leases that are due, through the committer like any write.
-    async fn expire_leases(&self) -> Result<(), StoreError> {
+    /// Queues a request now; the returned future only waits for the answer
+    /// and holds no reference to the store.
+    fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let closed = StoreError::Unavailable(format!("store {} closed", self.path.display()));
+        let sent = self.requests.send(make(tx));
+        async move {
+            match sent {
+                Ok(()) => rx.await.unwrap_or(Err(closed)),
+                Err(_) => Err(closed),
+            }
+        }
+    }
+
+    /// Starts expiring the leases that are due, through the committer like
+    /// any write; `None` if none is due.
+    fn start_expiry(
+        &self,
+    ) -> Option<impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static> {
         let now = Instant::now();
         let due = {
             let clock = self.shared.clock();
             if !clock.has_due(now) {
-                return Ok(());
+                return None;
             }
             clock.due(now)
         };
-        self.call(|reply| Request::Revoke { ids: due, expired_at: Some(now), reply }).await
+        Some(self.send(|reply| Request::Revoke { ids: due, expired_at: Some(now), reply }))
+    }
+
+    /// Expires the leases that are due before a call proceeds.
+    async fn expire_leases(&self) -> Result<(), StoreError> {
+        match self.start_expiry() {
+            Some(done) => done.await,
+            None => Ok(()),
+        }
     }
 
     fn read(&self) -> Result<ReadTransaction, StoreError> {
@@ -237,10 +265,13 @@ impl LeaseHost for Inner {
         self.shared.clock().next_deadline()
     }
 
-    fn expire_due(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
+    fn expire_due(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let started = self.start_expiry();
         async move {
-            if let Err(err) = self.expire_leases().await {
-                tracing::warn!(%err, "expiring leases failed");
+            if let Some(done) = started {
+                if let Err(err) = done.await {
+                    tracing::warn!(%err, "expiring leases failed");
+                }
             }
         }
     }

@@ -1,1 +1,5 @@
-// placeholder
+//! Test support for allot: helper binaries that tests run as child
+//! processes (and kill), and the tests that need them.
+//!
+//! - `crash-child`: claims keys as fast as it can on a data dir and prints
+//!   each claim once it is acknowledged (`tests/crash.rs` kills it with SIGKILL).

@@ -107,6 +107,27 @@ impl Allot {
         }
     }
 
+    /// Waits for in-flight batches to finish, then drops the engine (and the
+    /// store, if nothing else holds it). Dropping an `Allot` is also safe —
+    /// no acknowledged work is lost — but only `close` guarantees the store
+    /// (and, for redb, its file lock) is released when it returns.
+    pub async fn close(self) {
+        let mut inner = self.inner;
+        for _ in 0..10_000 {
+            match Arc::try_unwrap(inner) {
+                Ok(inner) => {
+                    drop(inner);
+                    return;
+                }
+                Err(still_shared) => {
+                    inner = still_shared;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        }
+        tracing::warn!("engine still shared after 10 s; dropping this handle only");
+    }
+
     /// The store this engine writes to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store

@@ -125,7 +125,7 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
         match s {
             Step::Restart => {
                 if dir.is_some() {
-                    drop(allot);
+                    allot.close().await;
                     allot = setup(open(dir), strategy, false).await;
                 }
             }
