@@ -71,7 +71,14 @@ impl<V: KvRead> Overlay<'_, V> {
         if !self.slots.contains_key(key) {
             let current = self.view.get(key)?;
             let prev_lease = current.as_ref().map_or(0, |kv| kv.lease);
-            self.slots.insert(key.to_vec(), Slot { prev_lease, current, dirty: false });
+            self.slots.insert(
+                key.to_vec(),
+                Slot {
+                    prev_lease,
+                    current,
+                    dirty: false,
+                },
+            );
         }
         // Just inserted above if it was missing.
         self.slots
@@ -99,7 +106,10 @@ impl<V: KvRead> Overlay<'_, V> {
                 keys.insert(key.clone(), slot.current.is_some());
             }
         }
-        Ok(keys.into_iter().filter_map(|(k, exists)| exists.then_some(k)).collect())
+        Ok(keys
+            .into_iter()
+            .filter_map(|(k, exists)| exists.then_some(k))
+            .collect())
     }
 
     fn delete(
@@ -147,7 +157,10 @@ pub(crate) fn apply_txn<V: KvRead>(
     current: Revision,
     mut lease_alive: impl FnMut(LeaseId) -> bool,
 ) -> Result<Applied, StoreError> {
-    let mut overlay = Overlay { view, slots: BTreeMap::new() };
+    let mut overlay = Overlay {
+        view,
+        slots: BTreeMap::new(),
+    };
     let mut succeeded = true;
     for cmp in &txn.compare {
         let kv = overlay.current(&cmp.key)?;
@@ -156,7 +169,11 @@ pub(crate) fn apply_txn<V: KvRead>(
             break;
         }
     }
-    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
     let rev = current + 1;
     let mut events = Vec::new();
     let mut results = Vec::with_capacity(ops.len());
@@ -180,7 +197,10 @@ pub(crate) fn apply_txn<V: KvRead>(
                 };
                 slot.current = Some(kv.clone());
                 slot.dirty = true;
-                events.push(Event { kind: EventKind::Put, kv });
+                events.push(Event {
+                    kind: EventKind::Put,
+                    kv,
+                });
                 OpResult::Put
             }
             Op::Delete { key } => OpResult::Delete(overlay.delete(key, rev, &mut events)?),
@@ -201,13 +221,21 @@ pub(crate) fn apply_txn<V: KvRead>(
             .slots
             .into_iter()
             .filter(|(_, slot)| slot.dirty)
-            .map(|(key, slot)| Change { key, prev_lease: slot.prev_lease, new: slot.current })
+            .map(|(key, slot)| Change {
+                key,
+                prev_lease: slot.prev_lease,
+                new: slot.current,
+            })
             .collect()
     } else {
         Vec::new()
     };
     Ok(Applied {
-        response: TxnResponse { succeeded, revision: if wrote { rev } else { current }, results },
+        response: TxnResponse {
+            succeeded,
+            revision: if wrote { rev } else { current },
+            results,
+        },
         changes,
         events,
     })
@@ -216,5 +244,8 @@ pub(crate) fn apply_txn<V: KvRead>(
 /// A transaction deleting every given key: how a revoked or expired lease
 /// removes its keys in one revision.
 pub(crate) fn delete_keys_txn<'a>(keys: impl IntoIterator<Item = &'a Vec<u8>>) -> Txn {
-    Txn { success: keys.into_iter().map(Op::delete).collect(), ..Txn::default() }
+    Txn {
+        success: keys.into_iter().map(Op::delete).collect(),
+        ..Txn::default()
+    }
 }

@@ -131,7 +131,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8], what: &'static str) -> Self {
-        Self { bytes, pos: 0, what }
+        Self {
+            bytes,
+            pos: 0,
+            what,
+        }
     }
 
     fn corrupt(&self, detail: &str) -> StoreError {
@@ -197,19 +201,37 @@ mod tests {
     #[test]
     fn events_round_trip() {
         let events = vec![
-            Event { kind: EventKind::Put, kv: kv(b"a", b"1") },
-            Event { kind: EventKind::Delete, kv: kv(b"bb", b"") },
+            Event {
+                kind: EventKind::Put,
+                kv: kv(b"a", b"1"),
+            },
+            Event {
+                kind: EventKind::Delete,
+                kv: kv(b"bb", b""),
+            },
         ];
         assert_eq!(decode_events(&encode_events(&events)).unwrap(), events);
     }
 
     #[test]
     fn garbage_is_corrupt_not_a_panic() {
-        assert!(matches!(decode_kv(b"k", &[1, 2, 3]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode_kv(b"k", &[9; 40]), Err(StoreError::Corrupt(_))));
-        let mut bytes = encode_events(&[Event { kind: EventKind::Put, kv: kv(b"a", b"1") }]);
+        assert!(matches!(
+            decode_kv(b"k", &[1, 2, 3]),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_kv(b"k", &[9; 40]),
+            Err(StoreError::Corrupt(_))
+        ));
+        let mut bytes = encode_events(&[Event {
+            kind: EventKind::Put,
+            kv: kv(b"a", b"1"),
+        }]);
         bytes.truncate(bytes.len() - 1);
         assert!(matches!(decode_events(&bytes), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decode_events(&[1, 255, 255, 255, 255]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode_events(&[1, 255, 255, 255, 255]),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }

@@ -5,10 +5,16 @@ use crate::Revision;
 pub enum StoreError {
     /// The requested revision is older than the retained history.
     #[error("revision {requested} has been compacted (oldest retained revision is {oldest})")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     /// The requested revision is newer than the store's current revision.
     #[error("revision {requested} is in the future (current revision is {current})")]
-    FutureRevision { requested: Revision, current: Revision },
+    FutureRevision {
+        requested: Revision,
+        current: Revision,
+    },
     /// The lease does not exist (never granted, expired or revoked).
     #[error("lease {0} not found (expired or revoked)")]
     LeaseNotFound(u64),

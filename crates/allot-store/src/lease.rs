@@ -28,7 +28,10 @@ impl LeaseClock {
     /// Starts (or restarts) `id` with a full TTL from `now`.
     pub fn insert(&mut self, id: LeaseId, ttl: Duration, now: Instant) {
         self.remove(id);
-        let deadline = now + ttl;
+        // An absurd TTL means "practically never", not an overflow panic.
+        let deadline = now
+            .checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         self.leases.insert(id, (ttl, deadline));
         self.by_deadline.insert((deadline, id));
     }
@@ -65,7 +68,11 @@ impl LeaseClock {
 
     /// Leases whose deadline is at or before `now`, earliest first.
     pub fn due(&self, now: Instant) -> Vec<LeaseId> {
-        self.by_deadline.iter().take_while(|(d, _)| *d <= now).map(|&(_, id)| id).collect()
+        self.by_deadline
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .map(|&(_, id)| id)
+            .collect()
     }
 
     pub fn has_due(&self, now: Instant) -> bool {

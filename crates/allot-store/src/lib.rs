@@ -74,8 +74,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads keys in `[start, end)` in key order, at most `limit` of them
     /// (0 = no limit), from one consistent snapshot.
-    async fn range(&self, start: &[u8], end: &[u8], limit: usize)
-        -> Result<RangeResult, StoreError>;
+    async fn range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<RangeResult, StoreError>;
 
     /// Applies a transaction atomically: if every compare holds, the `success`
     /// operations run, otherwise the `failure` operations do.

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Revisions of history kept by default (see [`MemoryStore::with_history`]).
-pub const DEFAULT_HISTORY_REVISIONS: u64 = 100_000;
+pub(crate) const DEFAULT_HISTORY_REVISIONS: u64 = 100_000;
 
 /// An in-memory [`Store`] for unit tests and simulation.
 ///
@@ -65,7 +65,7 @@ struct State {
 }
 
 impl MemoryStore {
-    /// An empty store retaining the last [`DEFAULT_HISTORY_REVISIONS`]
+    /// An empty store retaining the last 100,000
     /// revisions of history.
     pub fn new() -> Self {
         Self::with_history(DEFAULT_HISTORY_REVISIONS)
@@ -128,7 +128,11 @@ fn scan<'a>(
 ) -> impl Iterator<Item = &'a KeyValue> + 'a {
     // BTreeMap::range panics on an inverted range; that is just empty here.
     let inverted = !end.is_empty() && start >= end;
-    let upper = if end.is_empty() { Bound::Unbounded } else { Bound::Excluded(end.to_vec()) };
+    let upper = if end.is_empty() {
+        Bound::Unbounded
+    } else {
+        Bound::Excluded(end.to_vec())
+    };
     let range = (!inverted).then(|| kv.range((Bound::Included(start.to_vec()), upper)));
     range.into_iter().flatten().map(|(_, v)| v)
 }
@@ -147,7 +151,10 @@ impl State {
             match change.new {
                 Some(kv) => {
                     if kv.lease != 0 {
-                        self.lease_keys.entry(kv.lease).or_default().insert(change.key.clone());
+                        self.lease_keys
+                            .entry(kv.lease)
+                            .or_default()
+                            .insert(change.key.clone());
                     }
                     self.kv.insert(change.key, kv);
                 }
@@ -157,7 +164,10 @@ impl State {
             }
         }
         self.revision = revision;
-        let committed = Arc::new(Committed { revision, events: applied.events });
+        let committed = Arc::new(Committed {
+            revision,
+            events: applied.events,
+        });
         self.history.push_back(committed.clone());
         if self.revision + 1 - self.oldest > self.history_limit {
             self.drop_history_before(self.revision + 1 - self.history_limit);
@@ -168,7 +178,11 @@ impl State {
 
     fn drop_history_before(&mut self, revision: Revision) {
         self.oldest = self.oldest.max(revision);
-        while self.history.front().is_some_and(|c| c.revision < self.oldest) {
+        while self
+            .history
+            .front()
+            .is_some_and(|c| c.revision < self.oldest)
+        {
             self.history.pop_front();
         }
     }
@@ -230,7 +244,10 @@ impl History for Inner {
     ) -> Result<Vec<Arc<Committed>>, StoreError> {
         let state = self.lock();
         if from < state.oldest {
-            return Err(StoreError::Compacted { requested: from, oldest: state.oldest });
+            return Err(StoreError::Compacted {
+                requested: from,
+                oldest: state.oldest,
+            });
         }
         let first = state.history.partition_point(|c| c.revision < from);
         Ok(state
@@ -260,14 +277,19 @@ impl Store for MemoryStore {
         let mut iter = scan(&state.kv, start, end);
         let kvs: Vec<KeyValue> = iter.by_ref().take(limit).cloned().collect();
         let more = iter.next().is_some();
-        Ok(RangeResult { kvs, more, revision: state.revision })
+        Ok(RangeResult {
+            kvs,
+            more,
+            revision: state.revision,
+        })
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         let now = Instant::now();
         let mut state = self.inner.lock_fresh()?;
-        let applied =
-            apply_txn(&state.kv, &txn, state.revision, |id| state.clock.is_alive(id, now))?;
+        let applied = apply_txn(&state.kv, &txn, state.revision, |id| {
+            state.clock.is_alive(id, now)
+        })?;
         let response = applied.response.clone();
         state.commit(applied, &self.inner.events);
         Ok(response)
@@ -294,7 +316,10 @@ impl Store for MemoryStore {
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let mut state = self.inner.lock_fresh()?;
-        state.clock.renew(lease, Instant::now()).ok_or(StoreError::LeaseNotFound(lease))
+        state
+            .clock
+            .renew(lease, Instant::now())
+            .ok_or(StoreError::LeaseNotFound(lease))
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
@@ -312,7 +337,13 @@ impl Store for MemoryStore {
         let start = start_revision(from, state.oldest, state.revision)?;
         let current = state.revision;
         drop(state);
-        Ok(watch_stream(Arc::downgrade(&self.inner), rx, prefix, start, current))
+        Ok(watch_stream(
+            Arc::downgrade(&self.inner),
+            rx,
+            prefix,
+            start,
+            current,
+        ))
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {

@@ -68,11 +68,19 @@ pub struct RedbOptions {
 
 impl Default for RedbOptions {
     fn default() -> Self {
-        Self { history_revisions: 100_000, max_batch: 1024, cache_size: None, check_integrity: false }
+        Self {
+            history_revisions: 100_000,
+            max_batch: 1024,
+            cache_size: None,
+            check_integrity: false,
+        }
     }
 }
 
 /// A durable [`Store`] in one redb file, with group commit.
+///
+/// Every acknowledged write has been committed with an fsync. Lease TTLs are
+/// kept in whole milliseconds (rounded up).
 ///
 /// Cloning is cheap and every clone shares the same database. When the last
 /// clone is dropped (or [`RedbStore::close`] is called), queued writes are
@@ -84,7 +92,9 @@ pub struct RedbStore {
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("path", &self.inner.path).finish()
+        f.debug_struct("RedbStore")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -107,6 +117,8 @@ impl Shared {
 
 struct Inner {
     path: PathBuf,
+    /// The error text once the committer is gone, made once.
+    closed_message: Arc<str>,
     db: Arc<Database>,
     shared: Arc<Shared>,
     requests: mpsc::Sender<Request>,
@@ -125,9 +137,8 @@ impl RedbStore {
     pub fn open(path: impl AsRef<Path>, opts: RedbOptions) -> Result<RedbStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Backend(format!("creating {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Backend(format!("creating {}: {e}", parent.display())))?;
         }
         let mut builder = Database::builder();
         if let Some(bytes) = opts.cache_size {
@@ -143,7 +154,10 @@ impl RedbStore {
             clock.insert(id, ttl, now);
         }
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let shared = Arc::new(Shared { clock: Mutex::new(clock), events });
+        let shared = Arc::new(Shared {
+            clock: Mutex::new(clock),
+            events,
+        });
         let db = Arc::new(db);
         let (requests, rx) = mpsc::channel();
         let committer = Committer::new(
@@ -160,6 +174,7 @@ impl RedbStore {
             .map_err(|e| StoreError::Backend(format!("starting the committer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
+                closed_message: format!("store {} is closed", path.display()).into(),
                 path,
                 db,
                 shared,
@@ -193,7 +208,11 @@ impl Drop for Inner {
 
 impl Inner {
     fn stop(&self) -> Result<(), StoreError> {
-        let handle = self.committer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let Some(handle) = handle else {
             return Ok(());
         };
@@ -202,13 +221,6 @@ impl Inner {
         handle
             .join()
             .map_err(|_| StoreError::Backend("the committer thread panicked".into()))
-    }
-
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
-    ) -> Result<T, StoreError> {
-        self.send(make).await
     }
 
     /// Queues a request now; the returned future only waits for the answer
@@ -221,12 +233,13 @@ impl Inner {
         T: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let closed = StoreError::Unavailable(format!("store {} closed", self.path.display()));
-        let sent = self.requests.send(make(tx));
+        let sent = self.requests.send(make(tx)).is_ok();
+        let closed = self.closed_message.clone();
         async move {
+            let closed = || Err(StoreError::Unavailable(closed.to_string()));
             match sent {
-                Ok(()) => rx.await.unwrap_or(Err(closed)),
-                Err(_) => Err(closed),
+                true => rx.await.unwrap_or_else(|_| closed()),
+                false => closed(),
             }
         }
     }
@@ -244,7 +257,11 @@ impl Inner {
             }
             clock.due(now)
         };
-        Some(self.send(|reply| Request::Revoke { ids: due, expired_at: Some(now), reply }))
+        Some(self.send(move |reply| Request::Revoke {
+            ids: due,
+            expired_at: Some(now),
+            reply,
+        }))
     }
 
     /// Expires the leases that are due before a call proceeds.
@@ -284,7 +301,10 @@ impl LeaseHost for Inner {
 /// (oldest retained revision, current revision) as of `rtx`.
 fn read_bounds(rtx: &ReadTransaction) -> Result<(Revision, Revision), StoreError> {
     let meta = rtx.open_table(META)?;
-    Ok((meta_get(&meta, META_OLDEST)?, meta_get(&meta, META_REVISION)?))
+    Ok((
+        meta_get(&meta, META_OLDEST)?,
+        meta_get(&meta, META_REVISION)?,
+    ))
 }
 
 fn meta_get(meta: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<u64, StoreError> {
@@ -307,14 +327,20 @@ impl History for Inner {
         let rtx = self.read()?;
         let (oldest, _) = read_bounds(&rtx)?;
         if from < oldest {
-            return Err(StoreError::Compacted { requested: from, oldest });
+            return Err(StoreError::Compacted {
+                requested: from,
+                oldest,
+            });
         }
         let events = rtx.open_table(EVENTS)?;
         let mut out = Vec::new();
         for entry in events.range(from..=to)?.take(max) {
             let (revision, bytes) = entry?;
             let revision = revision.value();
-            out.push(Arc::new(Committed { revision, events: decode_events(bytes.value())? }));
+            out.push(Arc::new(Committed {
+                revision,
+                events: decode_events(bytes.value())?,
+            }));
         }
         Ok(out)
     }
@@ -346,7 +372,11 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     if !end.is_empty() && start >= end {
         return Ok((Vec::new(), false));
     }
-    let mut iter = if end.is_empty() { table.range(start..)? } else { table.range(start..end)? };
+    let mut iter = if end.is_empty() {
+        table.range(start..)?
+    } else {
+        table.range(start..end)?
+    };
     let mut kvs = Vec::new();
     for entry in iter.by_ref().take(limit) {
         let (key, bytes) = entry?;
@@ -391,7 +421,10 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
 fn open_error(path: &Path, err: redb::DatabaseError) -> StoreError {
     match err {
         redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
-            StoreError::Locked { path: path.display().to_string(), detail: err.to_string() }
+            StoreError::Locked {
+                path: path.display().to_string(),
+                detail: err.to_string(),
+            }
         }
         other => match StoreError::from(redb::Error::from(other)) {
             StoreError::Backend(detail) => {
@@ -452,7 +485,11 @@ impl Store for RedbStore {
         let (_, revision) = read_bounds(&rtx)?;
         let limit = if limit == 0 { usize::MAX } else { limit };
         let (kvs, more) = scan_table(&rtx.open_table(KV)?, start, end, limit)?;
-        Ok(RangeResult { kvs, more, revision })
+        Ok(RangeResult {
+            kvs,
+            more,
+            revision,
+        })
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
@@ -466,7 +503,9 @@ impl Store for RedbStore {
             return Ok(apply_txn(&TableView(&kv), &txn, revision, |_| true)?.response);
         }
         let now = Instant::now();
-        self.inner.call(|reply| Request::Txn { txn, now, reply }).await
+        self.inner
+            .send(|reply| Request::Txn { txn, now, reply })
+            .await
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
@@ -480,19 +519,32 @@ impl Store for RedbStore {
         }
         self.inner.expire_leases().await?;
         let now = Instant::now();
-        let id = self.inner.call(|reply| Request::Grant { ttl, now, reply }).await?;
+        let id = self
+            .inner
+            .send(|reply| Request::Grant { ttl, now, reply })
+            .await?;
         ExpiryTask::ensure_running(&self.inner);
         Ok(id)
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         self.inner.expire_leases().await?;
-        self.inner.shared.clock().renew(lease, Instant::now()).ok_or(StoreError::LeaseNotFound(lease))
+        self.inner
+            .shared
+            .clock()
+            .renew(lease, Instant::now())
+            .ok_or(StoreError::LeaseNotFound(lease))
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.inner.expire_leases().await?;
-        self.inner.call(|reply| Request::Revoke { ids: vec![lease], expired_at: None, reply }).await
+        self.inner
+            .send(|reply| Request::Revoke {
+                ids: vec![lease],
+                expired_at: None,
+                reply,
+            })
+            .await
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
@@ -503,11 +555,19 @@ impl Store for RedbStore {
         let rx = self.inner.shared.events.subscribe();
         let (oldest, current) = self.inner.bounds()?;
         let start = start_revision(from, oldest, current)?;
-        Ok(watch_stream(Arc::downgrade(&self.inner), rx, prefix, start, current))
+        Ok(watch_stream(
+            Arc::downgrade(&self.inner),
+            rx,
+            prefix,
+            start,
+            current,
+        ))
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.inner.expire_leases().await?;
-        self.inner.call(|reply| Request::Compact { revision, reply }).await
+        self.inner
+            .send(|reply| Request::Compact { revision, reply })
+            .await
     }
 }

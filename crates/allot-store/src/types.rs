@@ -57,23 +57,38 @@ pub enum CompareTarget {
 impl Compare {
     /// The key does not exist.
     pub fn absent(key: impl AsRef<[u8]>) -> Self {
-        Self { key: key.as_ref().to_vec(), target: CompareTarget::Version(0) }
+        Self {
+            key: key.as_ref().to_vec(),
+            target: CompareTarget::Version(0),
+        }
     }
     /// The key exists and was last written at `rev` (optimistic locking).
     pub fn mod_revision(key: impl AsRef<[u8]>, rev: Revision) -> Self {
-        Self { key: key.as_ref().to_vec(), target: CompareTarget::ModRevision(rev) }
+        Self {
+            key: key.as_ref().to_vec(),
+            target: CompareTarget::ModRevision(rev),
+        }
     }
     /// The key has this version (0 = absent).
     pub fn version(key: impl AsRef<[u8]>, version: u64) -> Self {
-        Self { key: key.as_ref().to_vec(), target: CompareTarget::Version(version) }
+        Self {
+            key: key.as_ref().to_vec(),
+            target: CompareTarget::Version(version),
+        }
     }
     /// The key was created at `rev`.
     pub fn create_revision(key: impl AsRef<[u8]>, rev: Revision) -> Self {
-        Self { key: key.as_ref().to_vec(), target: CompareTarget::CreateRevision(rev) }
+        Self {
+            key: key.as_ref().to_vec(),
+            target: CompareTarget::CreateRevision(rev),
+        }
     }
     /// The key holds exactly `value`.
     pub fn value(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
-        Self { key: key.as_ref().to_vec(), target: CompareTarget::Value(value.as_ref().to_vec()) }
+        Self {
+            key: key.as_ref().to_vec(),
+            target: CompareTarget::Value(value.as_ref().to_vec()),
+        }
     }
 }
 
@@ -82,7 +97,11 @@ impl Compare {
 pub enum Op {
     /// Writes a key, attached to `lease` (0 = none). Putting to an expired or
     /// unknown lease fails the whole call with [`crate::StoreError::LeaseNotFound`].
-    Put { key: Vec<u8>, value: Vec<u8>, lease: LeaseId },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: LeaseId,
+    },
     /// Deletes one key (no-op if absent).
     Delete { key: Vec<u8> },
     /// Deletes every key in `[start, end)` (`end` empty = to the end of the keyspace).
@@ -93,20 +112,35 @@ pub enum Op {
 
 impl Op {
     pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
-        Op::Put { key: key.as_ref().to_vec(), value: value.as_ref().to_vec(), lease: 0 }
+        Op::Put {
+            key: key.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            lease: 0,
+        }
     }
     pub fn put_with_lease(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, lease: LeaseId) -> Self {
-        Op::Put { key: key.as_ref().to_vec(), value: value.as_ref().to_vec(), lease }
+        Op::Put {
+            key: key.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            lease,
+        }
     }
     pub fn delete(key: impl AsRef<[u8]>) -> Self {
-        Op::Delete { key: key.as_ref().to_vec() }
+        Op::Delete {
+            key: key.as_ref().to_vec(),
+        }
     }
     /// Deletes every key starting with `prefix`.
     pub fn delete_prefix(prefix: impl AsRef<[u8]>) -> Self {
-        Op::DeleteRange { start: prefix.as_ref().to_vec(), end: crate::prefix_end(prefix.as_ref()) }
+        Op::DeleteRange {
+            start: prefix.as_ref().to_vec(),
+            end: crate::prefix_end(prefix.as_ref()),
+        }
     }
     pub fn get(key: impl AsRef<[u8]>) -> Self {
-        Op::Get { key: key.as_ref().to_vec() }
+        Op::Get {
+            key: key.as_ref().to_vec(),
+        }
     }
 }
 
@@ -139,7 +173,10 @@ impl Txn {
     }
     /// True if neither branch writes anything.
     pub fn is_read_only(&self) -> bool {
-        self.success.iter().chain(&self.failure).all(|op| matches!(op, Op::Get { .. }))
+        self.success
+            .iter()
+            .chain(&self.failure)
+            .all(|op| matches!(op, Op::Get { .. }))
     }
 }
 

@@ -55,10 +55,16 @@ pub(crate) fn start_revision(
         return Ok(current + 1);
     }
     if from > current + 1 {
-        return Err(StoreError::FutureRevision { requested: from, current });
+        return Err(StoreError::FutureRevision {
+            requested: from,
+            current,
+        });
     }
     if from < oldest {
-        return Err(StoreError::Compacted { requested: from, oldest });
+        return Err(StoreError::Compacted {
+            requested: from,
+            oldest,
+        });
     }
     Ok(from)
 }
@@ -103,13 +109,19 @@ struct Watcher<H> {
 
 impl<H: History> Watcher<H> {
     fn source(&self) -> Result<Arc<H>, StoreError> {
-        self.source.upgrade().ok_or_else(|| StoreError::Unavailable("store closed".into()))
+        self.source
+            .upgrade()
+            .ok_or_else(|| StoreError::Unavailable("store closed".into()))
     }
 
     fn accept(&mut self, committed: &Committed) {
         let prefix = &self.prefix;
         self.pending.extend(
-            committed.events.iter().filter(|e| e.kv.key.starts_with(prefix)).cloned(),
+            committed
+                .events
+                .iter()
+                .filter(|e| e.kv.key.starts_with(prefix))
+                .cloned(),
         );
         self.next = committed.revision + 1;
     }
@@ -156,12 +168,10 @@ impl<H: History> Watcher<H> {
                     // revision is only broadcast once committed.
                     self.replay_to = committed.revision;
                 }
-                Err(RecvError::Lagged(_)) => {
-                    match self.source().and_then(|s| s.bounds()) {
-                        Ok((_, current)) => self.replay_to = current,
-                        Err(err) => return self.fail(err),
-                    }
-                }
+                Err(RecvError::Lagged(_)) => match self.source().and_then(|s| s.bounds()) {
+                    Ok((_, current)) => self.replay_to = current,
+                    Err(err) => return self.fail(err),
+                },
                 Err(RecvError::Closed) => {
                     return self.fail(StoreError::Unavailable("store closed".into()));
                 }

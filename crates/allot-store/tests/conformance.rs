@@ -24,7 +24,10 @@ fn memory_store(history: u64) -> (MemoryStore, ()) {
 
 fn redb_store(history: u64) -> (RedbStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = RedbOptions { history_revisions: history, ..RedbOptions::default() };
+    let opts = RedbOptions {
+        history_revisions: history,
+        ..RedbOptions::default()
+    };
     let store = RedbStore::open(dir.path().join("store.redb"), opts).unwrap();
     (store, dir)
 }
@@ -99,19 +102,27 @@ all_backends!(
         lease_keep_alive_extends,
         lease_revoke_deletes_keys,
         expired_lease_cannot_take_keys,
+        a_live_lease_does_not_keep_the_store_alive,
     ],
 );
 
 // ---------------------------------------------------------------- helpers
 
 async fn put<S: Store>(store: &S, key: &str, value: &str) -> Revision {
-    let resp = store.txn(Txn::new().then(Op::put(key, value))).await.unwrap();
+    let resp = store
+        .txn(Txn::new().then(Op::put(key, value)))
+        .await
+        .unwrap();
     assert!(resp.succeeded);
     resp.revision
 }
 
 async fn value<S: Store>(store: &S, key: &str) -> Option<String> {
-    store.get(key.as_bytes()).await.unwrap().map(|kv| String::from_utf8(kv.value).unwrap())
+    store
+        .get(key.as_bytes())
+        .await
+        .unwrap()
+        .map(|kv| String::from_utf8(kv.value).unwrap())
 }
 
 async fn next_event(stream: &mut WatchStream) -> Event {
@@ -142,7 +153,10 @@ fn key_of(event: &Event) -> String {
 
 /// (kind, key, revision) of each event: what most watch tests compare.
 fn summary(events: &[Event]) -> Vec<(EventKind, String, Revision)> {
-    events.iter().map(|e| (e.kind, key_of(e), e.revision())).collect()
+    events
+        .iter()
+        .map(|e| (e.kind, key_of(e), e.revision()))
+        .collect()
 }
 
 // ---------------------------------------------------------------- kv and txn
@@ -167,7 +181,11 @@ async fn revisions_start_at_one_and_grow_once_per_writing_txn<S: Store, G>(
     let resp = s.txn(Txn::new().then(Op::get("a"))).await.unwrap();
     assert_eq!(resp.revision, 2);
     let resp = s
-        .txn(Txn::new().when(Compare::absent("a")).then(Op::put("b", "x")))
+        .txn(
+            Txn::new()
+                .when(Compare::absent("a"))
+                .then(Op::put("b", "x")),
+        )
         .await
         .unwrap();
     assert!(!resp.succeeded);
@@ -176,17 +194,28 @@ async fn revisions_start_at_one_and_grow_once_per_writing_txn<S: Store, G>(
 
     // Several writes in one transaction share one revision.
     let resp = s
-        .txn(Txn::new().then(Op::put("b", "1")).then(Op::put("c", "1")).then(Op::delete("a")))
+        .txn(
+            Txn::new()
+                .then(Op::put("b", "1"))
+                .then(Op::put("c", "1"))
+                .then(Op::delete("a")),
+        )
         .await
         .unwrap();
     assert_eq!(resp.revision, 3);
     for key in ["b", "c"] {
-        assert_eq!(s.get(key.as_bytes()).await.unwrap().unwrap().mod_revision, 3);
+        assert_eq!(
+            s.get(key.as_bytes()).await.unwrap().unwrap().mod_revision,
+            3
+        );
     }
     assert_eq!(s.current_revision().await.unwrap(), 3);
 
     let resp = s.txn(Txn::new().then(Op::delete("b"))).await.unwrap();
-    assert_eq!((resp.revision, resp.results), (4, vec![OpResult::Delete(1)]));
+    assert_eq!(
+        (resp.revision, resp.results),
+        (4, vec![OpResult::Delete(1)])
+    );
     assert_eq!(s.current_revision().await.unwrap(), 4);
 }
 
@@ -225,7 +254,10 @@ async fn get_and_range_with_limit_and_prefix<S: Store, G>(make: impl Fn(u64) -> 
         put(&s, key, key).await;
     }
     let keys = |r: &allot_store::RangeResult| -> Vec<String> {
-        r.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect()
+        r.kvs
+            .iter()
+            .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+            .collect()
     };
     assert_eq!(s.get(b"zz").await.unwrap(), None);
     assert_eq!(value(&s, "b/2").await.as_deref(), Some("b/2"));
@@ -246,7 +278,10 @@ async fn get_and_range_with_limit_and_prefix<S: Store, G>(make: impl Fn(u64) -> 
     assert!(!exact.more);
 
     // Bounds: start inclusive, end exclusive, empty end unbounded.
-    assert_eq!(keys(&s.range(b"b/2", b"c", 0).await.unwrap()), ["b/2", "b/3", "b0"]);
+    assert_eq!(
+        keys(&s.range(b"b/2", b"c", 0).await.unwrap()),
+        ["b/2", "b/3", "b0"]
+    );
     assert_eq!(keys(&s.range(b"b0", b"", 0).await.unwrap()), ["b0", "c"]);
     let inverted = s.range(b"c", b"a", 0).await.unwrap();
     assert!(inverted.kvs.is_empty() && !inverted.more);
@@ -311,7 +346,10 @@ async fn compare_and_swap_over_several_keys<S: Store, G>(make: impl Fn(u64) -> (
     assert_eq!(resp.results, vec![OpResult::Put; 3]);
     for key in ["x", "y", "z"] {
         let kv = s.get(key.as_bytes()).await.unwrap().unwrap();
-        assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"2"[..], resp.revision));
+        assert_eq!(
+            (kv.value.as_slice(), kv.mod_revision),
+            (&b"2"[..], resp.revision)
+        );
     }
 
     // Value and version compares.
@@ -367,15 +405,20 @@ async fn gets_inside_a_txn_see_earlier_writes<S: Store, G>(make: impl Fn(u64) ->
         .await
         .unwrap();
     assert_eq!(resp.revision, 3);
-    let gets: Vec<Option<(Vec<u8>, Revision, Revision, u64)>> = resp
+    // (value, create_revision, mod_revision, version) of each Get.
+    type Seen = Option<(Vec<u8>, Revision, Revision, u64)>;
+    let gets: Vec<Seen> = resp
         .results
         .iter()
         .filter_map(|r| match r {
-            OpResult::Get(kv) => {
-                Some(kv.as_ref().map(|kv| {
-                    (kv.value.clone(), kv.create_revision, kv.mod_revision, kv.version)
-                }))
-            }
+            OpResult::Get(kv) => Some(kv.as_ref().map(|kv| {
+                (
+                    kv.value.clone(),
+                    kv.create_revision,
+                    kv.mod_revision,
+                    kv.version,
+                )
+            })),
             _ => None,
         })
         .collect();
@@ -389,7 +432,10 @@ async fn gets_inside_a_txn_see_earlier_writes<S: Store, G>(make: impl Fn(u64) ->
         ]
     );
     let kv = s.get(b"k").await.unwrap().unwrap();
-    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.version), (&b"again"[..], 3, 1));
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision, kv.version),
+        (&b"again"[..], 3, 1)
+    );
 }
 
 async fn delete_range_deletes_and_reports<S: Store, G>(make: impl Fn(u64) -> (S, G)) {
@@ -400,7 +446,11 @@ async fn delete_range_deletes_and_reports<S: Store, G>(make: impl Fn(u64) -> (S,
     let mut watch = s.watch(b"", 0).await.unwrap();
     // A key put earlier in the same transaction is deleted too.
     let resp = s
-        .txn(Txn::new().then(Op::put("p/4", "v")).then(Op::delete_prefix("p/")))
+        .txn(
+            Txn::new()
+                .then(Op::put("p/4", "v"))
+                .then(Op::delete_prefix("p/")),
+        )
         .await
         .unwrap();
     assert_eq!(resp.results, vec![OpResult::Put, OpResult::Delete(4)]);
@@ -417,18 +467,35 @@ async fn delete_range_deletes_and_reports<S: Store, G>(make: impl Fn(u64) -> (S,
     assert_eq!(summary(&events), expected);
 
     // Deleting an empty range writes nothing.
-    let resp = s.txn(Txn::new().then(Op::delete_prefix("p/"))).await.unwrap();
-    assert_eq!((resp.revision, resp.results), (6, vec![OpResult::Delete(0)]));
+    let resp = s
+        .txn(Txn::new().then(Op::delete_prefix("p/")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.revision, resp.results),
+        (6, vec![OpResult::Delete(0)])
+    );
     // An empty start and end cover everything.
-    let resp =
-        s.txn(Txn::new().then(Op::DeleteRange { start: vec![], end: vec![] })).await.unwrap();
-    assert_eq!((resp.revision, resp.results), (7, vec![OpResult::Delete(1)]));
+    let resp = s
+        .txn(Txn::new().then(Op::DeleteRange {
+            start: vec![],
+            end: vec![],
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.revision, resp.results),
+        (7, vec![OpResult::Delete(1)])
+    );
     assert!(s.range(b"", b"", 0).await.unwrap().kvs.is_empty());
 }
 
 async fn invalid_put_changes_nothing<S: Store, G>(make: impl Fn(u64) -> (S, G)) {
     let (s, _g) = make(1000);
-    let err = s.txn(Txn::new().then(Op::put("ok", "1")).then(Op::put("", "x"))).await.unwrap_err();
+    let err = s
+        .txn(Txn::new().then(Op::put("ok", "1")).then(Op::put("", "x")))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
     assert_eq!(s.get(b"ok").await.unwrap(), None);
     assert_eq!(s.current_revision().await.unwrap(), 1);
@@ -455,7 +522,11 @@ async fn concurrent_cas_increments_lose_no_update<S: Store + Clone, G>(
                         None => (Compare::absent(&key), 1),
                         Some(kv) => (
                             Compare::mod_revision(&key, kv.mod_revision),
-                            std::str::from_utf8(&kv.value).unwrap().parse::<u64>().unwrap() + 1,
+                            std::str::from_utf8(&kv.value)
+                                .unwrap()
+                                .parse::<u64>()
+                                .unwrap()
+                                + 1,
                         ),
                     };
                     let resp = s
@@ -485,7 +556,10 @@ async fn concurrent_cas_increments_lose_no_update<S: Store + Clone, G>(
     let mut all_revisions = HashSet::new();
     for task in tasks {
         for rev in task.await.unwrap() {
-            assert!(all_revisions.insert(rev), "revision {rev} acknowledged twice");
+            assert!(
+                all_revisions.insert(rev),
+                "revision {rev} acknowledged twice"
+            );
         }
     }
     for c in 0..COUNTERS {
@@ -521,7 +595,9 @@ async fn lease_expiry_deletes_keys_in_one_revision<S: Store, G>(
     // Re-putting a key without the lease detaches it.
     put(&s, "l/b", "2").await;
     put(&s, "l/d", "2").await;
-    s.txn(Txn::new().then(Op::put_with_lease("l/d", "3", lease))).await.unwrap();
+    s.txn(Txn::new().then(Op::put_with_lease("l/d", "3", lease)))
+        .await
+        .unwrap();
     let before = s.current_revision().await.unwrap();
     let mut watch = s.watch(b"l/", 0).await.unwrap();
 
@@ -541,14 +617,18 @@ async fn lease_expiry_deletes_keys_in_one_revision<S: Store, G>(
     assert_eq!(value(&s, "l/b").await.as_deref(), Some("2"));
     assert_eq!(value(&s, "l/c").await.as_deref(), Some("1"));
     assert_eq!(value(&s, "plain").await.as_deref(), Some("1"));
-    assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(id)) if id == lease));
+    assert!(
+        matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(id)) if id == lease)
+    );
     assert!(s.lease_keep_alive(other).await.is_ok());
 }
 
 async fn lease_keep_alive_extends<S: Store, G>(make: impl Fn(u64) -> (S, G), ttl: Duration) {
     let (s, _g) = make(1000);
     let lease = s.lease_grant(ttl).await.unwrap();
-    s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease))).await.unwrap();
+    s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
+        .await
+        .unwrap();
     for _ in 0..3 {
         tokio::time::sleep(ttl / 2).await;
         assert_eq!(s.lease_keep_alive(lease).await.unwrap(), ttl);
@@ -559,7 +639,10 @@ async fn lease_keep_alive_extends<S: Store, G>(make: impl Fn(u64) -> (S, G), ttl
     // Without keep-alives it goes, and the call that notices reports it.
     tokio::time::sleep(ttl + ttl / 2).await;
     assert_eq!(s.get(b"k").await.unwrap(), None);
-    assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+    assert!(matches!(
+        s.lease_keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
 }
 
 async fn lease_revoke_deletes_keys<S: Store, G>(make: impl Fn(u64) -> (S, G), ttl: Duration) {
@@ -578,9 +661,17 @@ async fn lease_revoke_deletes_keys<S: Store, G>(make: impl Fn(u64) -> (S, G), tt
     assert_eq!(s.current_revision().await.unwrap(), before + 1);
     assert!(s.range(b"", b"", 0).await.unwrap().kvs.is_empty());
     let events = next_events(&mut watch, 2).await;
-    assert!(events.iter().all(|e| e.kind == EventKind::Delete && e.revision() == before + 1));
-    assert!(matches!(s.lease_revoke(lease).await, Err(StoreError::LeaseNotFound(_))));
-    assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+    assert!(events
+        .iter()
+        .all(|e| e.kind == EventKind::Delete && e.revision() == before + 1));
+    assert!(matches!(
+        s.lease_revoke(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+    assert!(matches!(
+        s.lease_keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
 
     // A lease without keys revokes without a revision.
     let empty = s.lease_grant(ttl * 100).await.unwrap();
@@ -593,12 +684,24 @@ async fn put_with_unknown_lease_fails_and_changes_nothing<S: Store, G>(
 ) {
     let (s, _g) = make(1000);
     let err = s
-        .txn(Txn::new().then(Op::put("x", "1")).then(Op::put_with_lease("y", "1", 424_242)))
+        .txn(
+            Txn::new()
+                .then(Op::put("x", "1"))
+                .then(Op::put_with_lease("y", "1", 424_242)),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::LeaseNotFound(424_242)), "{err:?}");
     assert_eq!(s.get(b"x").await.unwrap(), None);
     assert_eq!(s.current_revision().await.unwrap(), 1);
+    assert!(matches!(
+        s.lease_keep_alive(424_242).await,
+        Err(StoreError::LeaseNotFound(424_242))
+    ));
+    assert!(matches!(
+        s.lease_revoke(424_242).await,
+        Err(StoreError::LeaseNotFound(424_242))
+    ));
     assert!(matches!(
         s.lease_grant(Duration::ZERO).await,
         Err(StoreError::Invalid(_))
@@ -613,13 +716,42 @@ async fn expired_lease_cannot_take_keys<S: Store, G>(make: impl Fn(u64) -> (S, G
     tokio::time::sleep(ttl + ttl / 2).await;
     for dead in [lease, revoked] {
         let err = s
-            .txn(Txn::new().then(Op::put("x", "1")).then(Op::put_with_lease("y", "1", dead)))
+            .txn(
+                Txn::new()
+                    .then(Op::put("x", "1"))
+                    .then(Op::put_with_lease("y", "1", dead)),
+            )
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::LeaseNotFound(id) if id == dead), "{err:?}");
+        assert!(
+            matches!(err, StoreError::LeaseNotFound(id) if id == dead),
+            "{err:?}"
+        );
     }
     assert!(s.range(b"", b"", 0).await.unwrap().kvs.is_empty());
     assert_eq!(s.current_revision().await.unwrap(), 1);
+}
+
+async fn a_live_lease_does_not_keep_the_store_alive<S: Store, G>(
+    make: impl Fn(u64) -> (S, G),
+    ttl: Duration,
+) {
+    let (s, _g) = make(1000);
+    let lease = s.lease_grant(ttl).await.unwrap();
+    s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
+        .await
+        .unwrap();
+    let mut watch = s.watch(b"", 0).await.unwrap();
+    drop(s);
+    // Had the expiry task kept the store, the stream would go on (and show
+    // the key's deletion at the deadline) instead of ending now.
+    let item = timeout(ttl / 2, watch.next())
+        .await
+        .expect("the store is still alive");
+    assert!(
+        matches!(item, Some(Err(StoreError::Unavailable(_)))),
+        "{item:?}"
+    );
 }
 
 // ---------------------------------------------------------------- watch
@@ -645,8 +777,9 @@ async fn watch_from_past_revision_replays_exactly<S: Store, G>(make: impl Fn(u64
     // Revisions 2..=11 hold k0..k9.
     let mut watch = s.watch(b"", 5).await.unwrap();
     let replayed = next_events(&mut watch, 7).await;
-    let expected: Vec<_> =
-        (3..10).map(|i| (EventKind::Put, format!("k{i}"), i as u64 + 2)).collect();
+    let expected: Vec<_> = (3..10)
+        .map(|i| (EventKind::Put, format!("k{i}"), i as u64 + 2))
+        .collect();
     assert_eq!(summary(&replayed), expected);
     assert_quiet(&mut watch).await;
     put(&s, "live", "v").await;
@@ -662,7 +795,13 @@ async fn watch_filters_by_prefix<S: Store, G>(make: impl Fn(u64) -> (S, G)) {
     put(&s, "pool/a", "1").await;
     put(&s, "poolx", "1").await;
     let mut watch = s.watch(b"pool/", 1).await.unwrap();
-    s.txn(Txn::new().then(Op::put("other", "1")).then(Op::put("pool/b", "1"))).await.unwrap();
+    s.txn(
+        Txn::new()
+            .then(Op::put("other", "1"))
+            .then(Op::put("pool/b", "1")),
+    )
+    .await
+    .unwrap();
     put(&s, "pool", "1").await;
     put(&s, "pool/c", "1").await;
     let events = next_events(&mut watch, 3).await;
@@ -708,7 +847,10 @@ async fn watch_reports_delete_events<S: Store, G>(make: impl Fn(u64) -> (S, G)) 
     put(&s, "k", "v").await;
     put(&s, "k", "v2").await;
     let mut watch = s.watch(b"", 0).await.unwrap();
-    let resp = s.txn(Txn::new().then(Op::delete("k")).then(Op::delete("nothing"))).await.unwrap();
+    let resp = s
+        .txn(Txn::new().then(Op::delete("k")).then(Op::delete("nothing")))
+        .await
+        .unwrap();
     let event = next_event(&mut watch).await;
     assert_eq!(event.kind, EventKind::Delete);
     assert_eq!(
@@ -733,19 +875,28 @@ async fn watch_revision_bounds_and_compaction<S: Store, G>(make: impl Fn(u64) ->
     // Current revision is 7.
     assert!(matches!(
         s.watch(b"", 9).await.err(),
-        Some(StoreError::FutureRevision { requested: 9, current: 7 })
+        Some(StoreError::FutureRevision {
+            requested: 9,
+            current: 7
+        })
     ));
     let mut at_next = s.watch(b"", 8).await.unwrap();
     assert_quiet(&mut at_next).await;
 
     assert!(matches!(
         s.compact(8).await,
-        Err(StoreError::FutureRevision { requested: 8, current: 7 })
+        Err(StoreError::FutureRevision {
+            requested: 8,
+            current: 7
+        })
     ));
     s.compact(5).await.unwrap();
     assert!(matches!(
         s.watch(b"", 4).await.err(),
-        Some(StoreError::Compacted { requested: 4, oldest: 5 })
+        Some(StoreError::Compacted {
+            requested: 4,
+            oldest: 5
+        })
     ));
     let mut watch = s.watch(b"", 5).await.unwrap();
     assert_eq!(
@@ -758,7 +909,10 @@ async fn watch_revision_bounds_and_compaction<S: Store, G>(make: impl Fn(u64) ->
     );
     // Compacting to an older revision is a no-op, not an error.
     s.compact(3).await.unwrap();
-    assert!(matches!(s.watch(b"", 4).await.err(), Some(StoreError::Compacted { .. })));
+    assert!(matches!(
+        s.watch(b"", 4).await.err(),
+        Some(StoreError::Compacted { .. })
+    ));
     // Watches from now still work with all history gone.
     s.compact(7).await.unwrap();
     let mut watch = s.watch(b"", 0).await.unwrap();
@@ -793,8 +947,14 @@ async fn history_is_compacted_automatically<S: Store, G>(make: impl Fn(u64) -> (
     assert_eq!(events.first().unwrap().revision(), from);
     assert_eq!(events.last().unwrap().revision(), current);
     // ...and old ones are not kept forever.
-    assert!(matches!(s.watch(b"", 2).await.err(), Some(StoreError::Compacted { .. })));
-    assert!(matches!(s.watch(b"", 20).await.err(), Some(StoreError::Compacted { .. })));
+    assert!(matches!(
+        s.watch(b"", 2).await.err(),
+        Some(StoreError::Compacted { .. })
+    ));
+    assert!(matches!(
+        s.watch(b"", 20).await.err(),
+        Some(StoreError::Compacted { .. })
+    ));
     assert_eq!(value(&s, "k").await.as_deref(), Some("39"));
 }
 
@@ -804,7 +964,7 @@ async fn lagging_watcher_catches_up_from_history<S: Store + Clone, G>(
     // More revisions than the live channel holds, written while a watcher
     // does not read: it must fall back to the log without a gap.
     const WRITERS: usize = 64;
-    const EACH: usize = 80;
+    const EACH: usize = 70;
     let (s, _g) = make(100_000);
     let mut watch = s.watch(b"", 0).await.unwrap();
     let mut tasks = Vec::new();
@@ -865,7 +1025,11 @@ async fn watchers_started_during_writes_see_no_gap<S: Store + Clone, G>(
             }
             let current = s.current_revision().await.unwrap();
             // Half of them from "now", half from a revision in the past.
-            let from = if n % 2 == 0 { 0 } else { current.saturating_sub(5).max(1) };
+            let from = if n % 2 == 0 {
+                0
+            } else {
+                current.saturating_sub(5).max(1)
+            };
             let mut watch = s.watch(b"", from).await.unwrap();
             let first = next_event(&mut watch).await.revision();
             if from != 0 {
@@ -894,7 +1058,10 @@ async fn watch_ends_when_store_is_dropped<S: Store, G>(make: impl Fn(u64) -> (S,
     let mut watch = s.watch(b"", 0).await.unwrap();
     drop(s);
     let item = timeout(PATIENCE, watch.next()).await.unwrap();
-    assert!(matches!(item, Some(Err(StoreError::Unavailable(_)))), "{item:?}");
+    assert!(
+        matches!(item, Some(Err(StoreError::Unavailable(_)))),
+        "{item:?}"
+    );
     assert!(watch.next().await.is_none());
     drop(g);
 }
@@ -942,7 +1109,10 @@ mod redb_only {
         s.compact(4).await.unwrap();
         drop(s);
         let s = open(&path).unwrap();
-        assert!(matches!(s.watch(b"", 3).await.err(), Some(StoreError::Compacted { .. })));
+        assert!(matches!(
+            s.watch(b"", 3).await.err(),
+            Some(StoreError::Compacted { .. })
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -952,7 +1122,9 @@ mod redb_only {
         let ttl = Duration::from_millis(1000);
         let s = open(&path).unwrap();
         let lease = s.lease_grant(ttl).await.unwrap();
-        s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease))).await.unwrap();
+        s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
+            .await
+            .unwrap();
         tokio::time::sleep(ttl / 2).await;
         drop(s);
         tokio::time::sleep(ttl / 2).await;
@@ -966,11 +1138,31 @@ mod redb_only {
         assert!(newer > lease);
         let mut watch = s.watch(b"", 0).await.unwrap();
         let event = next_event(&mut watch).await;
-        assert_eq!((event.kind, key_of(&event)), (EventKind::Delete, "k".to_string()));
+        assert_eq!(
+            (event.kind, key_of(&event)),
+            (EventKind::Delete, "k".to_string())
+        );
         drop(s);
         let s = open(&path).unwrap();
         assert_eq!(s.get(b"k").await.unwrap(), None);
-        assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+        assert!(matches!(
+            s.lease_keep_alive(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_right_after_drop_despite_a_live_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let s = open(&path).unwrap();
+        let lease = s.lease_grant(Duration::from_secs(60)).await.unwrap();
+        s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
+            .await
+            .unwrap();
+        drop(s);
+        let s = open(&path).unwrap();
+        assert_eq!(s.get(b"k").await.unwrap().unwrap().lease, lease);
     }
 
     #[test]
@@ -1007,7 +1199,8 @@ mod redb_only {
             let db = ::redb::Database::create(&path).unwrap();
             let wtx = db.begin_write().unwrap();
             {
-                let table: ::redb::TableDefinition<&[u8], &[u8]> = ::redb::TableDefinition::new("kv");
+                let table: ::redb::TableDefinition<&[u8], &[u8]> =
+                    ::redb::TableDefinition::new("kv");
                 let mut kv = wtx.open_table(table).unwrap();
                 kv.insert(&b"k"[..], &b"\x01short"[..]).unwrap();
             }
@@ -1117,7 +1310,12 @@ mod redb_only {
     fn acknowledged_writes_survive_kill_9() {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "redb_only::crash_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "redb_only::crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CRASH_DIR_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -1139,15 +1337,24 @@ mod redb_only {
         child.wait().unwrap();
         assert_eq!(acked.len(), 300, "the child stopped acknowledging early");
 
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let s = open(&dir.path().join("store.redb")).unwrap();
             for key in &acked {
-                assert!(s.get(key.as_bytes()).await.unwrap().is_some(), "acked {key} lost");
+                assert!(
+                    s.get(key.as_bytes()).await.unwrap().is_some(),
+                    "acked {key} lost"
+                );
             }
             // Revisions stay dense: one per surviving write.
             let all = s.range(b"", b"", 0).await.unwrap();
-            assert_eq!(s.current_revision().await.unwrap(), 1 + all.kvs.len() as u64);
+            assert_eq!(
+                s.current_revision().await.unwrap(),
+                1 + all.kvs.len() as u64
+            );
         });
     }
 }

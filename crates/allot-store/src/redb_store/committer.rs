@@ -103,7 +103,10 @@ impl CommitState {
             let (id, ttl_ms) = entry?;
             leases.insert(
                 id.value(),
-                LeaseEntry { ttl: Duration::from_millis(ttl_ms.value()), keys: BTreeSet::new() },
+                LeaseEntry {
+                    ttl: Duration::from_millis(ttl_ms.value()),
+                    keys: BTreeSet::new(),
+                },
             );
         }
         for entry in rtx.open_table(KV)?.iter()? {
@@ -126,7 +129,12 @@ impl CommitState {
                 "inconsistent meta: revision {revision}, oldest {oldest}, next lease {next_lease}"
             )));
         }
-        Ok(Self { revision, oldest, next_lease, leases })
+        Ok(Self {
+            revision,
+            oldest,
+            next_lease,
+            leases,
+        })
     }
 
     /// Every persisted lease with its TTL.
@@ -276,7 +284,11 @@ impl Committer {
         let mut wtx = self.db.begin_write()?;
         // The default, spelled out: an acknowledged write must survive a crash.
         wtx.set_durability(Durability::Immediate)?;
-        let before = (self.state.revision, self.state.oldest, self.state.next_lease);
+        let before = (
+            self.state.revision,
+            self.state.oldest,
+            self.state.next_lease,
+        );
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut tables = Tables {
@@ -293,7 +305,13 @@ impl Committer {
                 let oldest = self.state.revision + 1 - self.history_revisions;
                 self.drop_history(&mut tables, oldest)?;
             }
-            if before != (self.state.revision, self.state.oldest, self.state.next_lease) {
+            if before
+                != (
+                    self.state.revision,
+                    self.state.oldest,
+                    self.state.next_lease,
+                )
+            {
                 let mut meta = wtx.open_table(META)?;
                 meta.insert(META_REVISION, self.state.revision)?;
                 meta.insert(META_OLDEST, self.state.oldest)?;
@@ -319,8 +337,7 @@ impl Committer {
                 // A lease granted earlier in this batch is not on the clock
                 // yet, and is alive.
                 let alive = |id| {
-                    leases.contains_key(&id)
-                        && shared.clock().deadline(id).is_none_or(|d| d > *now)
+                    leases.contains_key(&id) && shared.clock().deadline(id).is_none_or(|d| d > *now)
                 };
                 let applied = apply_txn(&TableView(&tables.kv), txn, self.state.revision, alive);
                 match applied {
@@ -334,15 +351,25 @@ impl Committer {
             }
             Request::Grant { ttl, now, .. } => {
                 let id = self.state.next_lease;
-                let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                // Stored in whole milliseconds, rounded up so a lease never
+                // lives shorter than asked.
+                let ttl_ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
                 tables.leases.insert(id, ttl_ms)?;
                 let ttl = Duration::from_millis(ttl_ms);
                 self.state.next_lease += 1;
-                self.state.leases.insert(id, LeaseEntry { ttl, keys: BTreeSet::new() });
+                self.state.leases.insert(
+                    id,
+                    LeaseEntry {
+                        ttl,
+                        keys: BTreeSet::new(),
+                    },
+                );
                 effects.granted.push((id, ttl, *now));
                 Ok(Outcome::Lease(Ok(id)))
             }
-            Request::Revoke { ids, expired_at, .. } => {
+            Request::Revoke {
+                ids, expired_at, ..
+            } => {
                 for &id in ids {
                     if !self.state.leases.contains_key(&id) {
                         if expired_at.is_none() {
@@ -408,7 +435,9 @@ impl Committer {
             }
             match change.new {
                 Some(kv) => {
-                    tables.kv.insert(change.key.as_slice(), encode_kv(&kv).as_slice())?;
+                    tables
+                        .kv
+                        .insert(change.key.as_slice(), encode_kv(&kv).as_slice())?;
                     if kv.lease != 0 {
                         if let Some(entry) = self.state.leases.get_mut(&kv.lease) {
                             entry.keys.insert(change.key);
@@ -420,18 +449,29 @@ impl Committer {
                 }
             }
         }
-        tables.events.insert(revision, encode_events(&applied.events).as_slice())?;
+        tables
+            .events
+            .insert(revision, encode_events(&applied.events).as_slice())?;
         self.state.revision = revision;
-        effects.published.push(Arc::new(Committed { revision, events: applied.events }));
+        effects.published.push(Arc::new(Committed {
+            revision,
+            events: applied.events,
+        }));
         Ok(())
     }
 
     /// Drops the history of revisions before `oldest`.
-    fn drop_history(&mut self, tables: &mut Tables<'_>, oldest: Revision) -> Result<(), StoreError> {
+    fn drop_history(
+        &mut self,
+        tables: &mut Tables<'_>,
+        oldest: Revision,
+    ) -> Result<(), StoreError> {
         if oldest <= self.state.oldest {
             return Ok(());
         }
-        tables.events.retain_in(self.state.oldest..oldest, |_, _| false)?;
+        tables
+            .events
+            .retain_in(self.state.oldest..oldest, |_, _| false)?;
         self.state.oldest = oldest;
         Ok(())
     }
