@@ -1,1 +1,142 @@
-// placeholder
+//! The `allot` command line: pools, claims and resync on a local data dir.
+//!
+//! Every command runs in two steps: the command line is parsed and checked
+//! completely (clap, then [`commands::prepare`]) before the data dir is
+//! opened, so bad input is reported without touching anything; then the
+//! validated action runs on the engine and the result is rendered. Errors
+//! are one line on stderr (`error: ...`) with exit code 1, or clap's code 2
+//! for usage errors.
+
+pub mod cli;
+pub mod commands;
+pub mod output;
+pub mod store;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use crate::cli::{Cli, Format};
+use crate::commands::Action;
+use crate::store::Session;
+
+/// Parses the process arguments, runs the command and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`allot claims p | head`): the command itself
+        // succeeded, so this is not worth an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let action = commands::prepare(cli.command)?;
+    // One thread is plenty for one request and starts fastest.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run_action(&cli.data_dir, cli.output, action))
+}
+
+async fn run_action(data_dir: &Path, format: Format, action: Action) -> Result<()> {
+    let session = Session::open(data_dir, action.creates_data())?;
+    let result = commands::execute(&session.allot, action).await;
+    // Closed before printing, so success is only reported once the store
+    // has committed and released the file.
+    let closed = session.close().await;
+    let report = result?;
+    closed?;
+    let mut out = std::io::stdout().lock();
+    report.write(format, &mut out)?;
+    out.flush().context("writing output")
+}
+
+/// Prints help and version as clap does; squeezes real usage errors onto
+/// one line so every failure of `allot` reads the same way.
+fn usage_error(e: clap::Error) -> ExitCode {
+    let code = u8::try_from(e.exit_code()).unwrap_or(2);
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Nothing useful can be done if the terminal is gone.
+            let _ = e.print();
+        }
+        _ => eprintln!("{}", squeeze_usage(&e.render().to_string())),
+    }
+    ExitCode::from(code)
+}
+
+/// Joins clap's multi-line message: the message lines, then the usage line
+/// and a pointer to --help in parentheses.
+fn squeeze_usage(rendered: &str) -> String {
+    let mut msg = String::new();
+    let mut usage = None;
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = line.strip_prefix("Usage:") {
+            usage = Some(u.trim().to_string());
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(if msg.ends_with(':') { " " } else { "; " });
+        }
+        msg.push_str(line);
+    }
+    match usage {
+        Some(u) => format!("{msg} (usage: {u}; see --help)"),
+        None => format!("{msg} (see --help)"),
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeezes_clap_errors() {
+        let r = "error: the following required arguments were not provided:\n  <NAME>\n\nUsage: allot pool show <NAME>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            squeeze_usage(r),
+            "error: the following required arguments were not provided: <NAME> (usage: allot pool show <NAME>; see --help)"
+        );
+        let r = "error: invalid value 'x' for '--strategy <STRATEGY>'\n  [possible values: lowest, next, random]\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            squeeze_usage(r),
+            "error: invalid value 'x' for '--strategy <STRATEGY>'; [possible values: lowest, next, random] (see --help)"
+        );
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,44 @@
+//! `allot alloc`: turning flags into a validated allocation request.
+
+use allot::AllocRequest;
+use anyhow::{anyhow, Result};
+
+use super::Action;
+use crate::cli::AllocArgs;
+
+/// Builds and checks the request (metadata JSON, count/key/value
+/// combinations, lengths) before the store is opened.
+pub(crate) fn prepare_alloc(args: AllocArgs) -> Result<Action> {
+    allot::validate_pool_name(&args.pool)?;
+    let meta = args.meta.as_deref().map(parse_meta).transpose()?;
+    let req = AllocRequest {
+        count: args.count,
+        value: args.value,
+        key: args.key,
+        prefix_len: args.prefix_len,
+        owner: args.owner,
+        meta,
+    };
+    req.validate()?;
+    Ok(Action::Alloc {
+        pool: args.pool,
+        req,
+    })
+}
+
+/// Parses `--meta`; serde_json's message already says where it broke.
+pub(crate) fn parse_meta(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| anyhow!("invalid --meta: not valid JSON ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta() {
+        assert_eq!(parse_meta(r#"{"a":1}"#).unwrap()["a"], 1);
+        let err = parse_meta("{a:1").unwrap_err().to_string();
+        assert!(err.starts_with("invalid --meta"), "{err}");
+    }
+}

@@ -1,0 +1,294 @@
+//! Rendering results: short tables and lines for people, or exactly one JSON
+//! document for scripts.
+
+use std::io::Write;
+
+use allot::{Claim, ClaimPage, PoolInfo, ResyncReport};
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::cli::Format;
+
+/// The result of a successful command.
+#[derive(Debug)]
+pub enum Report {
+    /// The new pool.
+    PoolCreated(PoolInfo),
+    /// Every pool.
+    Pools(Vec<PoolInfo>),
+    /// One pool.
+    Pool(PoolInfo),
+    /// The name of the deleted pool.
+    Deleted(String),
+    /// What `alloc` claimed, in order.
+    Allocated { pool: String, claims: Vec<Claim> },
+    /// The released claim.
+    Released(Claim),
+    /// The claim found.
+    Lookup(Claim),
+    /// One page of claims.
+    Claims { pool: String, page: ClaimPage },
+    /// How many claims a new pass marked.
+    ResyncBegun(ResyncReport),
+    /// What a closed pass released.
+    ResyncEnded(ResyncReport),
+}
+
+/// JSON shape of `alloc`: the values alone for simple scripts, the full
+/// claims for the rest.
+#[derive(Serialize)]
+struct AllocJson<'a> {
+    pool: &'a str,
+    values: Vec<&'a str>,
+    claims: &'a [Claim],
+}
+
+#[derive(Serialize)]
+struct DeletedJson<'a> {
+    deleted: &'a str,
+}
+
+impl Report {
+    /// Writes the report to `w` in `format`.
+    pub fn write(&self, format: Format, w: &mut impl Write) -> Result<()> {
+        match format {
+            Format::Json => self.write_json(w),
+            Format::Human => self.write_human(w).map_err(Into::into),
+        }
+        .context("writing output")
+    }
+
+    fn write_json(&self, w: &mut impl Write) -> Result<()> {
+        match self {
+            Report::PoolCreated(info) | Report::Pool(info) => json(w, info),
+            Report::Pools(list) => json(w, list),
+            Report::Deleted(name) => json(w, &DeletedJson { deleted: name }),
+            Report::Allocated { pool, claims } => {
+                let values = claims.iter().map(|c| c.value.as_str()).collect();
+                json(
+                    w,
+                    &AllocJson {
+                        pool,
+                        values,
+                        claims,
+                    },
+                )
+            }
+            Report::Released(c) | Report::Lookup(c) => json(w, c),
+            Report::Claims { page, .. } => json(w, page),
+            Report::ResyncBegun(r) | Report::ResyncEnded(r) => json(w, r),
+        }
+    }
+
+    fn write_human(&self, w: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            Report::PoolCreated(info) => writeln!(
+                w,
+                "created pool {}: {} ({} values)",
+                info.record.name, info.description, info.stats.size
+            ),
+            Report::Pools(list) => pools_table(w, list),
+            Report::Pool(info) => pool_details(w, info),
+            Report::Deleted(name) => writeln!(w, "deleted pool {name}"),
+            Report::Allocated { claims, .. } => {
+                claims.iter().try_for_each(|c| writeln!(w, "{}", c.value))
+            }
+            Report::Released(c) => writeln!(w, "released {}{}", c.value, key_suffix(c)),
+            Report::Lookup(c) => claim_details(w, c),
+            Report::Claims { pool, page } => claims_table(w, pool, page),
+            Report::ResyncBegun(r) => resync_begun(w, r),
+            Report::ResyncEnded(r) => resync_ended(w, r),
+        }
+    }
+}
+
+fn json<T: Serialize + ?Sized>(w: &mut impl Write, value: &T) -> Result<()> {
+    // serde_json writes u128 counters (pool sizes up to 2^64) as plain
+    // integers when serializing straight to a writer.
+    // Converted to io::Error so a closed pipe stays recognizable upstream.
+    serde_json::to_writer_pretty(&mut *w, value).map_err(std::io::Error::from)?;
+    writeln!(w)?;
+    Ok(())
+}
+
+fn key_suffix(c: &Claim) -> String {
+    c.key
+        .as_ref()
+        .map_or(String::new(), |k| format!(" (key {k})"))
+}
+
+fn or_dash(s: Option<&str>) -> &str {
+    s.unwrap_or("-")
+}
+
+fn percent(fraction: f64) -> String {
+    format!("{:.1}%", fraction * 100.0)
+}
+
+fn meta_text(c: &Claim) -> String {
+    c.meta
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |m| m.to_string())
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not
+/// padded so lines carry no trailing blanks.
+fn table(w: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c.clone()
+                } else {
+                    format!("{c:<0$}", widths[i])
+                }
+            })
+            .collect();
+        writeln!(w, "{}", cells.join("  "))?;
+    }
+    Ok(())
+}
+
+fn pools_table(w: &mut impl Write, list: &[PoolInfo]) -> std::io::Result<()> {
+    if list.is_empty() {
+        return writeln!(w, "no pools");
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.record.name.clone(),
+                p.description.clone(),
+                p.stats.size.to_string(),
+                p.stats.allocated.to_string(),
+                p.stats.free.to_string(),
+                percent(p.utilization),
+            ]
+        })
+        .collect();
+    table(
+        w,
+        &["NAME", "KIND", "SIZE", "ALLOCATED", "FREE", "UTIL"],
+        &rows,
+    )
+}
+
+fn pool_details(w: &mut impl Write, p: &PoolInfo) -> std::io::Result<()> {
+    let spec = &p.record.spec;
+    let labels: Vec<String> = p
+        .record
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let lines = [
+        ("name", p.record.name.clone()),
+        ("kind", p.description.clone()),
+        ("size", p.stats.size.to_string()),
+        ("reserved", reserved_text(p)),
+        ("allocated", p.stats.allocated.to_string()),
+        ("quarantined", p.stats.quarantined.to_string()),
+        ("free", p.stats.free.to_string()),
+        ("utilization", percent(p.utilization)),
+        ("strategy", spec.strategy.to_string()),
+        ("block size", spec.block_size.to_string()),
+        (
+            "quarantine",
+            if spec.quarantine_secs == 0 {
+                "none".into()
+            } else {
+                format!("{}s", spec.quarantine_secs)
+            },
+        ),
+        (
+            "labels",
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(", ")
+            },
+        ),
+    ];
+    lines
+        .iter()
+        .try_for_each(|(k, v)| writeln!(w, "{:<12} {v}", format!("{k}:")))
+}
+
+fn reserved_text(p: &PoolInfo) -> String {
+    let reserved = &p.record.spec.reserved;
+    if reserved.is_empty() {
+        p.stats.reserved.to_string()
+    } else {
+        format!("{} ({})", p.stats.reserved, reserved.join(", "))
+    }
+}
+
+fn claim_details(w: &mut impl Write, c: &Claim) -> std::io::Result<()> {
+    writeln!(w, "value:  {}", c.value)?;
+    writeln!(w, "key:    {}", or_dash(c.key.as_deref()))?;
+    writeln!(w, "owner:  {}", or_dash(c.owner.as_deref()))?;
+    writeln!(w, "meta:   {}", meta_text(c))?;
+    writeln!(w, "stale:  {}", c.stale)
+}
+
+fn claim_row(c: &Claim) -> Vec<String> {
+    vec![
+        c.value.clone(),
+        or_dash(c.key.as_deref()).to_string(),
+        or_dash(c.owner.as_deref()).to_string(),
+        if c.stale { "yes".into() } else { "no".into() },
+        meta_text(c),
+    ]
+}
+
+fn claims_table(w: &mut impl Write, pool: &str, page: &ClaimPage) -> std::io::Result<()> {
+    if page.claims.is_empty() {
+        writeln!(w, "no claims")?;
+    } else {
+        let rows: Vec<Vec<String>> = page.claims.iter().map(claim_row).collect();
+        table(w, &["VALUE", "KEY", "OWNER", "STALE", "META"], &rows)?;
+    }
+    if let Some(next) = &page.next {
+        writeln!(w, "more: allot claims {pool} --after {next}")?;
+    }
+    Ok(())
+}
+
+fn owner_flag(owner: Option<&str>) -> String {
+    owner.map_or(String::new(), |o| format!(" --owner {o}"))
+}
+
+fn resync_begun(w: &mut impl Write, r: &ResyncReport) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "resync begun on pool {}: {} keyed claim(s) marked stale",
+        r.pool, r.count
+    )?;
+    writeln!(
+        w,
+        "re-claim the live keys, then run: allot resync end {}{}",
+        r.pool,
+        owner_flag(r.owner.as_deref())
+    )
+}
+
+fn resync_ended(w: &mut impl Write, r: &ResyncReport) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "resync ended on pool {}: released {} stale claim(s)",
+        r.pool, r.count
+    )?;
+    r.released
+        .iter()
+        .try_for_each(|c| writeln!(w, "  {}{}", c.value, key_suffix(c)))
+}
