@@ -47,7 +47,8 @@ impl Block {
         // Run containers make long allocated stretches (sequential lowest-free
         // allocation, prefixes) a few bytes instead of 8 KiB.
         bits.optimize();
-        let mut out = Vec::with_capacity(1 + 4 + bits.serialized_size() + 4 + self.quarantine.len() * 20);
+        let mut out =
+            Vec::with_capacity(1 + 4 + bits.serialized_size() + 4 + self.quarantine.len() * 20);
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&(bits.serialized_size() as u32).to_le_bytes());
         // Writing into a Vec cannot fail.
@@ -74,8 +75,10 @@ impl Block {
         if rest.len() < len {
             return Err(corrupt("truncated bitmap"));
         }
-        let bits = RoaringBitmap::deserialize_from(&rest[..len]).map_err(|e| corrupt(&e.to_string()))?;
-        let (n, mut rest) = take_u32(&rest[len..]).ok_or_else(|| corrupt("truncated quarantine"))?;
+        let bits =
+            RoaringBitmap::deserialize_from(&rest[..len]).map_err(|e| corrupt(&e.to_string()))?;
+        let (n, mut rest) =
+            take_u32(&rest[len..]).ok_or_else(|| corrupt("truncated quarantine"))?;
         let mut quarantine = BTreeMap::new();
         for _ in 0..n {
             let (local, r) = take_u32(rest).ok_or_else(|| corrupt("truncated quarantine entry"))?;
@@ -110,7 +113,13 @@ mod tests {
         let mut b = Block::default();
         b.bits.insert_range(10..5000);
         b.bits.insert(60000);
-        b.quarantine.insert(60000, QuarantineEntry { units: 1, until_ms: 123 });
+        b.quarantine.insert(
+            60000,
+            QuarantineEntry {
+                units: 1,
+                until_ms: 123,
+            },
+        );
         let enc = b.encode();
         assert_eq!(Block::decode(&enc).unwrap(), b);
         assert!(enc.len() < 100, "runs compress: {} bytes", enc.len());

@@ -18,7 +18,9 @@ pub enum CoreError {
     #[error("value {0} is not allocated")]
     NotAllocated(String),
     /// The value was released recently and is held back until `until_ms`.
-    #[error("value {value} is in quarantine after its release (until {until_ms} ms since the epoch)")]
+    #[error(
+        "value {value} is in quarantine after its release (until {until_ms} ms since the epoch)"
+    )]
     Quarantined { value: String, until_ms: u64 },
     /// Not enough free values for an all-or-nothing request.
     #[error("pool exhausted: asked for {requested}, {available} free")]

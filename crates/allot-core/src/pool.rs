@@ -15,7 +15,9 @@
 //! pool.release(run, 0).unwrap();
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -46,7 +48,9 @@ impl std::str::FromStr for Strategy {
             "lowest" => Ok(Strategy::Lowest),
             "next" => Ok(Strategy::Next),
             "random" => Ok(Strategy::Random),
-            _ => Err(CoreError::InvalidSpec(format!("unknown strategy '{s}' (expected lowest, next or random)"))),
+            _ => Err(CoreError::InvalidSpec(format!(
+                "unknown strategy '{s}' (expected lowest, next or random)"
+            ))),
         }
     }
 }
@@ -81,7 +85,13 @@ impl PoolSpec {
     /// A spec with defaults: no reservations, lowest-free, no quarantine,
     /// [`DEFAULT_BLOCK_SIZE`].
     pub fn new(kind: PoolKind) -> Self {
-        PoolSpec { kind, reserved: Vec::new(), strategy: Strategy::Lowest, quarantine_secs: 0, block_size: DEFAULT_BLOCK_SIZE }
+        PoolSpec {
+            kind,
+            reserved: Vec::new(),
+            strategy: Strategy::Lowest,
+            quarantine_secs: 0,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
     }
 
     /// Checks the whole spec and returns its value space and merged reserved
@@ -154,7 +164,11 @@ pub struct PoolState {
     strategy: Strategy,
     quarantine_ms: u64,
     shift: u32,
-    blocks: BTreeMap<u64, Block>,
+    /// Non-empty blocks. A hash map because the hot path is point lookups
+    /// (a B-tree walk over 65k blocks costs more than the bitmap work);
+    /// `order` serves the rarer ordered scans.
+    blocks: FxHashMap<u64, Block>,
+    order: BTreeSet<u64>,
     allocated: u64,
     quarantined: u64,
     /// Next-fit position.
@@ -167,9 +181,12 @@ pub struct PoolState {
     journal: Option<Journal>,
 }
 
+/// Rounds `p` up to a multiple of `n`, a power of two (every run length is).
+/// A mask, not a division: u128 division is a slow library call on the hot path.
 fn align_up(p: u128, n: u64) -> u128 {
-    let n = n as u128;
-    p.div_ceil(n) * n
+    debug_assert!(n.is_power_of_two());
+    let mask = n as u128 - 1;
+    (p + mask) & !mask
 }
 
 impl PoolState {
@@ -184,7 +201,8 @@ impl PoolState {
             strategy: spec.strategy,
             quarantine_ms: spec.quarantine_secs.saturating_mul(1000),
             shift: spec.block_size.trailing_zeros(),
-            blocks: BTreeMap::new(),
+            blocks: FxHashMap::default(),
+            order: BTreeSet::new(),
             allocated: 0,
             quarantined: 0,
             cursor: 0,
@@ -231,11 +249,13 @@ impl PoolState {
     /// Installs a block read from storage (before any operation).
     pub fn load_block(&mut self, index: u64, block: Block) {
         if let Some(old) = self.blocks.remove(&index) {
+            self.order.remove(&index);
             self.forget_block_counts(index, &old);
         }
         self.learn_block_counts(index, &block);
         if !block.bits.is_empty() {
             self.blocks.insert(index, block);
+            self.order.insert(index);
         }
         self.hint = 0;
     }
@@ -302,7 +322,9 @@ impl PoolState {
 
     /// True if anything changed since the checkpoint.
     pub fn is_dirty(&self) -> bool {
-        self.journal.as_ref().is_some_and(|j| !j.blocks.is_empty() || j.cursor != self.cursor)
+        self.journal
+            .as_ref()
+            .is_some_and(|j| !j.blocks.is_empty() || j.cursor != self.cursor)
     }
 
     /// Keeps what was done since the checkpoint.
@@ -316,7 +338,12 @@ impl PoolState {
         for (index, pre) in j.blocks {
             let base = index << self.shift;
             let end = base + (self.block_size() - 1);
-            let stale: Vec<_> = self.expiry.iter().filter(|(_, o)| *o >= base && *o <= end).copied().collect();
+            let stale: Vec<_> = self
+                .expiry
+                .iter()
+                .filter(|(_, o)| *o >= base && *o <= end)
+                .copied()
+                .collect();
             for e in stale {
                 self.expiry.remove(&e);
             }
@@ -326,9 +353,11 @@ impl PoolState {
                         self.expiry.insert((entry.until_ms, base + local as u64));
                     }
                     self.blocks.insert(index, block);
+                    self.order.insert(index);
                 }
                 None => {
                     self.blocks.remove(&index);
+                    self.order.remove(&index);
                 }
             }
         }
@@ -341,7 +370,9 @@ impl PoolState {
     /// Records the pre-image of a block about to change.
     fn touch(&mut self, index: u64) {
         if let Some(j) = &mut self.journal {
-            j.blocks.entry(index).or_insert_with(|| self.blocks.get(&index).cloned());
+            j.blocks
+                .entry(index)
+                .or_insert_with(|| self.blocks.get(&index).cloned());
         }
     }
 
@@ -349,24 +380,38 @@ impl PoolState {
 
     /// Whether `offset` is reserved.
     pub fn is_reserved(&self, offset: u64) -> bool {
-        self.reserved_end(offset as u128, offset as u128 + 1).is_some()
+        self.reserved_end(offset as u128, offset as u128 + 1)
+            .is_some()
     }
 
     /// If `[start, end)` overlaps a reserved range, the end of that range.
     fn reserved_end(&self, start: u128, end: u128) -> Option<u128> {
         // Ranges are sorted and disjoint: find the first ending after start.
-        let i = self.reserved.partition_point(|&(_, e)| (e as u128) <= start);
-        self.reserved.get(i).and_then(|&(s, e)| ((s as u128) < end).then_some(e as u128))
+        let i = self
+            .reserved
+            .partition_point(|&(_, e)| (e as u128) <= start);
+        self.reserved
+            .get(i)
+            .and_then(|&(s, e)| ((s as u128) < end).then_some(e as u128))
     }
 
     /// The quarantine entry covering `offset`'s run start, if any.
     pub fn quarantine_of(&self, offset: u64) -> Option<QuarantineEntry> {
         let local = (offset & (self.block_size() - 1)) as u32;
-        self.blocks.get(&(offset >> self.shift)).and_then(|b| b.quarantine.get(&local).copied())
+        self.blocks
+            .get(&(offset >> self.shift))
+            .and_then(|b| b.quarantine.get(&local).copied())
     }
 
     /// True if every unit of `run` is taken (allocated or quarantined).
     fn run_all_set(&self, run: Run) -> bool {
+        if run.units == 1 {
+            let local = (run.offset & (self.block_size() - 1)) as u32;
+            return self
+                .blocks
+                .get(&(run.offset >> self.shift))
+                .is_some_and(|b| b.bits.contains(local));
+        }
         let mut p = run.offset as u128;
         let end = run.end();
         while p < end {
@@ -393,20 +438,36 @@ impl PoolState {
     /// it starts (exclusive), or None if the whole range is free.
     fn first_taken(&self, start: u128, end: u128) -> Option<u128> {
         let first_idx = (start >> self.shift) as u64;
+        if end - start == 1 {
+            // Single unit: one lookup, one probe (the allocation hot path).
+            let block = self.blocks.get(&first_idx)?;
+            let local = (start - ((first_idx as u128) << self.shift)) as u32;
+            if !block.bits.contains(local) {
+                return None;
+            }
+            return Some(self.taken_run_end(first_idx, block, local));
+        }
         let last_idx = ((end - 1) >> self.shift) as u64;
-        for (&idx, block) in self.blocks.range(first_idx..=last_idx) {
+        for &idx in self.order.range(first_idx..=last_idx) {
+            let Some(block) = self.blocks.get(&idx) else {
+                continue;
+            };
             let base = (idx as u128) << self.shift;
             let lo = start.max(base) - base;
             let hi = (end.min(base + self.block_size() as u128) - 1) - base;
-            let mut it = block.bits.range(lo as u32..=hi as u32);
-            if let Some(first) = it.next() {
-                // Extend to the whole run so callers skip it in one step.
-                let run = block.bits.range(first..).next_range();
-                let run_end = run.map_or(first as u128 + 1, |r| *r.end() as u128 + 1);
-                return Some(base + run_end);
+            if let Some(first) = block.bits.range(lo as u32..=hi as u32).next() {
+                return Some(self.taken_run_end(idx, block, first));
             }
         }
         None
+    }
+
+    /// End (exclusive, absolute) of the taken run starting at `local`, so
+    /// callers skip the whole run in one step.
+    fn taken_run_end(&self, idx: u64, block: &Block, local: u32) -> u128 {
+        let base = (idx as u128) << self.shift;
+        let run = block.bits.range(local..).next_range();
+        base + run.map_or(local as u128 + 1, |r| *r.end() as u128 + 1)
     }
 
     /// The first aligned run of `n` free units in `[from, end)`.
@@ -475,7 +536,10 @@ impl PoolState {
             let hi = (block_end - 1 - base) as u32;
             self.touch(idx);
             if set {
-                let block = self.blocks.entry(idx).or_default();
+                let block = self.blocks.entry(idx).or_insert_with(|| {
+                    self.order.insert(idx);
+                    Block::default()
+                });
                 if lo == hi {
                     block.bits.insert(lo);
                 } else {
@@ -490,6 +554,7 @@ impl PoolState {
                 if block.bits.is_empty() {
                     // Empty blocks cost nothing: memory follows what is allocated.
                     self.blocks.remove(&idx);
+                    self.order.remove(&idx);
                 }
             }
             p = block_end;
@@ -500,7 +565,12 @@ impl PoolState {
         self.write_run(run, true);
         self.allocated += run.units;
         if self.strategy == Strategy::Next {
-            self.cursor = (run.end() % self.space.size().max(1)) as u64;
+            // Wrap at the end (no modulo: u128 division is slow).
+            self.cursor = if run.end() >= self.space.size() {
+                0
+            } else {
+                run.end() as u64
+            };
         }
         if run.offset == self.hint && run.units == 1 {
             self.hint = run.offset + 1;
@@ -524,16 +594,25 @@ impl PoolState {
             let idx = offset >> self.shift;
             let local = (offset & (self.block_size() - 1)) as u32;
             self.touch(idx);
-            let entry = self.blocks.get_mut(&idx).and_then(|b| b.quarantine.remove(&local));
+            let entry = self
+                .blocks
+                .get_mut(&idx)
+                .and_then(|b| b.quarantine.remove(&local));
             if let Some(entry) = entry {
                 self.quarantined -= entry.units;
-                self.free_units(Run { offset, units: entry.units });
+                self.free_units(Run {
+                    offset,
+                    units: entry.units,
+                });
             }
         }
     }
 
     fn exhausted(&self, requested: u64) -> CoreError {
-        CoreError::Exhausted { requested, available: self.stats().free }
+        CoreError::Exhausted {
+            requested,
+            available: self.stats().free,
+        }
     }
 
     /// Allocates one run of `units` (1 except for prefixes) by the pool's strategy.
@@ -543,10 +622,52 @@ impl PoolState {
     }
 
     fn allocate_one(&mut self, units: u64) -> Result<Run> {
+        if units == 1 {
+            if let Some(run) = self.try_fast_single() {
+                return Ok(run);
+            }
+        }
         let offset = self.choose(units).ok_or_else(|| self.exhausted(1))?;
         let run = Run { offset, units };
         self.take(run);
         Ok(run)
+    }
+
+    /// The hot path: where the strategy would start searching is usually
+    /// free, and then one map lookup and one bitmap insert (which doubles as
+    /// the probe) do the whole allocation.
+    fn try_fast_single(&mut self) -> Option<Run> {
+        let p = match self.strategy {
+            Strategy::Lowest => self.hint,
+            Strategy::Next => self.cursor,
+            Strategy::Random => return None,
+        };
+        if p as u128 >= self.space.size() || self.reserved_end(p as u128, p as u128 + 1).is_some() {
+            return None;
+        }
+        let idx = p >> self.shift;
+        let local = (p & (self.block_size() - 1)) as u32;
+        self.touch(idx);
+        let block = self.blocks.entry(idx).or_insert_with(|| {
+            self.order.insert(idx);
+            Block::default()
+        });
+        if !block.bits.insert(local) {
+            return None; // taken: the general search takes over
+        }
+        let run = Run::single(p);
+        self.allocated += 1;
+        match self.strategy {
+            Strategy::Next => {
+                self.cursor = if run.end() >= self.space.size() {
+                    0
+                } else {
+                    p + 1
+                }
+            }
+            _ => self.hint = p + 1,
+        }
+        Some(run)
     }
 
     /// Allocates `count` runs, all or nothing.
@@ -588,7 +709,10 @@ impl PoolState {
             return Err(CoreError::Reserved(self.space.format(run)));
         }
         if let Some(q) = self.quarantine_of(run.offset) {
-            return Err(CoreError::Quarantined { value: self.space.format(run), until_ms: q.until_ms });
+            return Err(CoreError::Quarantined {
+                value: self.space.format(run),
+                until_ms: q.until_ms,
+            });
         }
         if self.first_taken(run.offset as u128, run.end()).is_some() {
             return Err(CoreError::Taken(self.space.format(run)));
@@ -601,6 +725,33 @@ impl PoolState {
     /// until `now_ms + quarantine`.
     pub fn release(&mut self, run: Run, now_ms: u64) -> Result<()> {
         self.expire(now_ms);
+        if run.units == 1 && self.quarantine_ms == 0 {
+            // Hot path: one lookup, and the bitmap remove doubles as the check.
+            let idx = run.offset >> self.shift;
+            let local = (run.offset & (self.block_size() - 1)) as u32;
+            let Some(block) = self.blocks.get_mut(&idx) else {
+                return Err(CoreError::NotAllocated(self.space.format(run)));
+            };
+            if block.quarantine.contains_key(&local) {
+                return Err(CoreError::NotAllocated(self.space.format(run)));
+            }
+            if let Some(j) = &mut self.journal {
+                // Pre-image first; on the error path below it is merely unused.
+                j.blocks.entry(idx).or_insert_with(|| Some(block.clone()));
+            }
+            if !block.bits.remove(local) {
+                return Err(CoreError::NotAllocated(self.space.format(run)));
+            }
+            if block.bits.is_empty() {
+                self.blocks.remove(&idx);
+                self.order.remove(&idx);
+            }
+            self.allocated -= 1;
+            if run.offset < self.hint {
+                self.hint = run.offset;
+            }
+            return Ok(());
+        }
         if run.end() > self.space.size() || !self.is_allocated(run) {
             return Err(CoreError::NotAllocated(self.space.format(run)));
         }
@@ -618,7 +769,13 @@ impl PoolState {
                 let local = (p - base) as u32;
                 self.touch(idx);
                 if let Some(b) = self.blocks.get_mut(&idx) {
-                    b.quarantine.insert(local, QuarantineEntry { units: (piece_end - p) as u64, until_ms });
+                    b.quarantine.insert(
+                        local,
+                        QuarantineEntry {
+                            units: (piece_end - p) as u64,
+                            until_ms,
+                        },
+                    );
                 }
                 self.expiry.insert((until_ms, p as u64));
                 p = piece_end;
@@ -632,16 +789,23 @@ impl PoolState {
     /// claims that have no record of their own).
     pub fn allocated_from(&self, from: u64) -> impl Iterator<Item = u64> + '_ {
         let first_idx = from >> self.shift;
-        self.blocks.range(first_idx..).flat_map(move |(&idx, block)| {
-            let base = idx << self.shift;
-            let lo = if idx == first_idx { (from - base) as u32 } else { 0 };
-            block
-                .bits
-                .range(lo..)
-                .map(move |l| (l, base + l as u64))
-                .filter(move |(l, _)| !block.quarantine.contains_key(l))
-                .map(|(_, o)| o)
-        })
+        self.order
+            .range(first_idx..)
+            .filter_map(|idx| self.blocks.get(idx).map(|b| (*idx, b)))
+            .flat_map(move |(idx, block)| {
+                let base = idx << self.shift;
+                let lo = if idx == first_idx {
+                    (from - base) as u32
+                } else {
+                    0
+                };
+                block
+                    .bits
+                    .range(lo..)
+                    .map(move |l| (l, base + l as u64))
+                    .filter(move |(l, _)| !block.quarantine.contains_key(l))
+                    .map(|(_, o)| o)
+            })
     }
 }
 

@@ -33,7 +33,11 @@ pub enum PoolKind {
     },
     /// Aligned sub-prefixes of `cidr`; `prefix_len` is the default length
     /// handed out and `max_prefix_len` the finest length that may be asked for.
-    Prefixes { cidr: IpNet, prefix_len: u8, max_prefix_len: u8 },
+    Prefixes {
+        cidr: IpNet,
+        prefix_len: u8,
+        max_prefix_len: u8,
+    },
     /// An enumerated list of strings.
     Set { values: Vec<String> },
 }
@@ -89,10 +93,11 @@ fn bits(net: &IpNet) -> u8 {
 /// Parses a CIDR strictly: host bits must be zero, so a typo is not silently
 /// widened to a different network.
 pub fn parse_cidr(s: &str) -> Result<IpNet> {
-    let net: IpNet = s
-        .trim()
-        .parse()
-        .map_err(|_| CoreError::InvalidSpec(format!("'{s}' is not a CIDR (expected e.g. 10.0.0.0/24 or 2001:db8::/64)")))?;
+    let net: IpNet = s.trim().parse().map_err(|_| {
+        CoreError::InvalidSpec(format!(
+            "'{s}' is not a CIDR (expected e.g. 10.0.0.0/24 or 2001:db8::/64)"
+        ))
+    })?;
     if net.trunc() != net {
         return Err(CoreError::InvalidSpec(format!(
             "'{s}' has host bits set; did you mean {}?",
@@ -110,11 +115,16 @@ impl ValueSpace {
         let size: u128 = match &kind {
             PoolKind::Range { lo, hi } => {
                 if lo > hi {
-                    return Err(CoreError::InvalidSpec(format!("range {lo}-{hi} is inverted (low > high)")));
+                    return Err(CoreError::InvalidSpec(format!(
+                        "range {lo}-{hi} is inverted (low > high)"
+                    )));
                 }
                 (*hi - *lo) as u128 + 1
             }
-            PoolKind::Addresses { cidr, all_addresses } => {
+            PoolKind::Addresses {
+                cidr,
+                all_addresses,
+            } => {
                 if cidr.trunc() != *cidr {
                     return Err(CoreError::InvalidSpec(format!("{cidr} has host bits set")));
                 }
@@ -132,7 +142,11 @@ impl ValueSpace {
                 }
                 size
             }
-            PoolKind::Prefixes { cidr, prefix_len, max_prefix_len } => {
+            PoolKind::Prefixes {
+                cidr,
+                prefix_len,
+                max_prefix_len,
+            } => {
                 if cidr.trunc() != *cidr {
                     return Err(CoreError::InvalidSpec(format!("{cidr} has host bits set")));
                 }
@@ -159,20 +173,31 @@ impl ValueSpace {
             }
             PoolKind::Set { values } => {
                 if values.is_empty() {
-                    return Err(CoreError::InvalidSpec("a set pool needs at least one value".into()));
+                    return Err(CoreError::InvalidSpec(
+                        "a set pool needs at least one value".into(),
+                    ));
                 }
                 for (i, v) in values.iter().enumerate() {
                     if v.is_empty() {
-                        return Err(CoreError::InvalidSpec("set values must not be empty".into()));
+                        return Err(CoreError::InvalidSpec(
+                            "set values must not be empty".into(),
+                        ));
                     }
                     if set_index.insert(v.clone(), i as u64).is_some() {
-                        return Err(CoreError::InvalidSpec(format!("set value '{v}' is listed twice")));
+                        return Err(CoreError::InvalidSpec(format!(
+                            "set value '{v}' is listed twice"
+                        )));
                     }
                 }
                 values.len() as u128
             }
         };
-        Ok(ValueSpace { kind, size, builtin_reserved, set_index })
+        Ok(ValueSpace {
+            kind,
+            size,
+            builtin_reserved,
+            set_index,
+        })
     }
 
     pub fn kind(&self) -> &PoolKind {
@@ -198,7 +223,11 @@ impl ValueSpace {
     /// Units a default allocation takes.
     pub fn default_units(&self) -> u64 {
         match &self.kind {
-            PoolKind::Prefixes { prefix_len, max_prefix_len, .. } => 1u64 << (max_prefix_len - prefix_len),
+            PoolKind::Prefixes {
+                prefix_len,
+                max_prefix_len,
+                ..
+            } => 1u64 << (max_prefix_len - prefix_len),
             _ => 1,
         }
     }
@@ -206,7 +235,11 @@ impl ValueSpace {
     /// Units of a prefix of length `len` (prefix pools only).
     pub fn units_for_prefix_len(&self, len: u8) -> Result<u64> {
         match &self.kind {
-            PoolKind::Prefixes { cidr, max_prefix_len, .. } => {
+            PoolKind::Prefixes {
+                cidr,
+                max_prefix_len,
+                ..
+            } => {
                 if len < cidr.prefix_len() || len > *max_prefix_len {
                     return Err(CoreError::InvalidValue(format!(
                         "prefix length /{len} is outside this pool (between /{} and /{max_prefix_len})",
@@ -216,11 +249,15 @@ impl ValueSpace {
                 let shift = max_prefix_len - len;
                 if shift >= 64 {
                     // The whole 2^64-unit space as one run cannot be expressed as u64 units.
-                    return Err(CoreError::InvalidValue(format!("prefix length /{len} is too short to allocate here")));
+                    return Err(CoreError::InvalidValue(format!(
+                        "prefix length /{len} is too short to allocate here"
+                    )));
                 }
                 Ok(1u64 << shift)
             }
-            _ => Err(CoreError::InvalidValue("a prefix length only applies to prefix pools".into())),
+            _ => Err(CoreError::InvalidValue(
+                "a prefix length only applies to prefix pools".into(),
+            )),
         }
     }
 
@@ -233,7 +270,9 @@ impl ValueSpace {
                     .parse()
                     .map_err(|_| CoreError::InvalidValue(format!("'{s}' is not an integer")))?;
                 if v < *lo || v > *hi {
-                    return Err(CoreError::InvalidValue(format!("{v} is outside the pool's range {lo}-{hi}")));
+                    return Err(CoreError::InvalidValue(format!(
+                        "{v} is outside the pool's range {lo}-{hi}"
+                    )));
                 }
                 Ok(Run::single(v - lo))
             }
@@ -242,14 +281,24 @@ impl ValueSpace {
                     .parse()
                     .map_err(|_| CoreError::InvalidValue(format!("'{s}' is not an IP address")))?;
                 if !cidr.contains(&ip) {
-                    return Err(CoreError::InvalidValue(format!("{ip} is outside the pool's network {cidr}")));
+                    return Err(CoreError::InvalidValue(format!(
+                        "{ip} is outside the pool's network {cidr}"
+                    )));
                 }
-                Ok(Run::single((ip_to_u128(ip) - ip_to_u128(cidr.network())) as u64))
+                Ok(Run::single(
+                    (ip_to_u128(ip) - ip_to_u128(cidr.network())) as u64,
+                ))
             }
-            PoolKind::Prefixes { cidr, max_prefix_len, .. } => {
-                let net: IpNet = s
-                    .parse()
-                    .map_err(|_| CoreError::InvalidValue(format!("'{s}' is not a prefix (expected e.g. 10.0.1.0/24)")))?;
+            PoolKind::Prefixes {
+                cidr,
+                max_prefix_len,
+                ..
+            } => {
+                let net: IpNet = s.parse().map_err(|_| {
+                    CoreError::InvalidValue(format!(
+                        "'{s}' is not a prefix (expected e.g. 10.0.1.0/24)"
+                    ))
+                })?;
                 if net.trunc() != net {
                     return Err(CoreError::InvalidValue(format!(
                         "'{s}' has host bits set; did you mean {}?",
@@ -257,18 +306,24 @@ impl ValueSpace {
                     )));
                 }
                 if !cidr.contains(&net) {
-                    return Err(CoreError::InvalidValue(format!("{net} is outside the pool's network {cidr}")));
+                    return Err(CoreError::InvalidValue(format!(
+                        "{net} is outside the pool's network {cidr}"
+                    )));
                 }
                 let units = self.units_for_prefix_len(net.prefix_len())?;
                 let shift = bits(cidr) - max_prefix_len;
-                let offset = ((ip_to_u128(net.network()) - ip_to_u128(cidr.network())) >> shift) as u64;
+                let offset =
+                    ((ip_to_u128(net.network()) - ip_to_u128(cidr.network())) >> shift) as u64;
                 Ok(Run { offset, units })
             }
-            PoolKind::Set { .. } => self
-                .set_index
-                .get(s)
-                .map(|&o| Run::single(o))
-                .ok_or_else(|| CoreError::InvalidValue(format!("'{s}' is not one of the pool's values"))),
+            PoolKind::Set { .. } => {
+                self.set_index
+                    .get(s)
+                    .map(|&o| Run::single(o))
+                    .ok_or_else(|| {
+                        CoreError::InvalidValue(format!("'{s}' is not one of the pool's values"))
+                    })
+            }
         }
     }
 
@@ -276,13 +331,18 @@ impl ValueSpace {
     /// values (integers and addresses), or a prefix (prefix pools).
     pub fn parse_reservation(&self, s: &str) -> Result<(u64, u64)> {
         let s = s.trim();
-        let splittable = matches!(self.kind, PoolKind::Range { .. } | PoolKind::Addresses { .. });
+        let splittable = matches!(
+            self.kind,
+            PoolKind::Range { .. } | PoolKind::Addresses { .. }
+        );
         if splittable {
             if let Some((a, b)) = s.split_once('-') {
                 let a = self.parse(a)?;
                 let b = self.parse(b)?;
                 if a.offset > b.offset {
-                    return Err(CoreError::InvalidValue(format!("reserved range '{s}' is inverted")));
+                    return Err(CoreError::InvalidValue(format!(
+                        "reserved range '{s}' is inverted"
+                    )));
                 }
                 return Ok((a.offset, b.offset + 1));
             }
@@ -299,13 +359,22 @@ impl ValueSpace {
             PoolKind::Addresses { cidr, .. } => {
                 u128_to_ip(ip_to_u128(cidr.network()) + run.offset as u128, cidr).to_string()
             }
-            PoolKind::Prefixes { cidr, max_prefix_len, .. } => {
+            PoolKind::Prefixes {
+                cidr,
+                max_prefix_len,
+                ..
+            } => {
                 let shift = bits(cidr) - max_prefix_len;
-                let addr = u128_to_ip(ip_to_u128(cidr.network()) + ((run.offset as u128) << shift), cidr);
+                let addr = u128_to_ip(
+                    ip_to_u128(cidr.network()) + ((run.offset as u128) << shift),
+                    cidr,
+                );
                 let len = max_prefix_len - run.units.trailing_zeros() as u8;
                 format!("{addr}/{len}")
             }
-            PoolKind::Set { values } => values.get(run.offset as usize).cloned().unwrap_or_default(),
+            PoolKind::Set { values } => {
+                values.get(run.offset as usize).cloned().unwrap_or_default()
+            }
         }
     }
 
@@ -319,7 +388,9 @@ impl ValueSpace {
         match &self.kind {
             PoolKind::Range { lo, hi } => format!("integers {lo}-{hi}"),
             PoolKind::Addresses { cidr, .. } => format!("addresses of {cidr}"),
-            PoolKind::Prefixes { cidr, prefix_len, .. } => format!("/{prefix_len} prefixes of {cidr}"),
+            PoolKind::Prefixes {
+                cidr, prefix_len, ..
+            } => format!("/{prefix_len} prefixes of {cidr}"),
             PoolKind::Set { values } => format!("set of {} values", values.len()),
         }
     }
@@ -331,27 +402,45 @@ mod tests {
 
     #[test]
     fn ipv4_addresses_reserve_edges() {
-        let s = ValueSpace::new(PoolKind::Addresses { cidr: parse_cidr("10.0.0.0/24").unwrap(), all_addresses: false })
-            .unwrap();
+        let s = ValueSpace::new(PoolKind::Addresses {
+            cidr: parse_cidr("10.0.0.0/24").unwrap(),
+            all_addresses: false,
+        })
+        .unwrap();
         assert_eq!(s.size(), 256);
         assert_eq!(s.builtin_reserved(), &[(0, 1), (255, 256)]);
         assert_eq!(s.parse("10.0.0.7").unwrap(), Run::single(7));
         assert_eq!(s.format(Run::single(7)), "10.0.0.7");
         assert!(s.parse("10.0.1.1").is_err());
-        let p2p = ValueSpace::new(PoolKind::Addresses { cidr: parse_cidr("10.0.0.0/31").unwrap(), all_addresses: false })
-            .unwrap();
+        let p2p = ValueSpace::new(PoolKind::Addresses {
+            cidr: parse_cidr("10.0.0.0/31").unwrap(),
+            all_addresses: false,
+        })
+        .unwrap();
         assert!(p2p.builtin_reserved().is_empty());
     }
 
     #[test]
     fn ipv6_pool_limits() {
-        assert!(ValueSpace::new(PoolKind::Addresses { cidr: parse_cidr("2001:db8::/48").unwrap(), all_addresses: false })
-            .is_err());
-        let s = ValueSpace::new(PoolKind::Addresses { cidr: parse_cidr("2001:db8::/64").unwrap(), all_addresses: false })
-            .unwrap();
+        assert!(ValueSpace::new(PoolKind::Addresses {
+            cidr: parse_cidr("2001:db8::/48").unwrap(),
+            all_addresses: false
+        })
+        .is_err());
+        let s = ValueSpace::new(PoolKind::Addresses {
+            cidr: parse_cidr("2001:db8::/64").unwrap(),
+            all_addresses: false,
+        })
+        .unwrap();
         assert_eq!(s.size(), 1u128 << 64);
-        assert_eq!(s.format(Run::single(u64::MAX)), "2001:db8::ffff:ffff:ffff:ffff");
-        assert_eq!(s.parse("2001:db8::ffff:ffff:ffff:ffff").unwrap(), Run::single(u64::MAX));
+        assert_eq!(
+            s.format(Run::single(u64::MAX)),
+            "2001:db8::ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(
+            s.parse("2001:db8::ffff:ffff:ffff:ffff").unwrap(),
+            Run::single(u64::MAX)
+        );
     }
 
     #[test]
@@ -364,9 +453,21 @@ mod tests {
         .unwrap();
         assert_eq!(s.default_units(), 256);
         let r = s.parse("10.0.1.0/24").unwrap();
-        assert_eq!(r, Run { offset: 256, units: 256 });
+        assert_eq!(
+            r,
+            Run {
+                offset: 256,
+                units: 256
+            }
+        );
         assert_eq!(s.format(r), "10.0.1.0/24");
-        assert_eq!(s.format(Run { offset: 64, units: 64 }), "10.0.0.64/26");
+        assert_eq!(
+            s.format(Run {
+                offset: 64,
+                units: 64
+            }),
+            "10.0.0.64/26"
+        );
         assert!(s.parse("10.0.1.5/24").is_err());
         assert!(s.parse("11.0.0.0/24").is_err());
     }
@@ -376,7 +477,18 @@ mod tests {
         assert!(ValueSpace::new(PoolKind::Range { lo: 5, hi: 1 }).is_err());
         assert!(parse_cidr("10.0.0.1/24").is_err());
         assert!(parse_cidr("10.0.0/24x").is_err());
-        assert!(ValueSpace::new(PoolKind::Set { values: vec!["a".into(), "a".into()] }).is_err());
-        assert_eq!(ValueSpace::new(PoolKind::Range { lo: 0, hi: u64::MAX }).unwrap().size(), MAX_POOL_SIZE);
+        assert!(ValueSpace::new(PoolKind::Set {
+            values: vec!["a".into(), "a".into()]
+        })
+        .is_err());
+        assert_eq!(
+            ValueSpace::new(PoolKind::Range {
+                lo: 0,
+                hi: u64::MAX
+            })
+            .unwrap()
+            .size(),
+            MAX_POOL_SIZE
+        );
     }
 }

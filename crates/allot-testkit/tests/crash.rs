@@ -40,7 +40,9 @@ async fn acknowledged_claims_survive_kill_9() {
             }
         });
         // Let it get going (first ack), then kill it at a random moment.
-        let first = rx.recv_timeout(Duration::from_secs(30)).expect("child acknowledged nothing");
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child acknowledged nothing");
         std::thread::sleep(Duration::from_millis(rng.random_range(5..250)));
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
@@ -51,27 +53,45 @@ async fn acknowledged_claims_survive_kill_9() {
         for line in lines {
             // Only complete lines were acknowledged; a torn last line cannot parse.
             if let Some((k, v)) = line.split_once(' ') {
-                assert!(acked.insert(k.to_string(), v.to_string()).is_none(), "key {k} printed twice");
+                assert!(
+                    acked.insert(k.to_string(), v.to_string()).is_none(),
+                    "key {k} printed twice"
+                );
             }
         }
-        assert!(acked.len() > before, "round {round}: no claims acknowledged");
+        assert!(
+            acked.len() > before,
+            "round {round}: no claims acknowledged"
+        );
 
         let store = RedbStore::open(dir.path().join("allot.redb"), RedbOptions::default()).unwrap();
         let allot = Allot::new(Arc::new(store));
         for (k, v) in &acked {
-            let c = allot.lookup("crash", Target::Key(k.clone())).await.unwrap_or_else(|e| {
-                panic!("round {round}: acknowledged claim {k}={v} lost: {e}")
-            });
+            let c = allot
+                .lookup("crash", Target::Key(k.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: acknowledged claim {k}={v} lost: {e}"));
             assert_eq!(&c.value, v, "round {round}: key {k} changed value");
         }
         // No value held twice, and the bitmap agrees with the claim records.
         let mut values = BTreeSet::new();
         let mut after = None;
         loop {
-            let page = allot.list_claims("crash", after.as_deref(), 5000).await.unwrap();
+            let page = allot
+                .list_claims("crash", after.as_deref(), 5000)
+                .await
+                .unwrap();
             for c in &page.claims {
-                assert!(values.insert(c.value.clone()), "value {} held twice", c.value);
-                assert!(c.key.is_some(), "value {} allocated without its key record", c.value);
+                assert!(
+                    values.insert(c.value.clone()),
+                    "value {} held twice",
+                    c.value
+                );
+                assert!(
+                    c.key.is_some(),
+                    "value {} allocated without its key record",
+                    c.value
+                );
             }
             match page.next {
                 Some(n) => after = Some(n),
@@ -82,6 +102,10 @@ async fn acknowledged_claims_survive_kill_9() {
         assert_eq!(stats.allocated, values.len() as u64);
         assert!(values.len() >= acked.len());
         allot.close().await;
-        eprintln!("round {round}: {} acknowledged so far, {} stored", acked.len(), values.len());
+        eprintln!(
+            "round {round}: {} acknowledged so far, {} stored",
+            acked.len(),
+            values.len()
+        );
     }
 }

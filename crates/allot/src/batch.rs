@@ -25,7 +25,10 @@ pub(crate) enum PendingOp {
     Alloc(AllocRequest),
     Release(Target),
     /// Release a claim marked by a resync, unless it was written after `rev`.
-    ReleaseStale { offset: u64, rev: Revision },
+    ReleaseStale {
+        offset: u64,
+        rev: Revision,
+    },
 }
 
 #[derive(Debug)]
@@ -64,11 +67,19 @@ pub(crate) struct LoadedState {
 
 impl PoolHandle {
     pub(crate) async fn load(store: &dyn Store, name: &str, seed: u64) -> Result<PoolHandle> {
-        let kv = store.get(&keys::pool(name)).await?.ok_or_else(|| Error::PoolNotFound(name.to_string()))?;
+        let kv = store
+            .get(&keys::pool(name))
+            .await?
+            .ok_or_else(|| Error::PoolNotFound(name.to_string()))?;
         let record: PoolRecord = decode_json("pool record", &kv.value)?;
         let core = PoolState::new(&record.spec, seed).map_err(|e| Error::from_core(name, e))?;
         let space = core.space().clone();
-        let mut state = LoadedState { core, block_revs: HashMap::new(), cursor_rev: 0, fresh: false };
+        let mut state = LoadedState {
+            core,
+            block_revs: HashMap::new(),
+            cursor_rev: 0,
+            fresh: false,
+        };
         state.reload(store, name).await?;
         Ok(PoolHandle {
             record,
@@ -94,7 +105,8 @@ impl LoadedState {
         loop {
             let res = store.range(&start, &end, 1024).await?;
             for kv in &res.kvs {
-                let idx = keys::block_index(&kv.key).ok_or_else(|| Error::Corrupt("block key".into()))?;
+                let idx =
+                    keys::block_index(&kv.key).ok_or_else(|| Error::Corrupt("block key".into()))?;
                 let block = Block::decode(&kv.value).map_err(|e| Error::from_core(name, e))?;
                 loaded.push((idx, block, kv.mod_revision));
             }
@@ -124,7 +136,11 @@ impl LoadedState {
     async fn reload_cursor(&mut self, store: &dyn Store, name: &str) -> Result<()> {
         match store.get(&keys::cursor(name)).await? {
             Some(kv) => {
-                let bytes: [u8; 8] = kv.value.as_slice().try_into().map_err(|_| Error::Corrupt("cursor record".into()))?;
+                let bytes: [u8; 8] = kv
+                    .value
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("cursor record".into()))?;
                 self.core.set_cursor(u64::from_le_bytes(bytes));
                 self.cursor_rev = kv.mod_revision;
             }
@@ -134,7 +150,12 @@ impl LoadedState {
     }
 
     /// Re-reads only the given blocks (after another writer won a compare).
-    async fn refresh_blocks(&mut self, store: &dyn Store, name: &str, blocks: &[u64]) -> Result<()> {
+    async fn refresh_blocks(
+        &mut self,
+        store: &dyn Store,
+        name: &str,
+        blocks: &[u64],
+    ) -> Result<()> {
         for &idx in blocks {
             match store.get(&keys::block(name, idx)).await? {
                 Some(kv) => {
@@ -204,9 +225,13 @@ impl Inner {
             let now = self.clock.now_ms();
             state.core.checkpoint();
             let cursor_before = state.core.cursor();
-            let results: Vec<Result<Outcome>> = ops.iter().map(|op| work.apply(handle, &mut state.core, op, now)).collect();
+            let results: Vec<Result<Outcome>> = ops
+                .iter()
+                .map(|op| work.apply(handle, &mut state.core, op, now))
+                .collect();
 
-            let mut txn = Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
+            let mut txn =
+                Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
             for (key, rev) in &work.read_revs {
                 txn = txn.when(Compare::mod_revision(key, *rev));
             }
@@ -216,11 +241,18 @@ impl Inner {
                     None => Op::delete(key),
                 });
             }
-            let dirty: Vec<(u64, Option<Vec<u8>>)> =
-                state.core.dirty_blocks().into_iter().map(|(i, b)| (i, b.map(Block::encode))).collect();
+            let dirty: Vec<(u64, Option<Vec<u8>>)> = state
+                .core
+                .dirty_blocks()
+                .into_iter()
+                .map(|(i, b)| (i, b.map(Block::encode)))
+                .collect();
             for (idx, bytes) in &dirty {
                 let key = keys::block(name, *idx);
-                txn = txn.when(Compare::mod_revision(&key, state.block_revs.get(idx).copied().unwrap_or(0)));
+                txn = txn.when(Compare::mod_revision(
+                    &key,
+                    state.block_revs.get(idx).copied().unwrap_or(0),
+                ));
                 txn = txn.then(match bytes {
                     Some(b) => Op::put(&key, b),
                     None => Op::delete(&key),
@@ -279,7 +311,10 @@ impl Inner {
 
     fn forget_by_name(&self, name: &str, handle: &PoolHandle) {
         let mut pools = lock(&self.pools);
-        if pools.get(name).is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), handle)) {
+        if pools
+            .get(name)
+            .is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), handle))
+        {
             pools.remove(name);
         }
     }
@@ -296,7 +331,9 @@ fn clone_error(e: &Error) -> Error {
         Error::Contention(p) => Error::Contention(p.clone()),
         Error::Corrupt(m) => Error::Corrupt(m.clone()),
         Error::Store(s) => Error::Store(match s {
-            allot_store::StoreError::Unavailable(m) => allot_store::StoreError::Unavailable(m.clone()),
+            allot_store::StoreError::Unavailable(m) => {
+                allot_store::StoreError::Unavailable(m.clone())
+            }
             other => allot_store::StoreError::Backend(other.to_string()),
         }),
         other => Error::Corrupt(other.to_string()),
@@ -317,13 +354,17 @@ struct Work {
 
 impl Work {
     /// Reads, in one snapshot, every record the batch will look at.
-    async fn prepare(store: &dyn Store, name: &str, handle: &PoolHandle, ops: &[PendingOp]) -> Result<Work> {
+    async fn prepare(
+        store: &dyn Store,
+        name: &str,
+        handle: &PoolHandle,
+        ops: &[PendingOp],
+    ) -> Result<Work> {
         let mut want: Vec<Vec<u8>> = Vec::new();
         for op in ops {
             match op {
-                PendingOp::Alloc(AllocRequest { key: Some(k), .. }) | PendingOp::Release(Target::Key(k)) => {
-                    want.push(keys::key(name, k))
-                }
+                PendingOp::Alloc(AllocRequest { key: Some(k), .. })
+                | PendingOp::Release(Target::Key(k)) => want.push(keys::key(name, k)),
                 PendingOp::Release(Target::Value(v)) => {
                     if let Ok(run) = handle.space().parse(v) {
                         want.push(keys::value(name, run.offset));
@@ -353,13 +394,20 @@ impl Work {
             }
         }
         work.fetch(store, follow).await?;
-        let keyed = ops.iter().any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
+        let keyed = ops
+            .iter()
+            .any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
         if keyed {
             let prefix = keys::resyncs_prefix(name);
-            let res = store.range(&prefix, &allot_store::prefix_end(&prefix), 0).await?;
+            let res = store
+                .range(&prefix, &allot_store::prefix_end(&prefix), 0)
+                .await?;
             for kv in res.kvs {
                 let r: crate::model::ResyncRecord = decode_json("resync record", &kv.value)?;
-                work.resyncs.push(OpenResync { owner: r.owner, revision: kv.mod_revision });
+                work.resyncs.push(OpenResync {
+                    owner: r.owner,
+                    revision: kv.mod_revision,
+                });
             }
             work.resyncs_loaded = true;
         }
@@ -383,8 +431,10 @@ impl Work {
                 OpResult::Get(kv) => kv,
                 _ => None,
             };
-            self.read_revs.insert(k.clone(), kv.as_ref().map_or(0, |kv| kv.mod_revision));
-            self.records.insert(k, kv.map(|kv| (kv.value, kv.mod_revision)));
+            self.read_revs
+                .insert(k.clone(), kv.as_ref().map_or(0, |kv| kv.mod_revision));
+            self.records
+                .insert(k, kv.map(|kv| (kv.value, kv.mod_revision)));
         }
         Ok(())
     }
@@ -395,7 +445,8 @@ impl Work {
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         // Revision MAX marks "written in this batch": newer than any resync.
-        self.records.insert(key.clone(), Some((value.clone(), Revision::MAX)));
+        self.records
+            .insert(key.clone(), Some((value.clone(), Revision::MAX)));
         self.writes.insert(key, Some(value));
     }
 
@@ -411,7 +462,13 @@ impl Work {
         }
     }
 
-    fn apply(&mut self, handle: &PoolHandle, core: &mut PoolState, op: &PendingOp, now: u64) -> Result<Outcome> {
+    fn apply(
+        &mut self,
+        handle: &PoolHandle,
+        core: &mut PoolState,
+        op: &PendingOp,
+        now: u64,
+    ) -> Result<Outcome> {
         let name = self.name.clone();
         let core_err = |e| Error::from_core(&name, e);
         match op {
@@ -444,7 +501,9 @@ impl Work {
                         vec![run]
                     }
                     None if req.count == 1 => vec![core.allocate(units, now).map_err(core_err)?],
-                    None => core.allocate_many(req.count, units, now).map_err(core_err)?,
+                    None => core
+                        .allocate_many(req.count, units, now)
+                        .map_err(core_err)?,
                 };
                 let mut claims = Vec::with_capacity(runs.len());
                 for run in runs {
@@ -455,11 +514,18 @@ impl Work {
                         meta: req.meta.clone(),
                         claimed_ms: now,
                     };
-                    if rec.key.is_some() || rec.owner.is_some() || rec.meta.is_some() || handle.space().is_prefix() {
+                    if rec.key.is_some()
+                        || rec.owner.is_some()
+                        || rec.meta.is_some()
+                        || handle.space().is_prefix()
+                    {
                         self.put(keys::value(&name, run.offset), encode_json(&rec));
                     }
                     if let Some(key) = &req.key {
-                        let kr = KeyRecord { offset: run.offset, units: run.units };
+                        let kr = KeyRecord {
+                            offset: run.offset,
+                            units: run.units,
+                        };
                         self.put(keys::key(&name, key), encode_json(&kr));
                     }
                     claims.push(claim_from(handle.space().format(run), &rec, false));
@@ -468,19 +534,39 @@ impl Work {
             }
             PendingOp::Release(Target::Key(key)) => {
                 let Some((bytes, _)) = self.get(&keys::key(&name, key)).cloned() else {
-                    return Err(Error::NotFound(format!("key '{key}' is not claimed in pool '{name}'")));
+                    return Err(Error::NotFound(format!(
+                        "key '{key}' is not claimed in pool '{name}'"
+                    )));
                 };
                 let kr: KeyRecord = decode_json("key record", &bytes)?;
-                self.release_run(handle, core, Run { offset: kr.offset, units: kr.units }, now).map(Outcome::Released)
+                self.release_run(
+                    handle,
+                    core,
+                    Run {
+                        offset: kr.offset,
+                        units: kr.units,
+                    },
+                    now,
+                )
+                .map(Outcome::Released)
             }
             PendingOp::Release(Target::Value(v)) => {
                 let run = handle.space().parse(v).map_err(core_err)?;
-                self.release_run(handle, core, run, now).map(Outcome::Released)
+                self.release_run(handle, core, run, now)
+                    .map(Outcome::Released)
             }
             PendingOp::ReleaseStale { offset, rev } => match self.claim_record(*offset)? {
-                Some((rec, r)) if r == *rev => {
-                    self.release_run(handle, core, Run { offset: *offset, units: rec.units }, now).map(Outcome::Released)
-                }
+                Some((rec, r)) if r == *rev => self
+                    .release_run(
+                        handle,
+                        core,
+                        Run {
+                            offset: *offset,
+                            units: rec.units,
+                        },
+                        now,
+                    )
+                    .map(Outcome::Released),
                 _ => Ok(Outcome::Skipped),
             },
         }
@@ -500,7 +586,10 @@ impl Work {
     ) -> Result<Outcome> {
         let name = self.name.clone();
         let kr: KeyRecord = decode_json("key record", key_bytes)?;
-        let run = Run { offset: kr.offset, units: kr.units };
+        let run = Run {
+            offset: kr.offset,
+            units: kr.units,
+        };
         let current = handle.space().format(run);
         if let Some(w) = wanted {
             if w != run {
@@ -511,10 +600,14 @@ impl Work {
             }
         }
         if req.prefix_len.is_some() && units != run.units {
-            return Err(Error::Conflict(format!("key '{key}' already holds {current}, of another prefix length")));
+            return Err(Error::Conflict(format!(
+                "key '{key}' already holds {current}, of another prefix length"
+            )));
         }
         if !core.is_allocated(run) {
-            return Err(Error::Corrupt(format!("key '{key}' points at {current}, which is not allocated")));
+            return Err(Error::Corrupt(format!(
+                "key '{key}' points at {current}, which is not allocated"
+            )));
         }
         let (mut rec, rev) = self
             .claim_record(run.offset)?
@@ -536,22 +629,39 @@ impl Work {
         Ok(Outcome::Claims(vec![claim_from(current, &rec, false)]))
     }
 
-    fn release_run(&mut self, handle: &PoolHandle, core: &mut PoolState, run: Run, now: u64) -> Result<Claim> {
+    fn release_run(
+        &mut self,
+        handle: &PoolHandle,
+        core: &mut PoolState,
+        run: Run,
+        now: u64,
+    ) -> Result<Claim> {
         let name = self.name.clone();
         let text = handle.space().format(run);
         let record = self.claim_record(run.offset)?;
         let rec = match record {
             Some((rec, _)) if rec.units != run.units => {
-                let held = handle.space().format(Run { offset: run.offset, units: rec.units });
-                return Err(Error::NotFound(format!("{text} is not claimed in pool '{name}' ({held} is)")));
+                let held = handle.space().format(Run {
+                    offset: run.offset,
+                    units: rec.units,
+                });
+                return Err(Error::NotFound(format!(
+                    "{text} is not claimed in pool '{name}' ({held} is)"
+                )));
             }
             Some((rec, _)) => rec,
             None if handle.space().is_prefix() => {
-                return Err(Error::NotFound(format!("{text} is not claimed in pool '{name}'")));
+                return Err(Error::NotFound(format!(
+                    "{text} is not claimed in pool '{name}'"
+                )));
             }
-            None => ClaimRecord { units: 1, ..Default::default() },
+            None => ClaimRecord {
+                units: 1,
+                ..Default::default()
+            },
         };
-        core.release(run, now).map_err(|e| Error::from_core(&name, e))?;
+        core.release(run, now)
+            .map_err(|e| Error::from_core(&name, e))?;
         if let Some(k) = &rec.key {
             self.delete(keys::key(&name, k));
         }

@@ -19,7 +19,11 @@ pub enum Error {
     #[error("{0}")]
     Conflict(String),
     #[error("pool '{pool}' is exhausted: asked for {requested}, {available} free")]
-    Exhausted { pool: String, requested: u64, available: u128 },
+    Exhausted {
+        pool: String,
+        requested: u64,
+        available: u128,
+    },
     /// The pool still has claims and `force` was not given.
     #[error("pool '{pool}' still holds {claims} claimed value(s); release them first or delete with --force")]
     PoolNotEmpty { pool: String, claims: u64 },
@@ -45,7 +49,9 @@ impl Error {
             Error::Exhausted { .. } => "exhausted",
             Error::PoolNotEmpty { .. } => "pool_not_empty",
             Error::Contention(_) => "contention",
-            Error::Store(StoreError::Unavailable(_)) | Error::Store(StoreError::Locked { .. }) => "unavailable",
+            Error::Store(StoreError::Unavailable(_)) | Error::Store(StoreError::Locked { .. }) => {
+                "unavailable"
+            }
             Error::Store(_) => "store_error",
             Error::Corrupt(_) => "corrupt",
         }
@@ -55,10 +61,23 @@ impl Error {
         match e {
             CoreError::InvalidSpec(m) => Error::InvalidInput(m),
             CoreError::InvalidValue(m) => Error::InvalidInput(format!("pool '{pool}': {m}")),
-            CoreError::Reserved(v) => Error::InvalidInput(format!("pool '{pool}': value {v} is reserved")),
-            e @ (CoreError::Taken(_) | CoreError::Quarantined { .. }) => Error::Conflict(format!("pool '{pool}': {e}")),
-            CoreError::NotAllocated(v) => Error::NotFound(format!("pool '{pool}': value {v} is not allocated")),
-            CoreError::Exhausted { requested, available } => Error::Exhausted { pool: pool.to_string(), requested, available },
+            CoreError::Reserved(v) => {
+                Error::InvalidInput(format!("pool '{pool}': value {v} is reserved"))
+            }
+            e @ (CoreError::Taken(_) | CoreError::Quarantined { .. }) => {
+                Error::Conflict(format!("pool '{pool}': {e}"))
+            }
+            CoreError::NotAllocated(v) => {
+                Error::NotFound(format!("pool '{pool}': value {v} is not allocated"))
+            }
+            CoreError::Exhausted {
+                requested,
+                available,
+            } => Error::Exhausted {
+                pool: pool.to_string(),
+                requested,
+                available,
+            },
             CoreError::Corrupt(m) => Error::Corrupt(format!("pool '{pool}': {m}")),
         }
     }

@@ -103,7 +103,12 @@ impl Allot {
     pub fn with_clock(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         let seed = clock.now_ms() ^ 0x9E37_79B9_7F4A_7C15;
         Allot {
-            inner: Arc::new(Inner { store, clock, pools: std::sync::Mutex::new(HashMap::new()), seed: AtomicU64::new(seed) }),
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                pools: std::sync::Mutex::new(HashMap::new()),
+                seed: AtomicU64::new(seed),
+            }),
         }
     }
 
@@ -134,19 +139,33 @@ impl Allot {
     }
 
     /// Creates a pool. Fails with [`Error::PoolExists`] if the name is taken.
-    pub async fn create_pool(&self, name: &str, spec: PoolSpec, labels: BTreeMap<String, String>) -> Result<PoolInfo> {
+    pub async fn create_pool(
+        &self,
+        name: &str,
+        spec: PoolSpec,
+        labels: BTreeMap<String, String>,
+    ) -> Result<PoolInfo> {
         validate_pool_name(name)?;
         spec.validate().map_err(|e| Error::from_core(name, e))?;
         for (k, v) in &labels {
             check_text("label name", k, MAX_NAME_LEN)?;
             check_text("label value", v, MAX_OWNER_LEN)?;
         }
-        let record = PoolRecord { name: name.to_string(), spec, labels, created_ms: self.inner.clock.now_ms() };
+        let record = PoolRecord {
+            name: name.to_string(),
+            spec,
+            labels,
+            created_ms: self.inner.clock.now_ms(),
+        };
         let key = keys::pool(name);
         let resp = self
             .inner
             .store
-            .txn(Txn::new().when(Compare::absent(&key)).then(Op::put(&key, encode_json(&record))))
+            .txn(
+                Txn::new()
+                    .when(Compare::absent(&key))
+                    .then(Op::put(&key, encode_json(&record))),
+            )
             .await?;
         if !resp.succeeded {
             return Err(Error::PoolExists(name.to_string()));
@@ -185,13 +204,21 @@ impl Allot {
         let state = handle.state.lock().await;
         let claims = state.core.stats().allocated;
         if claims > 0 && !force {
-            return Err(Error::PoolNotEmpty { pool: name.to_string(), claims });
+            return Err(Error::PoolNotEmpty {
+                pool: name.to_string(),
+                claims,
+            });
         }
         let mut txn = Txn::new()
             .when(Compare::mod_revision(keys::pool(name), handle.record_rev))
             .then(Op::delete(keys::pool(name)))
             .then(Op::delete(keys::cursor(name)));
-        for prefix in [keys::blocks_prefix(name), keys::values_prefix(name), keys::keys_prefix(name), keys::resyncs_prefix(name)] {
+        for prefix in [
+            keys::blocks_prefix(name),
+            keys::values_prefix(name),
+            keys::keys_prefix(name),
+            keys::resyncs_prefix(name),
+        ] {
             txn = txn.then(Op::delete_prefix(prefix));
         }
         let resp = self.inner.store.txn(txn).await;
@@ -231,16 +258,24 @@ impl Allot {
         let (run, rec) = match &target {
             Target::Key(k) => {
                 check_text("key", k, MAX_KEY_LEN)?;
-                let kv = store
-                    .get(&keys::key(pool, k))
-                    .await?
-                    .ok_or_else(|| Error::NotFound(format!("key '{k}' is not claimed in pool '{pool}'")))?;
+                let kv = store.get(&keys::key(pool, k)).await?.ok_or_else(|| {
+                    Error::NotFound(format!("key '{k}' is not claimed in pool '{pool}'"))
+                })?;
                 let kr: KeyRecord = decode_json("key record", &kv.value)?;
                 let rec = store.get(&keys::value(pool, kr.offset)).await?;
-                (Run { offset: kr.offset, units: kr.units }, rec)
+                (
+                    Run {
+                        offset: kr.offset,
+                        units: kr.units,
+                    },
+                    rec,
+                )
             }
             Target::Value(v) => {
-                let run = handle.space().parse(v).map_err(|e| Error::from_core(pool, e))?;
+                let run = handle
+                    .space()
+                    .parse(v)
+                    .map_err(|e| Error::from_core(pool, e))?;
                 (run, store.get(&keys::value(pool, run.offset)).await?)
             }
         };
@@ -248,7 +283,11 @@ impl Allot {
         if let Some(kv) = rec {
             let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
             if rec.units == run.units {
-                return Ok(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+                return Ok(claim_from(
+                    text,
+                    &rec,
+                    is_stale(&resyncs, &rec, kv.mod_revision),
+                ));
             }
         } else if !handle.space().is_prefix() {
             // A bare allocation is just its bit: read the block as stored.
@@ -257,23 +296,44 @@ impl Allot {
                 let block = Block::decode(&kv.value).map_err(|e| Error::from_core(pool, e))?;
                 let local = (run.offset % handle.record.spec.block_size) as u32;
                 if block.bits.contains(local) && !block.quarantine.contains_key(&local) {
-                    return Ok(Claim { value: text, key: None, owner: None, meta: None, stale: false });
+                    return Ok(Claim {
+                        value: text,
+                        key: None,
+                        owner: None,
+                        meta: None,
+                        stale: false,
+                    });
                 }
             }
         }
-        Err(Error::NotFound(format!("value {text} is not claimed in pool '{pool}'")))
+        Err(Error::NotFound(format!(
+            "value {text} is not claimed in pool '{pool}'"
+        )))
     }
 
     /// Claims in value order, `limit` at a time, starting after `after`.
-    pub async fn list_claims(&self, pool: &str, after: Option<&str>, limit: usize) -> Result<ClaimPage> {
+    pub async fn list_claims(
+        &self,
+        pool: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ClaimPage> {
         let limit = limit.clamp(1, 10_000);
         let handle = self.inner.handle(pool).await?;
         let start = match after {
             Some(v) => {
-                let run = handle.space().parse(v).map_err(|e| Error::from_core(pool, e))?;
+                let run = handle
+                    .space()
+                    .parse(v)
+                    .map_err(|e| Error::from_core(pool, e))?;
                 match run.offset.checked_add(run.units) {
                     Some(s) => s,
-                    None => return Ok(ClaimPage { claims: Vec::new(), next: None }),
+                    None => {
+                        return Ok(ClaimPage {
+                            claims: Vec::new(),
+                            next: None,
+                        })
+                    }
                 }
             }
             None => 0,
@@ -288,10 +348,18 @@ impl Allot {
             let res = store.range(&keys::value(pool, start), &vend, limit).await?;
             more = res.more;
             for kv in res.kvs {
-                let offset = keys::value_offset(&kv.key).ok_or_else(|| Error::Corrupt("claim key".into()))?;
+                let offset = keys::value_offset(&kv.key)
+                    .ok_or_else(|| Error::Corrupt("claim key".into()))?;
                 let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
-                let text = handle.space().format(Run { offset, units: rec.units });
-                claims.push(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+                let text = handle.space().format(Run {
+                    offset,
+                    units: rec.units,
+                });
+                claims.push(claim_from(
+                    text,
+                    &rec,
+                    is_stale(&resyncs, &rec, kv.mod_revision),
+                ));
             }
         } else {
             let offsets: Vec<u64> = {
@@ -302,9 +370,14 @@ impl Allot {
             let offsets = &offsets[..offsets.len().min(limit)];
             let records: HashMap<u64, KeyValue> = match (offsets.first(), offsets.last()) {
                 (Some(&first), Some(&last)) => {
-                    let end = last.checked_add(1).map_or(vend.clone(), |e| keys::value(pool, e));
+                    let end = last
+                        .checked_add(1)
+                        .map_or(vend.clone(), |e| keys::value(pool, e));
                     let res = store.range(&keys::value(pool, first), &end, 0).await?;
-                    res.kvs.into_iter().filter_map(|kv| keys::value_offset(&kv.key).map(|o| (o, kv))).collect()
+                    res.kvs
+                        .into_iter()
+                        .filter_map(|kv| keys::value_offset(&kv.key).map(|o| (o, kv)))
+                        .collect()
                 }
                 _ => HashMap::new(),
             };
@@ -313,13 +386,27 @@ impl Allot {
                 match records.get(&o) {
                     Some(kv) => {
                         let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
-                        claims.push(claim_from(text, &rec, is_stale(&resyncs, &rec, kv.mod_revision)));
+                        claims.push(claim_from(
+                            text,
+                            &rec,
+                            is_stale(&resyncs, &rec, kv.mod_revision),
+                        ));
                     }
-                    None => claims.push(Claim { value: text, key: None, owner: None, meta: None, stale: false }),
+                    None => claims.push(Claim {
+                        value: text,
+                        key: None,
+                        owner: None,
+                        meta: None,
+                        stale: false,
+                    }),
                 }
             }
         }
-        let next = if more { claims.last().map(|c| c.value.clone()) } else { None };
+        let next = if more {
+            claims.last().map(|c| c.value.clone())
+        } else {
+            None
+        };
         Ok(ClaimPage { claims, next })
     }
 
@@ -330,7 +417,10 @@ impl Allot {
             check_text("owner", o, MAX_OWNER_LEN)?;
         }
         let handle = self.inner.handle(pool).await?;
-        let rec = ResyncRecord { owner: owner.map(str::to_string), started_ms: self.inner.clock.now_ms() };
+        let rec = ResyncRecord {
+            owner: owner.map(str::to_string),
+            started_ms: self.inner.clock.now_ms(),
+        };
         let resp = self
             .inner
             .store
@@ -343,9 +433,20 @@ impl Allot {
         if !resp.succeeded {
             return Err(Error::PoolNotFound(pool.to_string()));
         }
-        let pass = OpenResync { owner: rec.owner.clone(), revision: resp.revision };
-        let marked = self.inner.scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev)).await?;
-        Ok(ResyncReport { pool: pool.to_string(), owner: rec.owner, count: marked.len() as u64, released: Vec::new() })
+        let pass = OpenResync {
+            owner: rec.owner.clone(),
+            revision: resp.revision,
+        };
+        let marked = self
+            .inner
+            .scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev))
+            .await?;
+        Ok(ResyncReport {
+            pool: pool.to_string(),
+            owner: rec.owner,
+            count: marked.len() as u64,
+            released: Vec::new(),
+        })
     }
 
     /// Closes a pass: releases every claim it marked that was not claimed
@@ -355,15 +456,26 @@ impl Allot {
         let rkey = keys::resync(pool, owner);
         let Some(kv) = self.inner.store.get(&rkey).await? else {
             let who = owner.map_or(String::new(), |o| format!(" for owner '{o}'"));
-            return Err(Error::NotFound(format!("no resync in progress on pool '{pool}'{who}; run resync begin first")));
+            return Err(Error::NotFound(format!(
+                "no resync in progress on pool '{pool}'{who}; run resync begin first"
+            )));
         };
-        let pass = OpenResync { owner: owner.map(str::to_string), revision: kv.mod_revision };
-        let stale = self.inner.scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev)).await?;
+        let pass = OpenResync {
+            owner: owner.map(str::to_string),
+            revision: kv.mod_revision,
+        };
+        let stale = self
+            .inner
+            .scan_records(pool, |r, rev| is_stale(std::slice::from_ref(&pass), r, rev))
+            .await?;
         let mut released = Vec::new();
         for chunk in stale.chunks(1024) {
             let waits: Vec<_> = chunk
                 .iter()
-                .map(|&(offset, rev)| self.inner.submit(pool, PendingOp::ReleaseStale { offset, rev }))
+                .map(|&(offset, rev)| {
+                    self.inner
+                        .submit(pool, PendingOp::ReleaseStale { offset, rev })
+                })
                 .collect();
             for r in futures::future::join_all(waits).await {
                 if let Outcome::Released(c) = r? {
@@ -374,25 +486,46 @@ impl Allot {
         // Closing the pass only if nobody re-opened it meanwhile.
         self.inner
             .store
-            .txn(Txn::new().when(Compare::mod_revision(&rkey, kv.mod_revision)).then(Op::delete(&rkey)))
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(&rkey, kv.mod_revision))
+                    .then(Op::delete(&rkey)),
+            )
             .await?;
         drop(handle);
-        Ok(ResyncReport { pool: pool.to_string(), owner: owner.map(str::to_string), count: released.len() as u64, released })
+        Ok(ResyncReport {
+            pool: pool.to_string(),
+            owner: owner.map(str::to_string),
+            count: released.len() as u64,
+            released,
+        })
     }
 }
 
 fn info(record: &PoolRecord, core: &PoolState) -> PoolInfo {
     let stats = core.stats();
-    PoolInfo { record: record.clone(), description: core.space().describe(), utilization: stats.utilization(), stats }
+    PoolInfo {
+        record: record.clone(),
+        description: core.space().describe(),
+        utilization: stats.utilization(),
+        stats,
+    }
 }
 
 pub(crate) fn claim_from(value: String, rec: &ClaimRecord, stale: bool) -> Claim {
-    Claim { value, key: rec.key.clone(), owner: rec.owner.clone(), meta: rec.meta.clone(), stale }
+    Claim {
+        value,
+        key: rec.key.clone(),
+        owner: rec.owner.clone(),
+        meta: rec.meta.clone(),
+        stale,
+    }
 }
 
 impl Inner {
     fn next_seed(&self) -> u64 {
-        self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        self.seed
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
     }
 
     /// The loaded pool, loading it from the store on first use.
@@ -416,12 +549,18 @@ impl Inner {
 
     pub(crate) async fn open_resyncs(&self, pool: &str) -> Result<Vec<OpenResync>> {
         let prefix = keys::resyncs_prefix(pool);
-        let res = self.store.range(&prefix, &allot_store::prefix_end(&prefix), 0).await?;
+        let res = self
+            .store
+            .range(&prefix, &allot_store::prefix_end(&prefix), 0)
+            .await?;
         res.kvs
             .into_iter()
             .map(|kv| {
                 let r: ResyncRecord = decode_json("resync record", &kv.value)?;
-                Ok(OpenResync { owner: r.owner, revision: kv.mod_revision })
+                Ok(OpenResync {
+                    owner: r.owner,
+                    revision: kv.mod_revision,
+                })
             })
             .collect()
     }
@@ -441,7 +580,8 @@ impl Inner {
             for kv in &res.kvs {
                 let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
                 if pred(&rec, kv.mod_revision) {
-                    let offset = keys::value_offset(&kv.key).ok_or_else(|| Error::Corrupt("claim key".into()))?;
+                    let offset = keys::value_offset(&kv.key)
+                        .ok_or_else(|| Error::Corrupt("claim key".into()))?;
                     out.push((offset, kv.mod_revision));
                 }
             }

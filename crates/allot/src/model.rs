@@ -106,7 +106,14 @@ pub struct AllocRequest {
 
 impl Default for AllocRequest {
     fn default() -> Self {
-        AllocRequest { count: 1, value: None, key: None, prefix_len: None, owner: None, meta: None }
+        AllocRequest {
+            count: 1,
+            value: None,
+            key: None,
+            prefix_len: None,
+            owner: None,
+            meta: None,
+        }
     }
 }
 
@@ -117,15 +124,24 @@ impl AllocRequest {
     }
     /// `n` values, all or nothing.
     pub fn many(n: u64) -> Self {
-        AllocRequest { count: n, ..Self::default() }
+        AllocRequest {
+            count: n,
+            ..Self::default()
+        }
     }
     /// A claim bound to `key` (idempotent).
     pub fn key(key: impl Into<String>) -> Self {
-        AllocRequest { key: Some(key.into()), ..Self::default() }
+        AllocRequest {
+            key: Some(key.into()),
+            ..Self::default()
+        }
     }
     /// Exactly this value.
     pub fn value(v: impl Into<String>) -> Self {
-        AllocRequest { value: Some(v.into()), ..Self::default() }
+        AllocRequest {
+            value: Some(v.into()),
+            ..Self::default()
+        }
     }
     pub fn with_value(mut self, v: impl Into<String>) -> Self {
         self.value = Some(v.into());
@@ -150,13 +166,20 @@ impl AllocRequest {
             return Err(Error::InvalidInput("count must be at least 1".into()));
         }
         if self.count > MAX_BULK {
-            return Err(Error::InvalidInput(format!("count {} is above the limit of {MAX_BULK} per request", self.count)));
+            return Err(Error::InvalidInput(format!(
+                "count {} is above the limit of {MAX_BULK} per request",
+                self.count
+            )));
         }
         if self.count > 1 && self.key.is_some() {
-            return Err(Error::InvalidInput("a key claims exactly one value; do not combine --key with --count".into()));
+            return Err(Error::InvalidInput(
+                "a key claims exactly one value; do not combine --key with --count".into(),
+            ));
         }
         if self.count > 1 && self.value.is_some() {
-            return Err(Error::InvalidInput("a requested value is one value; do not combine --value with --count".into()));
+            return Err(Error::InvalidInput(
+                "a requested value is one value; do not combine --value with --count".into(),
+            ));
         }
         if let Some(k) = &self.key {
             check_text("key", k, MAX_KEY_LEN)?;
@@ -167,7 +190,9 @@ impl AllocRequest {
         if let Some(m) = &self.meta {
             let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
             if size > MAX_META_BYTES {
-                return Err(Error::InvalidInput(format!("metadata is {size} bytes; the limit is {MAX_META_BYTES}")));
+                return Err(Error::InvalidInput(format!(
+                    "metadata is {size} bytes; the limit is {MAX_META_BYTES}"
+                )));
             }
         }
         Ok(())
@@ -179,10 +204,15 @@ pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
         return Err(Error::InvalidInput(format!("{what} must not be empty")));
     }
     if s.len() > max {
-        return Err(Error::InvalidInput(format!("{what} is {} bytes long; the limit is {max}", s.len())));
+        return Err(Error::InvalidInput(format!(
+            "{what} is {} bytes long; the limit is {max}",
+            s.len()
+        )));
     }
     if s.chars().any(char::is_control) {
-        return Err(Error::InvalidInput(format!("{what} must not contain control characters")));
+        return Err(Error::InvalidInput(format!(
+            "{what} must not contain control characters"
+        )));
     }
     Ok(())
 }
@@ -191,7 +221,9 @@ pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
 pub fn validate_pool_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use allot::{AllocRequest, Allot, Error, PoolKind, PoolSpec, Strategy, Target};
-use proptest::strategy::Strategy as Gen;
 use allot_store::{MemoryStore, RedbOptions, RedbStore, Store};
 use ipnet::IpNet;
 use proptest::prelude::*;
+use proptest::strategy::Strategy as Gen;
 
 const RANGE: &str = "r";
 const PREFIX: &str = "p";
@@ -19,14 +19,39 @@ const KEYS: usize = 8;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Alloc { prefix: bool, len: Option<u8> },
-    Bulk { prefix: bool, n: u64 },
-    AllocValue { prefix: bool, pick: u64 },
-    Claim { prefix: bool, key: usize, owner: Option<u8> },
-    ReleaseValue { prefix: bool, pick: usize },
-    ReleaseKey { prefix: bool, key: usize },
-    ResyncBegin { prefix: bool, owner: Option<u8> },
-    ResyncEnd { prefix: bool, owner: Option<u8> },
+    Alloc {
+        prefix: bool,
+        len: Option<u8>,
+    },
+    Bulk {
+        prefix: bool,
+        n: u64,
+    },
+    AllocValue {
+        prefix: bool,
+        pick: u64,
+    },
+    Claim {
+        prefix: bool,
+        key: usize,
+        owner: Option<u8>,
+    },
+    ReleaseValue {
+        prefix: bool,
+        pick: usize,
+    },
+    ReleaseKey {
+        prefix: bool,
+        key: usize,
+    },
+    ResyncBegin {
+        prefix: bool,
+        owner: Option<u8>,
+    },
+    ResyncEnd {
+        prefix: bool,
+        owner: Option<u8>,
+    },
     Restart,
 }
 
@@ -56,7 +81,11 @@ struct Held {
 
 impl Held {
     fn bare() -> Self {
-        Held { key: None, owner: None, marks: BTreeSet::new() }
+        Held {
+            key: None,
+            owner: None,
+            marks: BTreeSet::new(),
+        }
     }
 }
 
@@ -79,7 +108,10 @@ async fn setup(store: Arc<dyn Store>, strategy: Strategy, create: bool) -> Allot
         range.strategy = strategy;
         range.block_size = 8;
         range.reserved = vec!["1003".into(), "1010-1012".into()];
-        allot.create_pool(RANGE, range, Default::default()).await.unwrap();
+        allot
+            .create_pool(RANGE, range, Default::default())
+            .await
+            .unwrap();
         // 16 units of /30 in a /26; the default hands out /28s (4 units).
         let mut prefix = PoolSpec::new(PoolKind::Prefixes {
             cidr: "10.0.0.0/26".parse().unwrap(),
@@ -88,7 +120,10 @@ async fn setup(store: Arc<dyn Store>, strategy: Strategy, create: bool) -> Allot
         });
         prefix.strategy = strategy;
         prefix.block_size = 4;
-        allot.create_pool(PREFIX, prefix, Default::default()).await.unwrap();
+        allot
+            .create_pool(PREFIX, prefix, Default::default())
+            .await
+            .unwrap();
     }
     allot
 }
@@ -98,7 +133,12 @@ fn overlaps(a: &str, b: &str) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-fn record(model: &mut PoolModel, is_prefix: bool, value: &str, held: Held) -> Result<(), TestCaseError> {
+fn record(
+    model: &mut PoolModel,
+    is_prefix: bool,
+    value: &str,
+    held: Held,
+) -> Result<(), TestCaseError> {
     for v in model.held.keys() {
         prop_assert!(v != value, "value {} handed out twice", value);
         if is_prefix {
@@ -112,10 +152,16 @@ fn record(model: &mut PoolModel, is_prefix: bool, value: &str, held: Held) -> Re
     Ok(())
 }
 
-async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result<(), TestCaseError> {
+async fn run(
+    steps: Vec<Step>,
+    strategy: Strategy,
+    dir: Option<&Path>,
+) -> Result<(), TestCaseError> {
     let open = |dir: Option<&Path>| -> Arc<dyn Store> {
         match dir {
-            Some(d) => Arc::new(RedbStore::open(d.join("allot.redb"), RedbOptions::default()).unwrap()),
+            Some(d) => {
+                Arc::new(RedbStore::open(d.join("allot.redb"), RedbOptions::default()).unwrap())
+            }
             None => Arc::new(MemoryStore::new()),
         }
     };
@@ -135,7 +181,10 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
                     req.prefix_len = len;
                 }
                 let m = &mut models[prefix as usize];
-                match allot.allocate(if prefix { PREFIX } else { RANGE }, req).await {
+                match allot
+                    .allocate(if prefix { PREFIX } else { RANGE }, req)
+                    .await
+                {
                     Ok(c) => {
                         prop_assert_eq!(c.len(), 1);
                         record(m, prefix, &c[0].value, Held::bare())?;
@@ -152,7 +201,10 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
             Step::Bulk { prefix, n } => {
                 let m = &mut models[prefix as usize];
                 let before = m.held.len();
-                match allot.allocate(if prefix { PREFIX } else { RANGE }, AllocRequest::many(n)).await {
+                match allot
+                    .allocate(if prefix { PREFIX } else { RANGE }, AllocRequest::many(n))
+                    .await
+                {
                     Ok(c) => {
                         prop_assert_eq!(c.len() as u64, n);
                         for cl in c {
@@ -174,11 +226,25 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
                     (1000 + pick % 40).to_string()
                 };
                 let m = &mut models[prefix as usize];
-                let free = !m.held.keys().any(|v| v == &value || (prefix && overlaps(v, &value)));
-                let reserved = !prefix && ["1003", "1010", "1011", "1012"].contains(&value.as_str());
-                match allot.allocate(if prefix { PREFIX } else { RANGE }, AllocRequest::value(&value)).await {
+                let free = !m
+                    .held
+                    .keys()
+                    .any(|v| v == &value || (prefix && overlaps(v, &value)));
+                let reserved =
+                    !prefix && ["1003", "1010", "1011", "1012"].contains(&value.as_str());
+                match allot
+                    .allocate(
+                        if prefix { PREFIX } else { RANGE },
+                        AllocRequest::value(&value),
+                    )
+                    .await
+                {
                     Ok(c) => {
-                        prop_assert!(free && !reserved, "{} handed out though held or reserved", value);
+                        prop_assert!(
+                            free && !reserved,
+                            "{} handed out though held or reserved",
+                            value
+                        );
                         prop_assert_eq!(&c[0].value, &value);
                         record(m, prefix, &value, Held::bare())?;
                     }
@@ -193,7 +259,10 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
                 let m = &mut models[prefix as usize];
                 let mut req = AllocRequest::key(&key);
                 req.owner = owner.clone();
-                match allot.allocate(if prefix { PREFIX } else { RANGE }, req).await {
+                match allot
+                    .allocate(if prefix { PREFIX } else { RANGE }, req)
+                    .await
+                {
                     Ok(c) => {
                         prop_assert!(!c[0].stale);
                         match m.keys.get(&key) {
@@ -205,7 +274,16 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
                                     h.owner = owner;
                                 }
                             }
-                            None => record(m, prefix, &c[0].value, Held { key: Some(key), owner, marks: BTreeSet::new() })?,
+                            None => record(
+                                m,
+                                prefix,
+                                &c[0].value,
+                                Held {
+                                    key: Some(key),
+                                    owner,
+                                    marks: BTreeSet::new(),
+                                },
+                            )?,
                         }
                     }
                     Err(Error::Exhausted { .. }) => prop_assert!(!m.keys.contains_key(&key)),
@@ -232,7 +310,12 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
             Step::ReleaseKey { prefix, key } => {
                 let key = format!("key-{key}");
                 let m = &mut models[prefix as usize];
-                let r = allot.release(if prefix { PREFIX } else { RANGE }, Target::Key(key.clone())).await;
+                let r = allot
+                    .release(
+                        if prefix { PREFIX } else { RANGE },
+                        Target::Key(key.clone()),
+                    )
+                    .await;
                 match m.keys.remove(&key) {
                     Some(v) => {
                         prop_assert_eq!(r.unwrap().value, v.clone());
@@ -244,7 +327,10 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
             Step::ResyncBegin { prefix, owner } => {
                 let owner = owner_name(owner);
                 let m = &mut models[prefix as usize];
-                let rep = allot.resync_begin(if prefix { PREFIX } else { RANGE }, owner.as_deref()).await.unwrap();
+                let rep = allot
+                    .resync_begin(if prefix { PREFIX } else { RANGE }, owner.as_deref())
+                    .await
+                    .unwrap();
                 let mut marked = 0;
                 let pass = owner.clone().unwrap_or_default();
                 for h in m.held.values_mut() {
@@ -259,7 +345,9 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
             Step::ResyncEnd { prefix, owner } => {
                 let owner = owner_name(owner);
                 let m = &mut models[prefix as usize];
-                let r = allot.resync_end(if prefix { PREFIX } else { RANGE }, owner.as_deref()).await;
+                let r = allot
+                    .resync_end(if prefix { PREFIX } else { RANGE }, owner.as_deref())
+                    .await;
                 if !m.resyncs.remove(&owner.clone().unwrap_or_default()) {
                     prop_assert!(matches!(r, Err(Error::NotFound(_))));
                     continue;
@@ -267,8 +355,12 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
                 let rep = r.unwrap();
                 // This pass releases exactly the claims it marked.
                 let pass = owner.clone().unwrap_or_default();
-                let expect: BTreeSet<String> =
-                    m.held.iter().filter(|(_, h)| h.marks.contains(&pass)).map(|(v, _)| v.clone()).collect();
+                let expect: BTreeSet<String> = m
+                    .held
+                    .iter()
+                    .filter(|(_, h)| h.marks.contains(&pass))
+                    .map(|(v, _)| v.clone())
+                    .collect();
                 let got: BTreeSet<String> = rep.released.iter().map(|c| c.value.clone()).collect();
                 prop_assert_eq!(&got, &expect);
                 for v in expect {
@@ -290,14 +382,23 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
             let want: BTreeMap<String, (Option<String>, Option<String>, bool)> = models[i]
                 .held
                 .iter()
-                .map(|(v, h)| (v.clone(), (h.key.clone(), h.owner.clone(), !h.marks.is_empty())))
+                .map(|(v, h)| {
+                    (
+                        v.clone(),
+                        (h.key.clone(), h.owner.clone(), !h.marks.is_empty()),
+                    )
+                })
                 .collect();
             prop_assert_eq!(&got, &want, "pool {}", pool);
             let info = allot.pool(pool).await.unwrap();
             let units: u64 = if i == 0 {
                 models[i].held.len() as u64
             } else {
-                models[i].held.keys().map(|v| 1u64 << (30 - v.parse::<IpNet>().unwrap().prefix_len())).sum()
+                models[i]
+                    .held
+                    .keys()
+                    .map(|v| 1u64 << (30 - v.parse::<IpNet>().unwrap().prefix_len()))
+                    .sum()
             };
             prop_assert_eq!(info.stats.allocated, units);
         }
@@ -310,11 +411,19 @@ async fn run(steps: Vec<Step>, strategy: Strategy, dir: Option<&Path>) -> Result
 }
 
 fn strategy_kind() -> impl Gen<Value = allot::Strategy> {
-    prop_oneof![Just(allot::Strategy::Lowest), Just(allot::Strategy::Next), Just(allot::Strategy::Random)]
+    prop_oneof![
+        Just(allot::Strategy::Lowest),
+        Just(allot::Strategy::Next),
+        Just(allot::Strategy::Random)
+    ]
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 proptest! {

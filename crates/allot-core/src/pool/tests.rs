@@ -1,7 +1,9 @@
+use super::Strategy;
 use super::*;
 use crate::space::parse_cidr;
-use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_oneof, proptest, Just, Strategy as PropStrategy};
-use super::Strategy;
+use proptest::prelude::{
+    any, prop_assert, prop_assert_eq, prop_oneof, proptest, Just, Strategy as PropStrategy,
+};
 use std::collections::BTreeSet;
 
 fn range_pool(lo: u64, hi: u64, f: impl FnOnce(&mut PoolSpec)) -> PoolState {
@@ -71,7 +73,13 @@ fn random_hands_out_every_value_once() {
 fn bulk_is_all_or_nothing() {
     let mut p = range_pool(0, 9, |_| {});
     p.allocate_at(Run::single(5), 0).unwrap();
-    assert!(matches!(p.allocate_many(10, 1, 0), Err(CoreError::Exhausted { requested: 10, available: 9 })));
+    assert!(matches!(
+        p.allocate_many(10, 1, 0),
+        Err(CoreError::Exhausted {
+            requested: 10,
+            available: 9
+        })
+    ));
     assert_eq!(p.stats().allocated, 1);
     let got = p.allocate_many(9, 1, 0).unwrap();
     assert_eq!(got.len(), 9);
@@ -81,38 +89,66 @@ fn bulk_is_all_or_nothing() {
 #[test]
 fn allocate_at_refuses_reserved_taken_and_outside() {
     let mut p = range_pool(10, 20, |s| s.reserved = vec!["15".into()]);
-    assert!(matches!(p.allocate_at(p.space().parse("15").unwrap(), 0), Err(CoreError::Reserved(_))));
+    assert!(matches!(
+        p.allocate_at(p.space().parse("15").unwrap(), 0),
+        Err(CoreError::Reserved(_))
+    ));
     p.allocate_at(p.space().parse("12").unwrap(), 0).unwrap();
-    assert!(matches!(p.allocate_at(p.space().parse("12").unwrap(), 0), Err(CoreError::Taken(_))));
+    assert!(matches!(
+        p.allocate_at(p.space().parse("12").unwrap(), 0),
+        Err(CoreError::Taken(_))
+    ));
     assert!(p.space().parse("21").is_err());
-    assert!(matches!(p.release(p.space().parse("13").unwrap(), 0), Err(CoreError::NotAllocated(_))));
+    assert!(matches!(
+        p.release(p.space().parse("13").unwrap(), 0),
+        Err(CoreError::NotAllocated(_))
+    ));
 }
 
 #[test]
 fn ipv4_edges_reserved() {
-    let spec = PoolSpec::new(PoolKind::Addresses { cidr: parse_cidr("192.168.0.0/30").unwrap(), all_addresses: false });
+    let spec = PoolSpec::new(PoolKind::Addresses {
+        cidr: parse_cidr("192.168.0.0/30").unwrap(),
+        all_addresses: false,
+    });
     let mut p = PoolState::new(&spec, 1).unwrap();
     let a = p.clone_alloc();
     let b = p.clone_alloc();
-    assert_eq!((fmt(&p, a).as_str(), fmt(&p, b).as_str()), ("192.168.0.1", "192.168.0.2"));
+    assert_eq!(
+        (fmt(&p, a).as_str(), fmt(&p, b).as_str()),
+        ("192.168.0.1", "192.168.0.2")
+    );
     assert!(p.allocate(1, 0).is_err());
 }
 
 #[test]
 fn prefixes_of_mixed_lengths_never_overlap() {
-    let spec = PoolSpec::new(PoolKind::Prefixes { cidr: parse_cidr("10.0.0.0/22").unwrap(), prefix_len: 24, max_prefix_len: 32 });
+    let spec = PoolSpec::new(PoolKind::Prefixes {
+        cidr: parse_cidr("10.0.0.0/22").unwrap(),
+        prefix_len: 24,
+        max_prefix_len: 32,
+    });
     let mut p = PoolState::new(&spec, 1).unwrap();
-    let small = p.allocate(p.space().units_for_prefix_len(26).unwrap(), 0).unwrap();
+    let small = p
+        .allocate(p.space().units_for_prefix_len(26).unwrap(), 0)
+        .unwrap();
     assert_eq!(fmt(&p, small), "10.0.0.0/26");
     let a = p.allocate(p.space().default_units(), 0).unwrap();
     assert_eq!(fmt(&p, a), "10.0.1.0/24");
-    let big = p.allocate(p.space().units_for_prefix_len(23).unwrap(), 0).unwrap();
+    let big = p
+        .allocate(p.space().units_for_prefix_len(23).unwrap(), 0)
+        .unwrap();
     assert_eq!(fmt(&p, big), "10.0.2.0/23");
     let next26 = p.allocate(64, 0).unwrap();
     assert_eq!(fmt(&p, next26), "10.0.0.64/26");
-    assert!(matches!(p.allocate_at(p.space().parse("10.0.0.0/24").unwrap(), 0), Err(CoreError::Taken(_))));
+    assert!(matches!(
+        p.allocate_at(p.space().parse("10.0.0.0/24").unwrap(), 0),
+        Err(CoreError::Taken(_))
+    ));
     assert!(p.allocate(256, 0).is_err());
-    assert!(p.allocate(p.space().units_for_prefix_len(25).unwrap(), 0).is_ok());
+    assert!(p
+        .allocate(p.space().units_for_prefix_len(25).unwrap(), 0)
+        .is_ok());
 }
 
 #[test]
@@ -121,8 +157,17 @@ fn quarantine_holds_values_back_until_expiry() {
     let a = p.allocate(1, 0).unwrap();
     p.release(a, 1_000).unwrap();
     assert_eq!(p.stats().quarantined, 1);
-    assert!(matches!(p.allocate_at(a, 5_000), Err(CoreError::Quarantined { until_ms: 11_000, .. })));
-    assert!(matches!(p.release(a, 5_000), Err(CoreError::NotAllocated(_))));
+    assert!(matches!(
+        p.allocate_at(a, 5_000),
+        Err(CoreError::Quarantined {
+            until_ms: 11_000,
+            ..
+        })
+    ));
+    assert!(matches!(
+        p.release(a, 5_000),
+        Err(CoreError::NotAllocated(_))
+    ));
     assert_eq!(p.allocate(1, 5_000).unwrap().offset, 1);
     assert!(p.allocate(1, 10_999).is_err());
     assert_eq!(p.allocate(1, 11_000).unwrap(), a);
@@ -213,7 +258,11 @@ fn step() -> impl PropStrategy<Value = Step> {
 }
 
 fn strategy_kind() -> impl PropStrategy<Value = super::Strategy> {
-    prop_oneof![Just(super::Strategy::Lowest), Just(super::Strategy::Next), Just(super::Strategy::Random)]
+    prop_oneof![
+        Just(super::Strategy::Lowest),
+        Just(super::Strategy::Next),
+        Just(super::Strategy::Random)
+    ]
 }
 
 proptest! {

@@ -17,7 +17,10 @@ async fn main() -> anyhow::Result<()> {
     let (Some(dir), Some(tag)) = (args.next(), args.next()) else {
         anyhow::bail!("usage: crash-child DATA_DIR TAG");
     };
-    let store = RedbStore::open(std::path::Path::new(&dir).join("allot.redb"), RedbOptions::default())?;
+    let store = RedbStore::open(
+        std::path::Path::new(&dir).join("allot.redb"),
+        RedbOptions::default(),
+    )?;
     let allot = Allot::new(Arc::new(store));
     let spec = PoolSpec::new(PoolKind::Range { lo: 1, hi: 1 << 40 });
     match allot.create_pool("crash", spec, Default::default()).await {
