@@ -1,8 +1,9 @@
 /// Why a core operation was refused. Every refusal leaves the state unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
-    /// The pool definition itself is invalid (bad CIDR, inverted range, ...).
-    #[error("invalid pool: {0}")]
+    /// The pool definition itself is invalid (bad CIDR, inverted range, ...);
+    /// the message names the problem on its own.
+    #[error("{0}")]
     InvalidSpec(String),
     /// A value could not be parsed or does not belong to the pool.
     #[error("{0}")]

@@ -266,9 +266,13 @@ impl ValueSpace {
         let s = s.trim();
         match &self.kind {
             PoolKind::Range { lo, hi } => {
-                let v: u64 = s
-                    .parse()
-                    .map_err(|_| CoreError::InvalidValue(format!("'{s}' is not an integer")))?;
+                let v: u64 = s.parse().map_err(|_| {
+                    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                        CoreError::InvalidValue(format!("{s} is outside the pool's range {lo}-{hi}"))
+                    } else {
+                        CoreError::InvalidValue(format!("'{s}' is not an integer"))
+                    }
+                })?;
                 if v < *lo || v > *hi {
                     return Err(CoreError::InvalidValue(format!(
                         "{v} is outside the pool's range {lo}-{hi}"

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use allot::{parse_cidr, PoolKind, PoolSpec};
-use allot_core::CoreError;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::Action;
@@ -55,11 +54,7 @@ fn pool_kind(args: &CreateArgs) -> Result<PoolKind> {
 }
 
 fn cidr_kind(text: &str, args: &CreateArgs) -> Result<PoolKind> {
-    let cidr = parse_cidr(text).map_err(|e| match e {
-        // The message already names the problem; skip the "invalid pool" prefix.
-        CoreError::InvalidSpec(m) => anyhow!("invalid --cidr: {m}"),
-        e => anyhow!("invalid --cidr: {e}"),
-    })?;
+    let cidr = parse_cidr(text).map_err(|e| anyhow!("invalid --cidr: {e}"))?;
     let Some(prefix_len) = args.prefix_len else {
         return Ok(PoolKind::Addresses {
             cidr,
