@@ -268,7 +268,9 @@ impl ValueSpace {
             PoolKind::Range { lo, hi } => {
                 let v: u64 = s.parse().map_err(|_| {
                     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-                        CoreError::InvalidValue(format!("{s} is outside the pool's range {lo}-{hi}"))
+                        CoreError::InvalidValue(format!(
+                            "{s} is outside the pool's range {lo}-{hi}"
+                        ))
                     } else {
                         CoreError::InvalidValue(format!("'{s}' is not an integer"))
                     }
