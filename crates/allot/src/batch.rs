@@ -17,8 +17,12 @@ use crate::{claim_from, decode_json, encode_json, is_stale, keys, lock, Inner, O
 
 /// Most requests one transaction carries; the rest wait for the next one.
 const MAX_BATCH: usize = 2048;
-/// Attempts when other writers keep winning the compares.
-const MAX_ATTEMPTS: usize = 8;
+/// Attempts when other writers keep winning the compares. Between attempts
+/// the batch backs off for a random time that grows with the attempt, so two
+/// engines hammering one block do not keep colliding in lockstep.
+const MAX_ATTEMPTS: u32 = 40;
+const BACKOFF_STEP_US: u64 = 250;
+const BACKOFF_MAX_US: u64 = 20_000;
 
 #[derive(Debug)]
 pub(crate) enum PendingOp {
@@ -212,7 +216,15 @@ impl Inner {
         ops: &[PendingOp],
     ) -> Vec<Result<Outcome>> {
         let store = self.store.as_ref();
-        for _ in 0..MAX_ATTEMPTS {
+        // Refusals judged on cached blocks are re-judged once on fresh ones.
+        let mut verified = false;
+        let mut backoff = false;
+        for attempt in 0..MAX_ATTEMPTS {
+            if std::mem::take(&mut backoff) {
+                let cap = (BACKOFF_STEP_US << attempt.min(16)).min(BACKOFF_MAX_US);
+                let pause = rand::random_range(0..=cap);
+                tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+            }
             if !state.fresh {
                 if let Err(e) = state.reload(store, name).await {
                     return fail_all(ops.len(), &e);
@@ -229,6 +241,23 @@ impl Inner {
                 .iter()
                 .map(|op| work.apply(handle, &mut state.core, op, now))
                 .collect();
+            if !verified && (work.reload_all || !work.suspect.is_empty()) {
+                // Another process may have changed blocks this one has cached:
+                // re-read them and run the batch again before refusing anyone.
+                state.core.rollback();
+                verified = true;
+                let refreshed = if work.reload_all {
+                    state.reload(store, name).await
+                } else {
+                    let idxs: Vec<u64> = work.suspect.iter().copied().collect();
+                    state.refresh_blocks(store, name, &idxs).await
+                };
+                if let Err(e) = refreshed {
+                    state.fresh = false;
+                    return fail_all(ops.len(), &e);
+                }
+                continue;
+            }
 
             let mut txn =
                 Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
@@ -292,6 +321,7 @@ impl Inner {
                         self.forget_by_name(name, handle);
                         return fail_all(ops.len(), &Error::PoolNotFound(name.to_string()));
                     }
+                    backoff = true;
                     let idxs: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
                     if let Err(e) = state.refresh_blocks(store, name, &idxs).await {
                         state.fresh = false;
@@ -350,6 +380,10 @@ struct Work {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     resyncs: Vec<OpenResync>,
     resyncs_loaded: bool,
+    /// Cached blocks a refusal in this batch was based on.
+    suspect: std::collections::BTreeSet<u64>,
+    /// A refusal (exhaustion) was based on the whole cached pool.
+    reload_all: bool,
 }
 
 impl Work {
@@ -381,6 +415,8 @@ impl Work {
             writes: BTreeMap::new(),
             resyncs: Vec::new(),
             resyncs_loaded: false,
+            suspect: Default::default(),
+            reload_all: false,
         };
         work.fetch(store, want).await?;
         // Second round: the claim records the keys point at.
@@ -455,6 +491,13 @@ impl Work {
         self.writes.insert(key, None);
     }
 
+    /// Marks the cached blocks under `run` as the basis of a refusal.
+    fn suspect_run(&mut self, core: &PoolState, run: Run) {
+        let first = core.block_of(run.offset);
+        let last = core.block_of(run.offset.saturating_add(run.units - 1));
+        self.suspect.extend(first..=last);
+    }
+
     fn claim_record(&self, offset: u64) -> Result<Option<(ClaimRecord, Revision)>> {
         match self.get(&keys::value(&self.name, offset)) {
             Some((bytes, rev)) => Ok(Some((decode_json("claim record", bytes)?, *rev))),
@@ -497,13 +540,23 @@ impl Work {
                 }
                 let runs = match wanted {
                     Some(run) => {
-                        core.allocate_at(run, now).map_err(core_err)?;
+                        if let Err(e) = core.allocate_at(run, now) {
+                            self.suspect_run(core, run);
+                            return Err(core_err(e));
+                        }
                         vec![run]
                     }
-                    None if req.count == 1 => vec![core.allocate(units, now).map_err(core_err)?],
-                    None => core
-                        .allocate_many(req.count, units, now)
-                        .map_err(core_err)?,
+                    None => {
+                        let got = if req.count == 1 {
+                            core.allocate(units, now).map(|r| vec![r])
+                        } else {
+                            core.allocate_many(req.count, units, now)
+                        };
+                        got.map_err(|e| {
+                            self.reload_all = true;
+                            core_err(e)
+                        })?
+                    }
                 };
                 let mut claims = Vec::with_capacity(runs.len());
                 for run in runs {
@@ -605,6 +658,7 @@ impl Work {
             )));
         }
         if !core.is_allocated(run) {
+            self.suspect_run(core, run);
             return Err(Error::Corrupt(format!(
                 "key '{key}' points at {current}, which is not allocated"
             )));
@@ -660,8 +714,10 @@ impl Work {
                 ..Default::default()
             },
         };
-        core.release(run, now)
-            .map_err(|e| Error::from_core(&name, e))?;
+        if let Err(e) = core.release(run, now) {
+            self.suspect_run(core, run);
+            return Err(Error::from_core(&name, e));
+        }
         if let Some(k) = &rec.key {
             self.delete(keys::key(&name, k));
         }

@@ -362,10 +362,10 @@ impl Allot {
                 ));
             }
         } else {
-            let offsets: Vec<u64> = {
-                let state = handle.state.lock().await;
-                state.core.allocated_from(start).take(limit + 1).collect()
-            };
+            let offsets = self
+                .inner
+                .allocated_offsets(pool, handle.record.spec.block_size, start, limit + 1)
+                .await?;
             more = offsets.len() > limit;
             let offsets = &offsets[..offsets.len().min(limit)];
             let records: HashMap<u64, KeyValue> = match (offsets.first(), offsets.last()) {
@@ -563,6 +563,46 @@ impl Inner {
                 })
             })
             .collect()
+    }
+
+    /// Allocated (not quarantined) offsets from `start` on, at most `limit`,
+    /// read from the stored blocks: another process may have changed them
+    /// since this one cached the pool, so listings never trust the cache.
+    async fn allocated_offsets(
+        &self,
+        pool: &str,
+        block_size: u64,
+        start: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>> {
+        let end = allot_store::prefix_end(&keys::blocks_prefix(pool));
+        let mut from = keys::block(pool, start / block_size);
+        let mut out = Vec::new();
+        loop {
+            let res = self.store.range(&from, &end, 16).await?;
+            for kv in &res.kvs {
+                let idx =
+                    keys::block_index(&kv.key).ok_or_else(|| Error::Corrupt("block key".into()))?;
+                let block = Block::decode(&kv.value).map_err(|e| Error::from_core(pool, e))?;
+                let base = idx.saturating_mul(block_size);
+                let first = start.saturating_sub(base).min(block_size) as u32;
+                for local in block.bits.range(first..) {
+                    if !block.quarantine.contains_key(&local) {
+                        out.push(base + local as u64);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            match (res.more, res.kvs.last()) {
+                (true, Some(last)) => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Offsets and revisions of claim records matching `pred`, in pages.
