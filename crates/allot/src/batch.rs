@@ -17,6 +17,11 @@ use crate::{claim_from, decode_json, encode_json, is_stale, keys, lock, Inner, O
 
 /// Most requests one transaction carries; the rest wait for the next one.
 const MAX_BATCH: usize = 2048;
+/// Batches of one pool that may be building or committing at once: while
+/// one commits (an fsync), the next is built on top of its effects.
+const MAX_IN_FLIGHT: usize = 4;
+/// Times a refusal judged on cached blocks is re-judged on re-read ones.
+const VERIFY_ROUNDS: u32 = 3;
 /// Attempts when other writers keep winning the compares. Between attempts
 /// the batch backs off for a random time that grows with the attempt, so two
 /// engines hammering one block do not keep colliding in lockstep.
@@ -46,6 +51,8 @@ pub(crate) enum Outcome {
 struct Pending {
     op: PendingOp,
     tx: oneshot::Sender<Result<Outcome>>,
+    /// Batches this request was in that lost a compare.
+    attempts: u32,
 }
 
 /// A pool loaded in memory.
@@ -58,6 +65,10 @@ pub(crate) struct PoolHandle {
     space: ValueSpace,
     queue: std::sync::Mutex<Vec<Pending>>,
     pub(crate) state: tokio::sync::Mutex<LoadedState>,
+    /// Bounds the batches of this pool that are building or committing.
+    in_flight: tokio::sync::Semaphore,
+    /// Signalled whenever a committing batch is settled.
+    idle: tokio::sync::Notify,
 }
 
 pub(crate) struct LoadedState {
@@ -67,6 +78,9 @@ pub(crate) struct LoadedState {
     cursor_rev: Revision,
     /// False after a store error: the next batch reloads before working.
     fresh: bool,
+    /// Blocks written by batches that lost a compare: re-read when idle.
+    needs_refresh: std::collections::BTreeSet<u64>,
+    in_flight: InFlight,
 }
 
 impl PoolHandle {
@@ -83,6 +97,8 @@ impl PoolHandle {
             block_revs: HashMap::new(),
             cursor_rev: 0,
             fresh: false,
+            needs_refresh: Default::default(),
+            in_flight: InFlight::default(),
         };
         state.reload(store, name).await?;
         Ok(PoolHandle {
@@ -91,6 +107,8 @@ impl PoolHandle {
             space,
             queue: std::sync::Mutex::new(Vec::new()),
             state: tokio::sync::Mutex::new(state),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -100,6 +118,103 @@ impl PoolHandle {
 }
 
 impl LoadedState {
+    /// Re-reads what can no longer be trusted: everything after a store
+    /// error, or the blocks written by batches that lost a compare. Only
+    /// called when no batch is committing.
+    async fn catch_up(&mut self, store: &dyn Store, name: &str) -> Result<()> {
+        if !self.fresh {
+            self.reload(store, name).await?;
+        } else {
+            let idxs: Vec<u64> = self.needs_refresh.iter().copied().collect();
+            self.refresh_blocks(store, name, &idxs).await?;
+        }
+        self.needs_refresh.clear();
+        Ok(())
+    }
+
+    /// The compare that guards a write of block `idx`: the exact bytes a
+    /// committing batch wrote, else the revision last seen.
+    fn expect_block(&self, key: &[u8], idx: u64) -> Compare {
+        match self.in_flight.blocks.get(&idx) {
+            Some((_, Some(bytes))) => Compare::value(key, bytes),
+            Some((_, None)) => Compare::absent(key),
+            None => Compare::mod_revision(key, self.block_revs.get(&idx).copied().unwrap_or(0)),
+        }
+    }
+
+    fn expect_cursor(&self, key: &[u8]) -> Compare {
+        match &self.in_flight.cursor {
+            Some((_, bytes)) => Compare::value(key, bytes),
+            None => Compare::mod_revision(key, self.cursor_rev),
+        }
+    }
+
+    /// Books the outcome of a committed (or failed) batch.
+    fn settle(
+        &mut self,
+        f: &Footprint,
+        resp: &Result<allot_store::TxnResponse, allot_store::StoreError>,
+    ) {
+        self.in_flight.count -= 1;
+        let committed = match resp {
+            Ok(r) if r.succeeded => Some(r.revision),
+            Ok(_) => None,
+            Err(_) => {
+                // Committed or not, nobody knows: reload everything when idle.
+                self.fresh = false;
+                None
+            }
+        };
+        for &(idx, put) in &f.blocks {
+            if self
+                .in_flight
+                .blocks
+                .get(&idx)
+                .is_some_and(|(id, _)| *id == f.id)
+            {
+                self.in_flight.blocks.remove(&idx);
+            }
+            match committed {
+                Some(rev) if put => {
+                    let known = self.block_revs.entry(idx).or_insert(0);
+                    *known = (*known).max(rev);
+                }
+                Some(_) => {
+                    self.block_revs.remove(&idx);
+                }
+                None => {
+                    self.needs_refresh.insert(idx);
+                }
+            }
+        }
+        if committed.is_none() {
+            self.needs_refresh.extend(f.checked.iter().copied());
+        }
+        for key in &f.records {
+            if self
+                .in_flight
+                .records
+                .get(key)
+                .is_some_and(|(id, _)| *id == f.id)
+            {
+                self.in_flight.records.remove(key);
+            }
+        }
+        if f.cursor {
+            if self
+                .in_flight
+                .cursor
+                .as_ref()
+                .is_some_and(|(id, _)| *id == f.id)
+            {
+                self.in_flight.cursor = None;
+            }
+            if let Some(rev) = committed {
+                self.cursor_rev = self.cursor_rev.max(rev);
+            }
+        }
+    }
+
     /// Reads every block and the cursor of the pool from the store.
     async fn reload(&mut self, store: &dyn Store, name: &str) -> Result<()> {
         let prefix = keys::blocks_prefix(name);
@@ -182,16 +297,29 @@ impl Inner {
     pub(crate) async fn submit(self: &Arc<Self>, pool: &str, op: PendingOp) -> Result<Outcome> {
         let handle = self.handle(pool).await?;
         let (tx, rx) = oneshot::channel();
-        lock(&handle.queue).push(Pending { op, tx });
+        lock(&handle.queue).push(Pending {
+            op,
+            tx,
+            attempts: 0,
+        });
         // The batch runs in its own task so a caller that gives up (timeout,
         // closed connection) cannot interrupt a commit half way.
-        let me = self.clone();
-        let name = pool.to_string();
-        tokio::spawn(async move { me.drive(&name, handle).await });
+        tokio::spawn(self.clone().drive(pool.to_string(), handle, 0));
         rx.await.map_err(|_| Error::Contention(pool.to_string()))?
     }
 
-    async fn drive(&self, name: &str, handle: Arc<PoolHandle>) {
+    /// Takes whatever is queued on the pool, builds one transaction for it
+    /// on top of the in-memory state (which already includes the batches
+    /// still committing), starts the commit, and lets the next batch build
+    /// while this one commits.
+    async fn drive(self: Arc<Self>, name: String, handle: Arc<PoolHandle>, backoff_us: u64) {
+        if backoff_us > 0 {
+            let pause = rand::random_range(0..=backoff_us);
+            tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+        }
+        let Ok(permit) = handle.in_flight.acquire().await else {
+            return;
+        };
         let mut state = handle.state.lock().await;
         let batch: Vec<Pending> = {
             let mut q = lock(&handle.queue);
@@ -201,142 +329,212 @@ impl Inner {
         if batch.is_empty() {
             return; // an earlier task carried our request
         }
-        let (ops, txs): (Vec<PendingOp>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.tx)).unzip();
-        let results = self.run_batch(name, &handle, &mut state, &ops).await;
-        for (tx, r) in txs.into_iter().zip(results) {
-            let _ = tx.send(r);
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for p in batch {
+            ops.push(p.op);
+            waiters.push((p.tx, p.attempts));
+        }
+        let store = self.store.as_ref();
+        let mut verified = 0;
+        let mut ready = loop {
+            if !state.fresh || !state.needs_refresh.is_empty() {
+                // Only the committed state can be re-read: wait for the rest.
+                state = wait_idle(&handle, state).await;
+                if let Err(e) = state.catch_up(store, &name).await {
+                    return answer(waiters, fail_all(ops.len(), &e));
+                }
+            }
+            match self
+                .build(&name, &handle, &mut state, &ops, verified >= VERIFY_ROUNDS)
+                .await
+            {
+                Ok(Built::Ready(r)) => break r,
+                Ok(Built::WaitIdle) => {
+                    state = wait_idle(&handle, state).await;
+                }
+                Ok(Built::Refresh { all, blocks }) => {
+                    // A refusal was judged on cached blocks another process
+                    // may have changed: re-read them and build again.
+                    verified += 1;
+                    if all {
+                        state.fresh = false;
+                    } else {
+                        state.needs_refresh.extend(blocks);
+                    }
+                }
+                Err(e) => return answer(waiters, fail_all(ops.len(), &e)),
+            }
+        };
+        let Some(txn) = ready.txn.take() else {
+            // Nothing to write (idempotent re-claims, refusals).
+            state.core.commit();
+            return answer(waiters, ready.results);
+        };
+        let footprint = state.in_flight.register(&ready);
+        state.core.commit();
+        let resp = {
+            let mut commit = self.store.txn(txn);
+            // Poll once while holding the lock, so a store that queues commits in
+            // call order (redb) receives this batch before the next one is built.
+            match futures::poll!(commit.as_mut()) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => {
+                    drop(state);
+                    let r = commit.await;
+                    state = handle.state.lock().await;
+                    r
+                }
+            }
+        };
+        state.settle(&footprint, &resp);
+        drop(state);
+        drop(permit);
+        handle.idle.notify_waiters();
+        match resp {
+            Ok(r) if r.succeeded => answer(waiters, ready.results),
+            Ok(r) => {
+                let same_pool = matches!(r.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
+                if !same_pool {
+                    self.forget_by_name(&name, &handle);
+                    return answer(
+                        waiters,
+                        fail_all(ops.len(), &Error::PoolNotFound(name.clone())),
+                    );
+                }
+                self.requeue(name, handle, ops, waiters);
+            }
+            Err(e) => answer(waiters, fail_all(ops.len(), &Error::Store(e))),
         }
     }
 
-    async fn run_batch(
+    /// Puts the requests of a batch that lost a compare back at the head of
+    /// the queue, to run again after a random pause that grows with each
+    /// attempt, so two engines hammering one block do not collide in lockstep.
+    fn requeue(
+        self: Arc<Self>,
+        name: String,
+        handle: Arc<PoolHandle>,
+        ops: Vec<PendingOp>,
+        waiters: Vec<(oneshot::Sender<Result<Outcome>>, u32)>,
+    ) {
+        let mut again = Vec::with_capacity(ops.len());
+        let mut attempts = 0;
+        for (op, (tx, n)) in ops.into_iter().zip(waiters) {
+            if n + 1 >= MAX_ATTEMPTS {
+                let _ = tx.send(Err(Error::Contention(name.clone())));
+            } else {
+                attempts = attempts.max(n + 1);
+                again.push(Pending {
+                    op,
+                    tx,
+                    attempts: n + 1,
+                });
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        {
+            let mut q = lock(&handle.queue);
+            q.splice(0..0, again);
+        }
+        let backoff = (BACKOFF_STEP_US << attempts.min(16)).min(BACKOFF_MAX_US);
+        tokio::spawn(self.drive(name, handle, backoff));
+    }
+
+    /// Applies a batch to the in-memory state and builds its transaction.
+    async fn build(
         &self,
         name: &str,
         handle: &PoolHandle,
         state: &mut LoadedState,
         ops: &[PendingOp],
-    ) -> Vec<Result<Outcome>> {
+        verified: bool,
+    ) -> Result<Built> {
         let store = self.store.as_ref();
-        // Refusals judged on cached blocks are re-judged once on fresh ones.
-        let mut verified = false;
-        let mut backoff = false;
-        for attempt in 0..MAX_ATTEMPTS {
-            if std::mem::take(&mut backoff) {
-                let cap = (BACKOFF_STEP_US << attempt.min(16)).min(BACKOFF_MAX_US);
-                let pause = rand::random_range(0..=cap);
-                tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
-            }
-            if !state.fresh {
-                if let Err(e) = state.reload(store, name).await {
-                    return fail_all(ops.len(), &e);
-                }
-            }
-            let mut work = match Work::prepare(store, name, handle, ops).await {
-                Ok(w) => w,
-                Err(e) => return fail_all(ops.len(), &e),
-            };
-            let now = self.clock.now_ms();
-            state.core.checkpoint();
-            let cursor_before = state.core.cursor();
-            let results: Vec<Result<Outcome>> = ops
-                .iter()
-                .map(|op| work.apply(handle, &mut state.core, op, now))
-                .collect();
-            if !verified && (work.reload_all || !work.suspect.is_empty()) {
-                // Another process may have changed blocks this one has cached:
-                // re-read them and run the batch again before refusing anyone.
-                state.core.rollback();
-                verified = true;
-                let refreshed = if work.reload_all {
-                    state.reload(store, name).await
-                } else {
-                    let idxs: Vec<u64> = work.suspect.iter().copied().collect();
-                    state.refresh_blocks(store, name, &idxs).await
-                };
-                if let Err(e) = refreshed {
-                    state.fresh = false;
-                    return fail_all(ops.len(), &e);
-                }
-                continue;
-            }
-
-            let mut txn =
-                Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
-            for (key, rev) in &work.read_revs {
-                txn = txn.when(Compare::mod_revision(key, *rev));
-            }
-            for (key, value) in &work.writes {
-                txn = txn.then(match value {
-                    Some(v) => Op::put(key, v),
-                    None => Op::delete(key),
-                });
-            }
-            let dirty: Vec<(u64, Option<Vec<u8>>)> = state
-                .core
-                .dirty_blocks()
-                .into_iter()
-                .map(|(i, b)| (i, b.map(Block::encode)))
-                .collect();
-            for (idx, bytes) in &dirty {
-                let key = keys::block(name, *idx);
-                txn = txn.when(Compare::mod_revision(
-                    &key,
-                    state.block_revs.get(idx).copied().unwrap_or(0),
-                ));
-                txn = txn.then(match bytes {
-                    Some(b) => Op::put(&key, b),
-                    None => Op::delete(&key),
-                });
-            }
-            let cursor = state.core.cursor();
-            if cursor != cursor_before {
-                txn = txn
-                    .when(Compare::mod_revision(keys::cursor(name), state.cursor_rev))
-                    .then(Op::put(keys::cursor(name), cursor.to_le_bytes()));
-            }
-            if txn.success.is_empty() {
-                // Nothing to write (reads, idempotent re-claims, refusals).
-                state.core.commit();
-                return results;
-            }
-            // Get the pool record back on failure to tell "deleted" from "busy".
-            txn = txn.otherwise(Op::get(keys::pool(name)));
-            match store.txn(txn).await {
-                Ok(resp) if resp.succeeded => {
-                    for (idx, bytes) in &dirty {
-                        match bytes {
-                            Some(_) => state.block_revs.insert(*idx, resp.revision),
-                            None => state.block_revs.remove(idx),
-                        };
-                    }
-                    if cursor != cursor_before {
-                        state.cursor_rev = resp.revision;
-                    }
-                    state.core.commit();
-                    return results;
-                }
-                Ok(resp) => {
-                    state.core.rollback();
-                    let same_pool = matches!(resp.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
-                    if !same_pool {
-                        self.forget_by_name(name, handle);
-                        return fail_all(ops.len(), &Error::PoolNotFound(name.to_string()));
-                    }
-                    backoff = true;
-                    let idxs: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
-                    if let Err(e) = state.refresh_blocks(store, name, &idxs).await {
-                        state.fresh = false;
-                        return fail_all(ops.len(), &e);
-                    }
-                }
-                Err(e) => {
-                    state.core.rollback();
-                    // The commit may or may not have happened: trust nothing cached.
-                    state.fresh = false;
-                    return fail_all(ops.len(), &Error::Store(e));
-                }
-            }
+        let mut work = Work::prepare(store, name, handle, ops, &state.in_flight).await?;
+        let now = self.clock.now_ms();
+        state.core.checkpoint();
+        let cursor_before = state.core.cursor();
+        let results: Vec<Result<Outcome>> = ops
+            .iter()
+            .map(|op| work.apply(handle, &mut state.core, op, now))
+            .collect();
+        if !verified && (work.reload_all || !work.suspect.is_empty()) {
+            state.core.rollback();
+            return Ok(Built::Refresh {
+                all: work.reload_all,
+                blocks: work.suspect.into_iter().collect(),
+            });
         }
-        fail_all(ops.len(), &Error::Contention(name.to_string()))
+        let writes = !work.writes.is_empty() || state.core.is_dirty();
+        if !writes && state.in_flight.count > 0 {
+            // These answers would rest on batches not committed yet: wait.
+            state.core.rollback();
+            return Ok(Built::WaitIdle);
+        }
+        let mut txn = Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
+        for (key, rev) in &work.read_revs {
+            txn = txn.when(Compare::mod_revision(key, *rev));
+        }
+        for (key, value) in &work.read_pending {
+            txn = txn.when(match value {
+                Some(v) => Compare::value(key, v),
+                None => Compare::absent(key),
+            });
+        }
+        for (key, value) in &work.writes {
+            txn = txn.then(match value {
+                Some(v) => Op::put(key, v),
+                None => Op::delete(key),
+            });
+        }
+        let blocks: Vec<(u64, Option<Vec<u8>>)> = state
+            .core
+            .dirty_blocks()
+            .into_iter()
+            .map(|(i, b)| (i, b.map(Block::encode)))
+            .collect();
+        for (idx, bytes) in &blocks {
+            let key = keys::block(name, *idx);
+            txn = txn.when(state.expect_block(&key, *idx));
+            txn = txn.then(match bytes {
+                Some(b) => Op::put(&key, b),
+                None => Op::delete(&key),
+            });
+        }
+        // Refusals were judged on these blocks: they must still be as seen.
+        let checked: Vec<u64> = work
+            .suspect
+            .iter()
+            .copied()
+            .filter(|i| !blocks.iter().any(|(d, _)| d == i))
+            .collect();
+        for idx in &checked {
+            txn = txn.when(state.expect_block(&keys::block(name, *idx), *idx));
+        }
+        let cursor = state.core.cursor();
+        let cursor = (cursor != cursor_before).then(|| cursor.to_le_bytes().to_vec());
+        if let Some(c) = &cursor {
+            txn = txn
+                .when(state.expect_cursor(&keys::cursor(name)))
+                .then(Op::put(keys::cursor(name), c));
+        }
+        let txn = if txn.success.is_empty() && checked.is_empty() && work.read_pending.is_empty() {
+            None
+        } else {
+            // Get the pool record back on failure to tell "deleted" from "busy".
+            Some(txn.otherwise(Op::get(keys::pool(name))))
+        };
+        Ok(Built::Ready(Ready {
+            results,
+            txn,
+            blocks,
+            checked,
+            records: work.writes.into_iter().collect(),
+            cursor,
+        }))
     }
 
     fn forget_by_name(&self, name: &str, handle: &PoolHandle) {
@@ -347,6 +545,97 @@ impl Inner {
         {
             pools.remove(name);
         }
+    }
+}
+
+enum Built {
+    Ready(Ready),
+    /// Nothing to write, but batches are committing: build again once they are done.
+    WaitIdle,
+    /// Re-read these cached blocks (or all of them) and build again.
+    Refresh {
+        all: bool,
+        blocks: Vec<u64>,
+    },
+}
+
+/// A built batch: the answers it will give if its transaction commits.
+struct Ready {
+    results: Vec<Result<Outcome>>,
+    txn: Option<Txn>,
+    blocks: Vec<(u64, Option<Vec<u8>>)>,
+    /// Blocks only compared (refusals were judged on them), not written.
+    checked: Vec<u64>,
+    records: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    cursor: Option<Vec<u8>>,
+}
+
+/// What a batch in flight wrote, to settle the bookkeeping once it is done.
+struct Footprint {
+    id: u64,
+    blocks: Vec<(u64, bool)>,
+    checked: Vec<u64>,
+    records: Vec<Vec<u8>>,
+    cursor: bool,
+}
+
+/// Writes of batches that are committing. A batch built meanwhile sees them
+/// (the in-memory blocks include them; records and cursor are looked up
+/// here) and guards its own transaction with their exact bytes, because the
+/// revisions they will get are not known yet.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    count: usize,
+    next_id: u64,
+    blocks: HashMap<u64, (u64, Option<Vec<u8>>)>,
+    records: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    cursor: Option<(u64, Vec<u8>)>,
+}
+
+impl InFlight {
+    fn register(&mut self, r: &Ready) -> Footprint {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.count += 1;
+        for (idx, bytes) in &r.blocks {
+            self.blocks.insert(*idx, (id, bytes.clone()));
+        }
+        for (key, value) in &r.records {
+            self.records.insert(key.clone(), (id, value.clone()));
+        }
+        if let Some(c) = &r.cursor {
+            self.cursor = Some((id, c.clone()));
+        }
+        Footprint {
+            id,
+            blocks: r.blocks.iter().map(|(i, b)| (*i, b.is_some())).collect(),
+            checked: r.checked.clone(),
+            records: r.records.iter().map(|(k, _)| k.clone()).collect(),
+            cursor: r.cursor.is_some(),
+        }
+    }
+}
+
+/// Waits, without holding the lock, until no batch of the pool is committing.
+async fn wait_idle<'a>(
+    handle: &'a PoolHandle,
+    mut state: tokio::sync::MutexGuard<'a, LoadedState>,
+) -> tokio::sync::MutexGuard<'a, LoadedState> {
+    while state.in_flight.count > 0 {
+        let notified = handle.idle.notified();
+        tokio::pin!(notified);
+        // Registered before the lock is released: no wake-up can be missed.
+        notified.as_mut().enable();
+        drop(state);
+        notified.await;
+        state = handle.state.lock().await;
+    }
+    state
+}
+
+fn answer(waiters: Vec<(oneshot::Sender<Result<Outcome>>, u32)>, results: Vec<Result<Outcome>>) {
+    for ((tx, _), r) in waiters.into_iter().zip(results) {
+        let _ = tx.send(r);
     }
 }
 
@@ -377,6 +666,9 @@ struct Work {
     records: HashMap<Vec<u8>, Option<(Vec<u8>, Revision)>>,
     /// What the transaction must find unchanged: key → mod_revision read (0 = absent).
     read_revs: BTreeMap<Vec<u8>, Revision>,
+    /// Records read from batches still committing: they must hold exactly
+    /// these bytes (None: be absent) when this batch commits.
+    read_pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     resyncs: Vec<OpenResync>,
     resyncs_loaded: bool,
@@ -393,6 +685,7 @@ impl Work {
         name: &str,
         handle: &PoolHandle,
         ops: &[PendingOp],
+        in_flight: &InFlight,
     ) -> Result<Work> {
         let mut want: Vec<Vec<u8>> = Vec::new();
         for op in ops {
@@ -412,13 +705,14 @@ impl Work {
             name: name.to_string(),
             records: HashMap::new(),
             read_revs: BTreeMap::new(),
+            read_pending: BTreeMap::new(),
             writes: BTreeMap::new(),
             resyncs: Vec::new(),
             resyncs_loaded: false,
             suspect: Default::default(),
             reload_all: false,
         };
-        work.fetch(store, want).await?;
+        work.fetch(store, want, in_flight).await?;
         // Second round: the claim records the keys point at.
         let mut follow = Vec::new();
         for (k, v) in &work.records {
@@ -429,7 +723,7 @@ impl Work {
                 }
             }
         }
-        work.fetch(store, follow).await?;
+        work.fetch(store, follow, in_flight).await?;
         let keyed = ops
             .iter()
             .any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
@@ -450,10 +744,25 @@ impl Work {
         Ok(work)
     }
 
-    async fn fetch(&mut self, store: &dyn Store, mut want: Vec<Vec<u8>>) -> Result<()> {
+    async fn fetch(
+        &mut self,
+        store: &dyn Store,
+        mut want: Vec<Vec<u8>>,
+        in_flight: &InFlight,
+    ) -> Result<()> {
         want.sort();
         want.dedup();
         want.retain(|k| !self.records.contains_key(k));
+        want.retain(|k| match in_flight.records.get(k) {
+            Some((_, pending)) => {
+                // Revision unknown until it commits; MAX reads as "newer than any resync".
+                self.records
+                    .insert(k.clone(), pending.clone().map(|v| (v, Revision::MAX)));
+                self.read_pending.insert(k.clone(), pending.clone());
+                false
+            }
+            None => true,
+        });
         if want.is_empty() {
             return Ok(());
         }
@@ -658,10 +967,9 @@ impl Work {
             )));
         }
         if !core.is_allocated(run) {
+            // The key record (read from the store) is the truth; the cached
+            // block is behind another writer. Re-read it, but do not refuse.
             self.suspect_run(core, run);
-            return Err(Error::Corrupt(format!(
-                "key '{key}' points at {current}, which is not allocated"
-            )));
         }
         let (mut rec, rev) = self
             .claim_record(run.offset)?
