@@ -484,6 +484,15 @@ impl Inner {
                 None => Compare::absent(key),
             });
         }
+        if !work.allocated.is_empty() || !work.released.is_empty() {
+            let change = crate::Change::Claims {
+                pool: name.to_string(),
+                allocated: std::mem::take(&mut work.allocated),
+                released: std::mem::take(&mut work.released),
+            };
+            // Not a record others read: outside `writes`, so no batch compares it.
+            txn = txn.then(Op::put(keys::event(name), encode_json(&change)));
+        }
         for (key, value) in &work.writes {
             txn = txn.then(match value {
                 Some(v) => Op::put(key, v),
@@ -672,6 +681,9 @@ struct Work {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     resyncs: Vec<OpenResync>,
     resyncs_loaded: bool,
+    /// What this batch allocated and released, for its change record.
+    allocated: Vec<crate::EventClaim>,
+    released: Vec<crate::EventClaim>,
     /// Cached blocks a refusal in this batch was based on.
     suspect: std::collections::BTreeSet<u64>,
     /// A refusal (exhaustion) was based on the whole cached pool.
@@ -711,6 +723,8 @@ impl Work {
             resyncs_loaded: false,
             suspect: Default::default(),
             reload_all: false,
+            allocated: Vec::new(),
+            released: Vec::new(),
         };
         work.fetch(store, want, in_flight).await?;
         // Second round: the claim records the keys point at.
@@ -890,7 +904,13 @@ impl Work {
                         };
                         self.put(keys::key(&name, key), encode_json(&kr));
                     }
-                    claims.push(claim_from(handle.space().format(run), &rec, false));
+                    let value = handle.space().format(run);
+                    self.allocated.push(crate::EventClaim {
+                        value: value.clone(),
+                        key: rec.key.clone(),
+                        owner: rec.owner.clone(),
+                    });
+                    claims.push(claim_from(value, &rec, false));
                 }
                 Ok(Outcome::Claims(claims))
             }
@@ -1032,6 +1052,11 @@ impl Work {
         if self.get(&keys::value(&name, run.offset)).is_some() {
             self.delete(keys::value(&name, run.offset));
         }
+        self.released.push(crate::EventClaim {
+            value: text.clone(),
+            key: rec.key.clone(),
+            owner: rec.owner.clone(),
+        });
         Ok(claim_from(text, &rec, false))
     }
 }

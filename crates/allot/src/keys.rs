@@ -9,6 +9,7 @@
 //! | `v/{pool}/{offset: u64 BE}` | claim record (JSON)        |
 //! | `k/{pool}/{key}`            | key → offset (JSON)        |
 //! | `r/{pool}/{owner}`          | an open resync ("" = all)  |
+//! | `e/{pool}`                  | last change (JSON), watched |
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
@@ -63,3 +64,10 @@ pub fn resync(name: &str, owner: Option<&str>) -> Vec<u8> {
 pub fn resyncs_prefix(name: &str) -> Vec<u8> {
     format!("r/{name}/").into_bytes()
 }
+
+/// The change record of a pool: rewritten by every transaction that changes
+/// the pool, so watching `e/` yields one change per revision, in order.
+pub fn event(name: &str) -> Vec<u8> {
+    format!("e/{name}").into_bytes()
+}
+pub const EVENTS_PREFIX: &[u8] = b"e/";

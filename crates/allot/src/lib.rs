@@ -31,6 +31,7 @@
 mod batch;
 mod clock;
 mod error;
+mod events;
 pub mod keys;
 mod model;
 
@@ -43,6 +44,7 @@ use allot_core::{Block, PoolState, Run};
 use allot_store::{Compare, KeyValue, Op, Revision, Store, Txn};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
+pub use events::{is_compacted, Change, Event, EventClaim};
 pub use model::*;
 
 use batch::{Outcome, PendingOp, PoolHandle};
@@ -158,13 +160,21 @@ impl Allot {
             created_ms: self.inner.clock.now_ms(),
         };
         let key = keys::pool(name);
+        let description = allot_core::ValueSpace::new(record.spec.kind.clone())
+            .map(|s| s.describe())
+            .unwrap_or_default();
+        let change = Change::PoolCreated {
+            pool: name.to_string(),
+            description,
+        };
         let resp = self
             .inner
             .store
             .txn(
                 Txn::new()
                     .when(Compare::absent(&key))
-                    .then(Op::put(&key, encode_json(&record))),
+                    .then(Op::put(&key, encode_json(&record)))
+                    .then(Op::put(keys::event(name), encode_json(&change))),
             )
             .await?;
         if !resp.succeeded {
@@ -212,7 +222,13 @@ impl Allot {
         let mut txn = Txn::new()
             .when(Compare::mod_revision(keys::pool(name), handle.record_rev))
             .then(Op::delete(keys::pool(name)))
-            .then(Op::delete(keys::cursor(name)));
+            .then(Op::delete(keys::cursor(name)))
+            .then(Op::put(
+                keys::event(name),
+                encode_json(&Change::PoolDeleted {
+                    pool: name.to_string(),
+                }),
+            ));
         for prefix in [
             keys::blocks_prefix(name),
             keys::values_prefix(name),
@@ -427,7 +443,14 @@ impl Allot {
             .txn(
                 Txn::new()
                     .when(Compare::mod_revision(keys::pool(pool), handle.record_rev))
-                    .then(Op::put(keys::resync(pool, owner), encode_json(&rec))),
+                    .then(Op::put(keys::resync(pool, owner), encode_json(&rec)))
+                    .then(Op::put(
+                        keys::event(pool),
+                        encode_json(&Change::ResyncBegun {
+                            pool: pool.to_string(),
+                            owner: rec.owner.clone(),
+                        }),
+                    )),
             )
             .await?;
         if !resp.succeeded {
@@ -489,7 +512,15 @@ impl Allot {
             .txn(
                 Txn::new()
                     .when(Compare::mod_revision(&rkey, kv.mod_revision))
-                    .then(Op::delete(&rkey)),
+                    .then(Op::delete(&rkey))
+                    .then(Op::put(
+                        keys::event(pool),
+                        encode_json(&Change::ResyncEnded {
+                            pool: pool.to_string(),
+                            owner: owner.map(str::to_string),
+                            released: released.len() as u64,
+                        }),
+                    )),
             )
             .await?;
         drop(handle);
