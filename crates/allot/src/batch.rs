@@ -20,6 +20,8 @@ const MAX_BATCH: usize = 2048;
 /// Batches of one pool that may be building or committing at once: while
 /// one commits (an fsync), the next is built on top of its effects.
 const MAX_IN_FLIGHT: usize = 4;
+/// How long answers to idempotent requests are remembered (at least).
+pub(crate) const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Times a refusal judged on cached blocks is re-judged on re-read ones.
 const VERIFY_ROUNDS: u32 = 3;
 /// Attempts when other writers keep winning the compares. Between attempts
@@ -32,7 +34,10 @@ const BACKOFF_MAX_US: u64 = 20_000;
 #[derive(Debug)]
 pub(crate) enum PendingOp {
     Alloc(AllocRequest),
-    Release(Target),
+    Release {
+        target: Target,
+        request_id: Option<String>,
+    },
     /// Release a claim marked by a resync, unless it was written after `rev`.
     ReleaseStale {
         offset: u64,
@@ -40,7 +45,38 @@ pub(crate) enum PendingOp {
     },
 }
 
-#[derive(Debug)]
+impl PendingOp {
+    fn request_id(&self) -> Option<&str> {
+        match self {
+            PendingOp::Alloc(req) => req.request_id.as_deref(),
+            PendingOp::Release { request_id, .. } => request_id.as_deref(),
+            PendingOp::ReleaseStale { .. } => None,
+        }
+    }
+
+    /// What a repeat must match to be answered from memory.
+    fn digest(&self) -> String {
+        let v = match self {
+            PendingOp::Alloc(req) => serde_json::to_value(AllocRequest {
+                request_id: None,
+                ..req.clone()
+            })
+            .unwrap_or_default(),
+            PendingOp::Release { target, .. } => serde_json::to_value(target).unwrap_or_default(),
+            PendingOp::ReleaseStale { .. } => serde_json::Value::Null,
+        };
+        v.to_string()
+    }
+}
+
+/// The first answer to an idempotent request.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Remembered {
+    digest: String,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Outcome {
     Claims(Vec<Claim>),
     Released(Claim),
@@ -454,6 +490,9 @@ impl Inner {
     ) -> Result<Built> {
         let store = self.store.as_ref();
         let mut work = Work::prepare(store, name, handle, ops, &state.in_flight).await?;
+        if ops.iter().any(|op| op.request_id().is_some()) {
+            work.lease = Some(self.idempotency_lease().await?);
+        }
         let now = self.clock.now_ms();
         state.core.checkpoint();
         let cursor_before = state.core.cursor();
@@ -468,7 +507,7 @@ impl Inner {
                 blocks: work.suspect.into_iter().collect(),
             });
         }
-        let writes = !work.writes.is_empty() || state.core.is_dirty();
+        let writes = !work.writes.is_empty() || !work.leased.is_empty() || state.core.is_dirty();
         if !writes && state.in_flight.count > 0 {
             // These answers would rest on batches not committed yet: wait.
             state.core.rollback();
@@ -498,6 +537,9 @@ impl Inner {
                 Some(v) => Op::put(key, v),
                 None => Op::delete(key),
             });
+        }
+        for (key, (value, lease)) in &work.leased {
+            txn = txn.then(Op::put_with_lease(key, value, *lease));
         }
         let blocks: Vec<(u64, Option<Vec<u8>>)> = state
             .core
@@ -536,14 +578,30 @@ impl Inner {
             // Get the pool record back on failure to tell "deleted" from "busy".
             Some(txn.otherwise(Op::get(keys::pool(name))))
         };
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = work.writes.into_iter().collect();
+        records.extend(work.leased.into_iter().map(|(k, (v, _))| (k, Some(v))));
         Ok(Built::Ready(Ready {
             results,
             txn,
             blocks,
             checked,
-            records: work.writes.into_iter().collect(),
+            records,
             cursor,
         }))
+    }
+
+    /// The lease idempotency records are written on. A new one every
+    /// window, living two windows, so a record lives one to two windows.
+    async fn idempotency_lease(&self) -> Result<allot_store::LeaseId> {
+        let mut current = self.idempotency_lease.lock().await;
+        if let Some((id, granted)) = *current {
+            if granted.elapsed() < IDEMPOTENCY_WINDOW {
+                return Ok(id);
+            }
+        }
+        let id = self.store.lease_grant(IDEMPOTENCY_WINDOW * 2).await?;
+        *current = Some((id, tokio::time::Instant::now()));
+        Ok(id)
     }
 
     fn forget_by_name(&self, name: &str, handle: &PoolHandle) {
@@ -681,6 +739,10 @@ struct Work {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     resyncs: Vec<OpenResync>,
     resyncs_loaded: bool,
+    /// The lease idempotency records of this batch go on.
+    lease: Option<allot_store::LeaseId>,
+    /// Idempotency records to write, on `lease`.
+    leased: BTreeMap<Vec<u8>, (Vec<u8>, allot_store::LeaseId)>,
     /// What this batch allocated and released, for its change record.
     allocated: Vec<crate::EventClaim>,
     released: Vec<crate::EventClaim>,
@@ -703,14 +765,23 @@ impl Work {
         for op in ops {
             match op {
                 PendingOp::Alloc(AllocRequest { key: Some(k), .. })
-                | PendingOp::Release(Target::Key(k)) => want.push(keys::key(name, k)),
-                PendingOp::Release(Target::Value(v)) => {
+                | PendingOp::Release {
+                    target: Target::Key(k),
+                    ..
+                } => want.push(keys::key(name, k)),
+                PendingOp::Release {
+                    target: Target::Value(v),
+                    ..
+                } => {
                     if let Ok(run) = handle.space().parse(v) {
                         want.push(keys::value(name, run.offset));
                     }
                 }
                 PendingOp::ReleaseStale { offset, .. } => want.push(keys::value(name, *offset)),
                 PendingOp::Alloc(_) => {}
+            }
+            if let Some(id) = op.request_id() {
+                want.push(keys::idempotency(name, id));
             }
         }
         let mut work = Work {
@@ -725,6 +796,8 @@ impl Work {
             reload_all: false,
             allocated: Vec::new(),
             released: Vec::new(),
+            lease: None,
+            leased: BTreeMap::new(),
         };
         work.fetch(store, want, in_flight).await?;
         // Second round: the claim records the keys point at.
@@ -828,7 +901,44 @@ impl Work {
         }
     }
 
+    /// Applies one request, answering a repeated idempotent one from its
+    /// remembered answer instead.
     fn apply(
+        &mut self,
+        handle: &PoolHandle,
+        core: &mut PoolState,
+        op: &PendingOp,
+        now: u64,
+    ) -> Result<Outcome> {
+        let Some(id) = op.request_id() else {
+            return self.apply_op(handle, core, op, now);
+        };
+        let ikey = keys::idempotency(&self.name, id);
+        let digest = op.digest();
+        if let Some((bytes, _)) = self.get(&ikey) {
+            let seen: Remembered = decode_json("idempotency record", bytes)?;
+            if seen.digest != digest {
+                return Err(Error::Conflict(format!(
+                    "request id '{id}' was already used for a different request on pool '{}'",
+                    self.name
+                )));
+            }
+            return Ok(seen.outcome);
+        }
+        let outcome = self.apply_op(handle, core, op, now)?;
+        if let Some(lease) = self.lease {
+            let rec = Remembered {
+                digest,
+                outcome: outcome.clone(),
+            };
+            self.records
+                .insert(ikey.clone(), Some((encode_json(&rec), Revision::MAX)));
+            self.leased.insert(ikey, (encode_json(&rec), lease));
+        }
+        Ok(outcome)
+    }
+
+    fn apply_op(
         &mut self,
         handle: &PoolHandle,
         core: &mut PoolState,
@@ -914,7 +1024,10 @@ impl Work {
                 }
                 Ok(Outcome::Claims(claims))
             }
-            PendingOp::Release(Target::Key(key)) => {
+            PendingOp::Release {
+                target: Target::Key(key),
+                ..
+            } => {
                 let Some((bytes, _)) = self.get(&keys::key(&name, key)).cloned() else {
                     return Err(Error::NotFound(format!(
                         "key '{key}' is not claimed in pool '{name}'"
@@ -932,7 +1045,10 @@ impl Work {
                 )
                 .map(Outcome::Released)
             }
-            PendingOp::Release(Target::Value(v)) => {
+            PendingOp::Release {
+                target: Target::Value(v),
+                ..
+            } => {
                 let run = handle.space().parse(v).map_err(core_err)?;
                 self.release_run(handle, core, run, now)
                     .map(Outcome::Released)

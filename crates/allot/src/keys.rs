@@ -10,6 +10,7 @@
 //! | `k/{pool}/{key}`            | key → offset (JSON)        |
 //! | `r/{pool}/{owner}`          | an open resync ("" = all)  |
 //! | `e/{pool}`                  | last change (JSON), watched |
+//! | `i/{pool}/{request id}`     | remembered answer (leased)  |
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
@@ -63,6 +64,14 @@ pub fn resync(name: &str, owner: Option<&str>) -> Vec<u8> {
 }
 pub fn resyncs_prefix(name: &str) -> Vec<u8> {
     format!("r/{name}/").into_bytes()
+}
+
+/// A remembered answer to an idempotent request (on a rolling lease).
+pub fn idempotency(name: &str, request_id: &str) -> Vec<u8> {
+    format!("i/{name}/{request_id}").into_bytes()
+}
+pub fn idempotency_prefix(name: &str) -> Vec<u8> {
+    format!("i/{name}/").into_bytes()
 }
 
 /// The change record of a pool: rewritten by every transaction that changes

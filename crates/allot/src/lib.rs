@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pools: std::sync::Mutex<HashMap<String, Arc<PoolHandle>>>,
     seed: AtomicU64,
+    /// The lease idempotency records are attached to, and when it was granted.
+    idempotency_lease: tokio::sync::Mutex<Option<(allot_store::LeaseId, tokio::time::Instant)>>,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,6 +112,7 @@ impl Allot {
                 clock,
                 pools: std::sync::Mutex::new(HashMap::new()),
                 seed: AtomicU64::new(seed),
+                idempotency_lease: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -234,6 +237,7 @@ impl Allot {
             keys::values_prefix(name),
             keys::keys_prefix(name),
             keys::resyncs_prefix(name),
+            keys::idempotency_prefix(name),
         ] {
             txn = txn.then(Op::delete_prefix(prefix));
         }
@@ -257,10 +261,28 @@ impl Allot {
 
     /// Releases a claim by value or key and returns what was released.
     pub async fn release(&self, pool: &str, target: Target) -> Result<Claim> {
+        self.release_once(pool, target, None).await
+    }
+
+    /// [`Allot::release`] with an idempotency key: a repeat with the same
+    /// `request_id` returns the first answer instead of "not claimed".
+    pub async fn release_once(
+        &self,
+        pool: &str,
+        target: Target,
+        request_id: Option<String>,
+    ) -> Result<Claim> {
         if let Target::Key(k) = &target {
             check_text("key", k, MAX_KEY_LEN)?;
         }
-        match self.inner.submit(pool, PendingOp::Release(target)).await? {
+        if let Some(id) = &request_id {
+            check_text("request id", id, MAX_OWNER_LEN)?;
+        }
+        match self
+            .inner
+            .submit(pool, PendingOp::Release { target, request_id })
+            .await?
+        {
             Outcome::Released(c) => Ok(c),
             other => Err(Error::Corrupt(format!("unexpected outcome {other:?}"))),
         }

@@ -102,6 +102,10 @@ pub struct AllocRequest {
     pub owner: Option<String>,
     #[serde(default)]
     pub meta: Option<serde_json::Value>,
+    /// An idempotency key: repeating a request with the same id (within
+    /// about an hour) returns the first answer and allocates nothing more.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 impl Default for AllocRequest {
@@ -113,6 +117,7 @@ impl Default for AllocRequest {
             prefix_len: None,
             owner: None,
             meta: None,
+            request_id: None,
         }
     }
 }
@@ -159,6 +164,11 @@ impl AllocRequest {
         self.prefix_len = Some(l);
         self
     }
+    /// Makes the request idempotent under `id`.
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
 
     /// Checks everything that does not depend on the pool's state.
     pub fn validate(&self) -> Result<()> {
@@ -186,6 +196,9 @@ impl AllocRequest {
         }
         if let Some(o) = &self.owner {
             check_text("owner", o, MAX_OWNER_LEN)?;
+        }
+        if let Some(id) = &self.request_id {
+            check_text("request id", id, MAX_OWNER_LEN)?;
         }
         if let Some(m) = &self.meta {
             let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);

@@ -18,6 +18,7 @@ pub(crate) fn prepare_alloc(args: AllocArgs) -> Result<Action> {
         prefix_len: args.prefix_len,
         owner: args.owner,
         meta,
+        request_id: None,
     };
     req.validate()?;
     Ok(Action::Alloc {
