@@ -783,6 +783,12 @@ impl Work {
             if let Some(id) = op.request_id() {
                 want.push(keys::idempotency(name, id));
             }
+            if matches!(
+                op,
+                PendingOp::Release { .. } | PendingOp::ReleaseStale { .. }
+            ) {
+                want.push(keys::children(name));
+            }
         }
         let mut work = Work {
             name: name.to_string(),
@@ -1064,7 +1070,15 @@ impl Work {
                         },
                         now,
                     )
-                    .map(Outcome::Released),
+                    .map(Outcome::Released)
+                    // Still holding a nested pool: the sweep leaves it.
+                    .or_else(|e| {
+                        if matches!(e, Error::Conflict(_)) {
+                            Ok(Outcome::Skipped)
+                        } else {
+                            Err(e)
+                        }
+                    }),
                 _ => Ok(Outcome::Skipped),
             },
         }
@@ -1158,6 +1172,16 @@ impl Work {
                 ..Default::default()
             },
         };
+        if let Some((bytes, _)) = self.get(&keys::children(&name)) {
+            let map: crate::Children = decode_json("children index", bytes)?;
+            if let Some(set) = map.get(&run.offset).filter(|s| !s.is_empty()) {
+                let names: Vec<&str> = set.iter().map(String::as_str).collect();
+                return Err(Error::Conflict(format!(
+                    "{text} holds nested pool(s) {}; delete them before releasing it",
+                    names.join(", ")
+                )));
+            }
+        }
         if let Err(e) = core.release(run, now) {
             self.suspect_run(core, run);
             return Err(Error::from_core(&name, e));

@@ -11,6 +11,7 @@
 //! | `r/{pool}/{owner}`          | an open resync ("" = all)  |
 //! | `e/{pool}`                  | last change (JSON), watched |
 //! | `i/{pool}/{request id}`     | remembered answer (leased)  |
+//! | `n/{pool}`                  | nested pools by offset      |
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
@@ -72,6 +73,11 @@ pub fn idempotency(name: &str, request_id: &str) -> Vec<u8> {
 }
 pub fn idempotency_prefix(name: &str) -> Vec<u8> {
     format!("i/{name}/").into_bytes()
+}
+
+/// Nested pools held by claimed values of this pool (JSON: offset → names).
+pub fn children(name: &str) -> Vec<u8> {
+    format!("n/{name}").into_bytes()
 }
 
 /// The change record of a pool: rewritten by every transaction that changes

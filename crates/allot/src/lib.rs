@@ -41,7 +41,8 @@ use std::sync::Arc;
 
 pub use allot_core::{parse_cidr, PoolKind, PoolSpec, PoolStats, Strategy, DEFAULT_BLOCK_SIZE};
 use allot_core::{Block, PoolState, Run};
-use allot_store::{Compare, KeyValue, Op, Revision, Store, Txn};
+
+use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
@@ -150,17 +151,32 @@ impl Allot {
         spec: PoolSpec,
         labels: BTreeMap<String, String>,
     ) -> Result<PoolInfo> {
+        self.create_pool_in(name, spec, labels, None).await
+    }
+
+    /// Creates a pool, optionally nested in a claimed value of another pool
+    /// (an address pool inside a /24 claimed from a prefix pool, say). The
+    /// parent value cannot be released while the nested pool exists; inside
+    /// a prefix, the nested pool's CIDR must lie within it.
+    pub async fn create_pool_in(
+        &self,
+        name: &str,
+        spec: PoolSpec,
+        labels: BTreeMap<String, String>,
+        parent: Option<ParentRef>,
+    ) -> Result<PoolInfo> {
         validate_pool_name(name)?;
         spec.validate().map_err(|e| Error::from_core(name, e))?;
         for (k, v) in &labels {
             check_text("label name", k, MAX_NAME_LEN)?;
             check_text("label value", v, MAX_OWNER_LEN)?;
         }
-        let record = PoolRecord {
+        let mut record = PoolRecord {
             name: name.to_string(),
             spec,
             labels,
             created_ms: self.inner.clock.now_ms(),
+            parent: None,
         };
         let key = keys::pool(name);
         let description = allot_core::ValueSpace::new(record.spec.kind.clone())
@@ -170,20 +186,55 @@ impl Allot {
             pool: name.to_string(),
             description,
         };
-        let resp = self
-            .inner
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::absent(&key))
-                    .then(Op::put(&key, encode_json(&record)))
-                    .then(Op::put(keys::event(name), encode_json(&change))),
-            )
-            .await?;
-        if !resp.succeeded {
+        for _ in 0..8 {
+            let mut txn = Txn::new().when(Compare::absent(&key));
+            if let Some(p) = &parent {
+                let (guards, canonical) =
+                    self.inner.nest_guards(name, &record.spec.kind, p).await?;
+                record.parent = Some(ParentRef {
+                    pool: p.pool.clone(),
+                    value: canonical,
+                });
+                for (c, op) in guards {
+                    txn = txn.when(c);
+                    if let Some(op) = op {
+                        txn = txn.then(op);
+                    }
+                }
+            }
+            let txn = txn
+                .then(Op::put(&key, encode_json(&record)))
+                .then(Op::put(keys::event(name), encode_json(&change)))
+                .otherwise(Op::get(&key));
+            let resp = self.inner.store.txn(txn).await?;
+            if resp.succeeded {
+                return self.pool(name).await;
+            }
+            if matches!(resp.results.first(), Some(OpResult::Get(Some(_)))) {
+                return Err(Error::PoolExists(name.to_string()));
+            }
+            // The parent changed under us: check it again.
+        }
+        if parent.is_none() {
             return Err(Error::PoolExists(name.to_string()));
         }
-        self.pool(name).await
+        Err(Error::Contention(name.to_string()))
+    }
+
+    /// Every pool carrying all of `labels` (all pools if empty), by name.
+    pub async fn list_pools_labeled(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<PoolInfo>> {
+        let all = self.list_pools().await?;
+        Ok(all
+            .into_iter()
+            .filter(|p| {
+                labels
+                    .iter()
+                    .all(|(k, v)| p.record.labels.get(k) == Some(v))
+            })
+            .collect())
     }
 
     /// A pool with its counters.
@@ -216,6 +267,18 @@ impl Allot {
         let handle = self.inner.handle(name).await?;
         let state = handle.state.lock().await;
         let claims = state.core.stats().allocated;
+        let nkey = keys::children(name);
+        let nested = self.inner.store.get(&nkey).await?;
+        if let Some(kv) = &nested {
+            let map: Children = decode_json("children index", &kv.value)?;
+            let names: Vec<String> = map.values().flatten().cloned().collect();
+            if !names.is_empty() {
+                return Err(Error::Conflict(format!(
+                    "pool '{name}' holds nested pool(s) {}; delete them first",
+                    names.join(", ")
+                )));
+            }
+        }
         if claims > 0 && !force {
             return Err(Error::PoolNotEmpty {
                 pool: name.to_string(),
@@ -225,6 +288,11 @@ impl Allot {
         let mut txn = Txn::new()
             .when(Compare::mod_revision(keys::pool(name), handle.record_rev))
             .then(Op::delete(keys::pool(name)))
+            .when(Compare::mod_revision(
+                &nkey,
+                nested.as_ref().map_or(0, |kv| kv.mod_revision),
+            ))
+            .then(Op::delete(&nkey))
             .then(Op::delete(keys::cursor(name)))
             .then(Op::put(
                 keys::event(name),
@@ -240,6 +308,23 @@ impl Allot {
             keys::idempotency_prefix(name),
         ] {
             txn = txn.then(Op::delete_prefix(prefix));
+        }
+        if let Some(p) = &handle.record.parent {
+            // Free the parent value for release again.
+            let pkey = keys::children(&p.pool);
+            if let Some(kv) = self.inner.store.get(&pkey).await? {
+                let mut map: Children = decode_json("children index", &kv.value)?;
+                for set in map.values_mut() {
+                    set.remove(name);
+                }
+                map.retain(|_, set| !set.is_empty());
+                txn = txn.when(Compare::mod_revision(&pkey, kv.mod_revision));
+                txn = txn.then(if map.is_empty() {
+                    Op::delete(&pkey)
+                } else {
+                    Op::put(&pkey, encode_json(&map))
+                });
+            }
         }
         let resp = self.inner.store.txn(txn).await;
         self.inner.forget(name, &handle);
@@ -565,6 +650,9 @@ fn info(record: &PoolRecord, core: &PoolState) -> PoolInfo {
     }
 }
 
+/// Nested pools by the offset of the claimed value holding them.
+pub(crate) type Children = BTreeMap<u64, std::collections::BTreeSet<String>>;
+
 pub(crate) fn claim_from(value: String, rec: &ClaimRecord, stale: bool) -> Claim {
     Claim {
         value,
@@ -598,6 +686,95 @@ impl Inner {
         if pools.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
             pools.remove(name);
         }
+    }
+
+    /// Checks that `p` names a claimed value a pool of `kind` may nest in,
+    /// and returns the compares (and the children-index update) that keep
+    /// it so until the nested pool's creation commits, with the value in
+    /// canonical form.
+    pub(crate) async fn nest_guards(
+        &self,
+        child: &str,
+        kind: &PoolKind,
+        p: &ParentRef,
+    ) -> Result<(Vec<(Compare, Option<Op>)>, String)> {
+        validate_pool_name(&p.pool)?;
+        if p.pool == child {
+            return Err(Error::InvalidInput(
+                "a pool cannot be nested in itself".into(),
+            ));
+        }
+        let ph = self.handle(&p.pool).await?;
+        let run = ph
+            .space()
+            .parse(&p.value)
+            .map_err(|e| Error::from_core(&p.pool, e))?;
+        let canonical = ph.space().format(run);
+        let not_claimed = || {
+            Error::InvalidInput(format!(
+                "value {canonical} is not claimed in pool '{}'; claim it before nesting a pool in it",
+                p.pool
+            ))
+        };
+        let mut guards = vec![(
+            Compare::mod_revision(keys::pool(&p.pool), ph.record_rev),
+            None,
+        )];
+        let vkey = keys::value(&p.pool, run.offset);
+        match self.store.get(&vkey).await? {
+            Some(kv) => {
+                let rec: ClaimRecord = decode_json("claim record", &kv.value)?;
+                if rec.units != run.units {
+                    return Err(not_claimed());
+                }
+                guards.push((Compare::mod_revision(&vkey, kv.mod_revision), None));
+            }
+            None if ph.space().is_prefix() => return Err(not_claimed()),
+            None => {
+                let bs = ph.record.spec.block_size;
+                let bkey = keys::block(&p.pool, run.offset / bs);
+                let kv = self.store.get(&bkey).await?.ok_or_else(not_claimed)?;
+                let block = Block::decode(&kv.value).map_err(|e| Error::from_core(&p.pool, e))?;
+                let local = (run.offset % bs) as u32;
+                if !block.bits.contains(local) || block.quarantine.contains_key(&local) {
+                    return Err(not_claimed());
+                }
+                guards.push((Compare::mod_revision(&bkey, kv.mod_revision), None));
+            }
+        }
+        if ph.space().is_prefix() {
+            let outer: ipnet::IpNet = canonical
+                .parse()
+                .map_err(|_| Error::Corrupt(format!("prefix {canonical}")))?;
+            let inner = match kind {
+                PoolKind::Addresses { cidr, .. } | PoolKind::Prefixes { cidr, .. } => cidr,
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "a pool nested in a prefix must be an address or prefix pool within it"
+                            .into(),
+                    ))
+                }
+            };
+            if !(outer.contains(&inner.network()) && inner.prefix_len() >= outer.prefix_len()) {
+                return Err(Error::InvalidInput(format!(
+                    "{inner} does not lie within {outer}"
+                )));
+            }
+        }
+        let nkey = keys::children(&p.pool);
+        let (mut map, rev) = match self.store.get(&nkey).await? {
+            Some(kv) => (
+                decode_json::<Children>("children index", &kv.value)?,
+                kv.mod_revision,
+            ),
+            None => (Children::new(), 0),
+        };
+        map.entry(run.offset).or_default().insert(child.to_string());
+        guards.push((
+            Compare::mod_revision(&nkey, rev),
+            Some(Op::put(&nkey, encode_json(&map))),
+        ));
+        Ok((guards, canonical))
     }
 
     pub(crate) async fn open_resyncs(&self, pool: &str) -> Result<Vec<OpenResync>> {

@@ -24,6 +24,17 @@ pub struct PoolRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub created_ms: u64,
+    /// The claimed value of another pool this pool was carved from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// A claimed value of another pool that holds a nested pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub pool: String,
+    pub value: String,
 }
 
 /// What a claimed value carries beyond its bit. Stored only for claims that
