@@ -11,13 +11,13 @@ use tokio::time::Instant;
 
 use crate::apply::{apply_txn, delete_keys_txn, Applied, KvRead};
 use crate::lease::{ExpiryTask, LeaseClock, LeaseHost};
-use crate::watch::{start_revision, watch_stream, Committed, History, BROADCAST_CAPACITY};
+use crate::watch::{
+    start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
+    DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
+};
 use crate::{
     KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
 };
-
-/// Revisions of history kept by default (see [`MemoryStore::with_history`]).
-pub(crate) const DEFAULT_HISTORY_REVISIONS: u64 = 100_000;
 
 /// An in-memory [`Store`] for unit tests and simulation.
 ///
@@ -58,29 +58,45 @@ struct State {
     oldest: Revision,
     /// One entry per revision in `[oldest, revision]` that wrote something.
     history: VecDeque<Arc<Committed>>,
-    history_limit: u64,
+    /// The number of events in `history`.
+    history_events: u64,
+    retention: Retention,
     clock: LeaseClock,
     lease_keys: HashMap<LeaseId, BTreeSet<Vec<u8>>>,
     next_lease: LeaseId,
 }
 
 impl MemoryStore {
-    /// An empty store retaining the last 100,000
-    /// revisions of history.
+    /// An empty store retaining the last 100,000 revisions of history, and
+    /// at most 1,000,000 events of it (see [`MemoryStore::with_history_limits`]).
     pub fn new() -> Self {
         Self::with_history(DEFAULT_HISTORY_REVISIONS)
     }
 
     /// An empty store retaining the last `revisions` revisions of history
-    /// (at least one) for watches to replay.
+    /// (at least one) for watches to replay, and at most 1,000,000 events of
+    /// it.
     pub fn with_history(revisions: u64) -> Self {
+        Self::with_history_limits(revisions, DEFAULT_HISTORY_EVENTS)
+    }
+
+    /// An empty store retaining history for watches to replay within two
+    /// bounds (each at least one): the last `revisions` revisions, and at
+    /// most `events` events. Whole revisions are dropped from the oldest on:
+    /// once more than `events` are retained, down to nine tenths of `events`.
+    /// The newest revision is always kept, even if it alone holds more than
+    /// `events` events, so that a transaction can be watched from its own
+    /// revision.
+    pub fn with_history_limits(revisions: u64, events: u64) -> Self {
+        let retention = Retention::new(revisions, events);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let state = State {
             kv: BTreeMap::new(),
             revision: 1,
             oldest: 1,
             history: VecDeque::new(),
-            history_limit: revisions.max(1),
+            history_events: 0,
+            retention,
             clock: LeaseClock::default(),
             lease_keys: HashMap::new(),
             next_lease: 1,
@@ -169,20 +185,38 @@ impl State {
             events: applied.events,
         });
         self.history.push_back(committed.clone());
-        if self.revision + 1 - self.oldest > self.history_limit {
-            self.drop_history_before(self.revision + 1 - self.history_limit);
-        }
+        self.history_events += committed.events.len() as u64;
+        self.enforce_retention();
         // No receiver is fine: nobody is watching.
         let _ = events_tx.send(committed);
     }
 
+    /// Drops the oldest revisions that are beyond either retention bound.
+    fn enforce_retention(&mut self) {
+        let limit = self.retention.revisions;
+        if self.revision + 1 - self.oldest > limit {
+            self.drop_history_before(self.revision + 1 - limit);
+        }
+        let counts = self
+            .history
+            .iter()
+            .map(|c| Ok((c.revision, c.events.len() as u64)));
+        // Infallible: the counts are in memory.
+        if let Ok(Some(oldest)) =
+            self.retention
+                .events_oldest(self.history_events, self.revision, counts)
+        {
+            self.drop_history_before(oldest);
+        }
+    }
+
     fn drop_history_before(&mut self, revision: Revision) {
         self.oldest = self.oldest.max(revision);
-        while self
-            .history
-            .front()
-            .is_some_and(|c| c.revision < self.oldest)
-        {
+        while let Some(c) = self.history.front() {
+            if c.revision >= self.oldest {
+                break;
+            }
+            self.history_events -= c.events.len() as u64;
             self.history.pop_front();
         }
     }
@@ -241,6 +275,7 @@ impl History for Inner {
         from: Revision,
         to: Revision,
         max: usize,
+        max_events: usize,
     ) -> Result<Vec<Arc<Committed>>, StoreError> {
         let state = self.lock();
         if from < state.oldest {
@@ -250,13 +285,19 @@ impl History for Inner {
             });
         }
         let first = state.history.partition_point(|c| c.revision < from);
-        Ok(state
-            .history
-            .range(first..)
-            .take_while(|c| c.revision <= to)
-            .take(max)
-            .cloned()
-            .collect())
+        let mut out = Vec::new();
+        let mut events = 0;
+        for committed in state.history.range(first..) {
+            if committed.revision > to
+                || out.len() >= max
+                || (!out.is_empty() && events >= max_events)
+            {
+                break;
+            }
+            events += committed.events.len();
+            out.push(committed.clone());
+        }
+        Ok(out)
     }
 }
 
@@ -356,5 +397,34 @@ impl Store for MemoryStore {
         }
         state.drop_history_before(revision);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Op;
+
+    #[tokio::test]
+    async fn replay_reads_stop_at_a_revision_after_enough_events() {
+        let s = MemoryStore::new();
+        for i in 0..4 {
+            let txn = Txn::new()
+                .then(Op::put(format!("a{i}"), "v"))
+                .then(Op::put(format!("b{i}"), "v"));
+            s.txn(txn).await.unwrap();
+        }
+        let read = |max, max_events| -> Vec<(Revision, usize)> {
+            s.inner
+                .read(2, 5, max, max_events)
+                .unwrap()
+                .iter()
+                .map(|c| (c.revision, c.events.len()))
+                .collect()
+        };
+        assert_eq!(read(512, 100), vec![(2, 2), (3, 2), (4, 2), (5, 2)]);
+        assert_eq!(read(2, 100), vec![(2, 2), (3, 2)]);
+        assert_eq!(read(512, 3), vec![(2, 2), (3, 2)]);
+        assert_eq!(read(512, 1), vec![(2, 2)]);
     }
 }

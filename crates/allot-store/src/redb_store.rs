@@ -6,13 +6,28 @@
 //! are queued into one redb write transaction and one fsync (group commit),
 //! so concurrent writers share the cost of durability.
 //!
-//! Tables:
+//! Tables (format 2):
 //! - `kv`: key → [`crate::codec::encode_kv`] record (value and bookkeeping);
 //! - `meta`: `format`, `revision`, `oldest` (oldest retained history
-//!   revision) and `next_lease`;
-//! - `events`: revision → the events of that revision
-//!   ([`crate::codec::encode_events`]), the watch history;
+//!   revision), `history_events` (how many events the history retains) and
+//!   `next_lease`;
+//! - `event_chunks`: (revision, chunk number) → some of the events of that
+//!   revision ([`crate::codec::encode_event_chunks`]), the watch history. A
+//!   revision's events are split into chunks of at most 64 KiB so that redb
+//!   stores them without rounding huge records up to a power of two; each
+//!   chunk's header holds its number of events;
 //! - `leases`: lease id → TTL in milliseconds.
+//!
+//! `history_events` is a running count, updated in the same write
+//! transaction as the history itself, so it cannot disagree with it after a
+//! crash, and opening the store does not read the history. Compaction learns
+//! how many events it drops from the headers of the chunks it deletes (which
+//! redb reads to delete them anyway), so no per-revision index is written on
+//! every commit.
+//!
+//! A format-1 file (one `events` record per revision, fixed-width fields) is
+//! migrated to format 2 when opened, in one write transaction that rewrites
+//! its retained history.
 
 mod committer;
 
@@ -30,9 +45,12 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::apply::{apply_txn, KvRead};
-use crate::codec::{decode_events, decode_kv};
+use crate::codec::{decode_event_chunk, decode_events_v1, decode_kv, encode_event_chunks};
 use crate::lease::{ExpiryTask, LeaseClock, LeaseHost};
-use crate::watch::{start_revision, watch_stream, Committed, History, BROADCAST_CAPACITY};
+use crate::watch::{
+    start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
+    DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
+};
 use crate::{
     KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
 };
@@ -40,22 +58,34 @@ use committer::{CommitState, Committer, Request};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const EVENT_CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("event_chunks");
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
+/// The history of a format-1 file, migrated on open.
+const EVENTS_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
 const META_FORMAT: &str = "format";
 const META_REVISION: &str = "revision";
 const META_OLDEST: &str = "oldest";
+const META_HISTORY_EVENTS: &str = "history_events";
 const META_NEXT_LEASE: &str = "next_lease";
-const FORMAT_VERSION: u64 = 1;
+const FORMAT_VERSION: u64 = 2;
 
 /// Tuning of a [`RedbStore`].
 #[derive(Debug, Clone)]
 pub struct RedbOptions {
     /// How many of the latest revisions of history are kept for watches to
-    /// replay (default 100,000). Older history is dropped in chunks as
-    /// writes go on; current values are never affected.
+    /// replay (default 100,000), unless `history_events` needs them gone.
+    /// Older history is dropped in chunks as writes go on (up to a tenth
+    /// more, at most 1,000 revisions, pile up first); current values are
+    /// never affected.
     pub history_revisions: u64,
+    /// The most events of history kept (default 1,000,000), whatever
+    /// `history_revisions` says: one transaction may write any number of
+    /// events. Once exceeded, whole revisions are dropped from the oldest on
+    /// until at most nine tenths of it remain. The newest revision is always
+    /// kept, even if it alone holds more events than this, so that a
+    /// transaction can be watched from its own revision.
+    pub history_events: u64,
     /// The most requests committed together in one redb transaction
     /// (default 1,024).
     pub max_batch: usize,
@@ -69,7 +99,8 @@ pub struct RedbOptions {
 impl Default for RedbOptions {
     fn default() -> Self {
         Self {
-            history_revisions: 100_000,
+            history_revisions: DEFAULT_HISTORY_REVISIONS,
+            history_events: DEFAULT_HISTORY_EVENTS,
             max_batch: 1024,
             cache_size: None,
             check_integrity: false,
@@ -165,7 +196,7 @@ impl RedbStore {
             shared.clone(),
             state,
             rx,
-            opts.history_revisions.max(1),
+            Retention::new(opts.history_revisions, opts.history_events),
             opts.max_batch.max(1),
         );
         let handle = std::thread::Builder::new()
@@ -323,6 +354,7 @@ impl History for Inner {
         from: Revision,
         to: Revision,
         max: usize,
+        max_events: usize,
     ) -> Result<Vec<Arc<Committed>>, StoreError> {
         let rtx = self.read()?;
         let (oldest, _) = read_bounds(&rtx)?;
@@ -332,16 +364,34 @@ impl History for Inner {
                 oldest,
             });
         }
-        let events = rtx.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for entry in events.range(from..=to)?.take(max) {
-            let (revision, bytes) = entry?;
-            let revision = revision.value();
-            out.push(Arc::new(Committed {
-                revision,
-                events: decode_events(bytes.value())?,
-            }));
+        if from > to {
+            return Ok(Vec::new());
         }
+        let chunks = rtx.open_table(EVENT_CHUNKS)?;
+        let mut out: Vec<Arc<Committed>> = Vec::new();
+        let mut current: Option<Committed> = None;
+        let mut events = 0;
+        for entry in chunks.range((from, 0)..=(to, u32::MAX))? {
+            let (key, bytes) = entry?;
+            let (revision, _) = key.value();
+            if current.as_ref().is_none_or(|c| c.revision != revision) {
+                if let Some(done) = current.take() {
+                    events += done.events.len();
+                    out.push(Arc::new(done));
+                }
+                if out.len() >= max || (!out.is_empty() && events >= max_events) {
+                    return Ok(out);
+                }
+                current = Some(Committed {
+                    revision,
+                    events: Vec::new(),
+                });
+            }
+            if let Some(c) = current.as_mut() {
+                decode_event_chunk(revision, bytes.value(), &mut c.events)?;
+            }
+        }
+        out.extend(current.map(Arc::new));
         Ok(out)
     }
 }
@@ -392,12 +442,28 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
     let wtx = db.begin_write()?;
     {
         wtx.open_table(KV)?;
-        wtx.open_table(EVENTS)?;
         wtx.open_table(LEASES)?;
+        let mut chunks = wtx.open_table(EVENT_CHUNKS)?;
         let mut meta = wtx.open_table(META)?;
         let format = meta.get(META_FORMAT)?.map(|v| v.value());
         match format {
             Some(FORMAT_VERSION) => {}
+            Some(1) => {
+                let oldest = meta_get(&meta, META_OLDEST)?;
+                let mut retained = 0u64;
+                {
+                    let old = wtx.open_table(EVENTS_V1)?;
+                    for entry in old.range(oldest..)? {
+                        let (revision, bytes) = entry?;
+                        let events = decode_events_v1(bytes.value())?;
+                        write_history(&mut chunks, revision.value(), &events)?;
+                        retained += events.len() as u64;
+                    }
+                }
+                wtx.delete_table(EVENTS_V1)?;
+                meta.insert(META_HISTORY_EVENTS, retained)?;
+                meta.insert(META_FORMAT, FORMAT_VERSION)?;
+            }
             Some(other) => {
                 return Err(StoreError::Corrupt(format!(
                     "unsupported store format {other} (this build reads {FORMAT_VERSION})"
@@ -410,11 +476,27 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
                 meta.insert(META_FORMAT, FORMAT_VERSION)?;
                 meta.insert(META_REVISION, 1)?;
                 meta.insert(META_OLDEST, 1)?;
+                meta.insert(META_HISTORY_EVENTS, 0)?;
                 meta.insert(META_NEXT_LEASE, 1)?;
             }
         }
     }
     wtx.commit()?;
+    Ok(())
+}
+
+/// Writes the history of one revision.
+fn write_history(
+    chunks: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+    revision: Revision,
+    events: &[crate::Event],
+) -> Result<(), StoreError> {
+    for (i, chunk) in encode_event_chunks(revision, events).iter().enumerate() {
+        // Unreachable: 2^32 chunks would be 256 TiB.
+        let i = u32::try_from(i)
+            .map_err(|_| StoreError::Invalid("too many events in one transaction".into()))?;
+        chunks.insert((revision, i), chunk.as_slice())?;
+    }
     Ok(())
 }
 
@@ -569,5 +651,140 @@ impl Store for RedbStore {
         self.inner
             .send(|reply| Request::Compact { revision, reply })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode_events_v1, encode_kv};
+    use crate::{Event, EventKind, Op};
+    use futures::StreamExt;
+    use redb::TableHandle;
+
+    fn event(kind: EventKind, key: &str, value: &str, revision: Revision) -> Event {
+        let put = kind == EventKind::Put;
+        Event {
+            kind,
+            kv: KeyValue {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+                create_revision: if put { revision } else { 0 },
+                mod_revision: revision,
+                version: u64::from(put),
+                lease: 0,
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_format_1_file_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let history = [
+            // Below `oldest`: not carried over.
+            (2, vec![event(EventKind::Put, "c", "1", 2)]),
+            (3, vec![event(EventKind::Put, "a", "1", 3)]),
+            (
+                4,
+                vec![
+                    event(EventKind::Put, "b", "1", 4),
+                    event(EventKind::Delete, "c", "", 4),
+                ],
+            ),
+        ];
+        {
+            let db = Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            {
+                let mut meta = wtx.open_table(META).unwrap();
+                for (name, value) in [
+                    (META_FORMAT, 1),
+                    (META_REVISION, 4),
+                    (META_OLDEST, 3),
+                    (META_NEXT_LEASE, 1),
+                ] {
+                    meta.insert(name, value).unwrap();
+                }
+                let mut kv = wtx.open_table(KV).unwrap();
+                for (_, events) in &history[1..] {
+                    let e = &events[0];
+                    kv.insert(e.kv.key.as_slice(), encode_kv(&e.kv).as_slice())
+                        .unwrap();
+                }
+                let mut events = wtx.open_table(EVENTS_V1).unwrap();
+                for (revision, list) in &history {
+                    events
+                        .insert(*revision, encode_events_v1(list).as_slice())
+                        .unwrap();
+                }
+                wtx.open_table(LEASES).unwrap();
+            }
+            wtx.commit().unwrap();
+        }
+
+        let s = RedbStore::open(&path, RedbOptions::default()).unwrap();
+        let mut watch = s.watch(b"", 3).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(watch.next().await.unwrap().unwrap());
+        }
+        let expected: Vec<Event> = history[1..].iter().flat_map(|(_, e)| e.clone()).collect();
+        assert_eq!(got, expected);
+        assert!(matches!(
+            s.watch(b"", 2).await.err(),
+            Some(StoreError::Compacted {
+                requested: 2,
+                oldest: 3
+            })
+        ));
+        let resp = s.txn(Txn::new().then(Op::put("d", "1"))).await.unwrap();
+        assert_eq!(resp.revision, 5);
+        assert_eq!(watch.next().await.unwrap().unwrap().kv.key, b"d");
+        s.close().unwrap();
+
+        let db = Database::open(&path).unwrap();
+        let rtx = db.begin_read().unwrap();
+        let tables: Vec<String> = rtx
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .collect();
+        assert!(!tables.contains(&"events".to_string()), "{tables:?}");
+        let meta = rtx.open_table(META).unwrap();
+        assert_eq!(meta_get(&meta, META_FORMAT).unwrap(), FORMAT_VERSION);
+        assert_eq!(meta_get(&meta, META_HISTORY_EVENTS).unwrap(), 1 + 2 + 1);
+        let chunks: Vec<(u64, u32)> = rtx
+            .open_table(EVENT_CHUNKS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect();
+        assert_eq!(chunks, vec![(3, 0), (4, 0), (5, 0)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_reads_stop_at_a_revision_after_enough_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path().join("store.redb"), RedbOptions::default()).unwrap();
+        for i in 0..4 {
+            let txn = Txn::new()
+                .then(Op::put(format!("a{i}"), "v"))
+                .then(Op::put(format!("b{i}"), "v"));
+            s.txn(txn).await.unwrap();
+        }
+        let read = |max, max_events| -> Vec<(Revision, usize)> {
+            History::read(&*s.inner, 2, 5, max, max_events)
+                .unwrap()
+                .iter()
+                .map(|c| (c.revision, c.events.len()))
+                .collect()
+        };
+        assert_eq!(read(512, 100), vec![(2, 2), (3, 2), (4, 2), (5, 2)]);
+        assert_eq!(read(2, 100), vec![(2, 2), (3, 2)]);
+        assert_eq!(read(512, 3), vec![(2, 2), (3, 2)]);
+        assert_eq!(read(512, 1), vec![(2, 2)]);
+        assert_eq!(History::read(&*s.inner, 4, 3, 512, 100).unwrap().len(), 0);
     }
 }

@@ -17,8 +17,137 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::{Event, Revision, StoreError, WatchStream};
 
-/// How many revisions a watcher reads from the log at a time.
-const REPLAY_CHUNK: usize = 512;
+/// The most revisions a watcher reads from the log at a time...
+const REPLAY_REVISIONS: usize = 512;
+/// ...and the number of events after which a read stops at the end of the
+/// revision, so that replaying a history of huge transactions does not load
+/// all of it at once (a single revision is always read whole).
+const REPLAY_EVENTS: usize = 65_536;
+
+/// Revisions of history kept by default.
+pub(crate) const DEFAULT_HISTORY_REVISIONS: u64 = 100_000;
+/// Events of history kept at most by default.
+pub(crate) const DEFAULT_HISTORY_EVENTS: u64 = 1_000_000;
+
+/// How much history a backend retains for watches to replay: two bounds,
+/// enforced by compacting whole revisions from the oldest one forward after
+/// each committed revision.
+///
+/// - `revisions`: the latest this many revisions are kept, unless the event
+///   bound needs them gone (the redb backend lets up to a chunk more pile up
+///   before dropping them, see its committer).
+/// - `events`: at most this many events are kept, with one exception: the
+///   newest revision is never dropped, so a transaction is always watchable
+///   from its own revision even if it alone writes more events than the
+///   bound (history then holds just that revision). Once the bound is
+///   exceeded, revisions are dropped until at most
+///   [`Retention::events_low_water`] events remain, so that compaction runs
+///   about once per tenth of the bound written rather than on every commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Retention {
+    pub revisions: u64,
+    pub events: u64,
+}
+
+impl Retention {
+    /// Both bounds, at least 1.
+    pub fn new(revisions: u64, events: u64) -> Self {
+        Self {
+            revisions: revisions.max(1),
+            events: events.max(1),
+        }
+    }
+
+    /// How many events at most remain after the event bound triggered a
+    /// compaction (nine tenths of the bound).
+    pub fn events_low_water(&self) -> u64 {
+        self.events - self.events / 10
+    }
+
+    /// The oldest revision to keep for the event bound, if it asks to drop
+    /// any, given the number of retained events and the event counts of the
+    /// retained revisions from the oldest one on: `(revision, count)`
+    /// entries in revision order, where consecutive entries of one revision
+    /// add up (a backend may count a revision in pieces). Reads entries only
+    /// as far as it drops revisions (and one beyond), and never drops
+    /// `newest`.
+    pub fn events_oldest(
+        &self,
+        retained: u64,
+        newest: Revision,
+        counts: impl IntoIterator<Item = Result<(Revision, u64), StoreError>>,
+    ) -> Result<Option<Revision>, StoreError> {
+        if retained <= self.events {
+            return Ok(None);
+        }
+        let low = self.events_low_water();
+        let mut kept = retained;
+        let mut oldest = None;
+        // The revision being counted, dropped once all of it was seen.
+        let mut current: Option<(Revision, u64)> = None;
+        let mut counts = counts.into_iter();
+        loop {
+            let next = counts.next().transpose()?.filter(|&(r, _)| r < newest);
+            match (current, next) {
+                (Some((r, n)), Some((r2, m))) if r == r2 => {
+                    current = Some((r, n + m));
+                    continue;
+                }
+                (Some((r, n)), _) => {
+                    kept = kept.saturating_sub(n);
+                    oldest = Some(r + 1);
+                }
+                (None, _) => {}
+            }
+            match next {
+                Some(entry) if kept > low => current = Some(entry),
+                _ => break,
+            }
+        }
+        Ok(oldest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oldest(
+        retention: Retention,
+        newest: Revision,
+        counts: &[(Revision, u64)],
+    ) -> Option<Revision> {
+        let retained = counts.iter().map(|c| c.1).sum();
+        let entries = counts.iter().map(|&c| Ok(c));
+        retention.events_oldest(retained, newest, entries).unwrap()
+    }
+
+    #[test]
+    fn event_bound_drops_whole_revisions_down_to_the_low_water_mark() {
+        let r = Retention::new(1000, 100);
+        assert_eq!(r.events_low_water(), 90);
+        // Within the bound: nothing.
+        assert_eq!(oldest(r, 11, &[(2, 50), (11, 50)]), None);
+        // 105: revisions go until at most 90 remain.
+        assert_eq!(
+            oldest(r, 12, &[(2, 10), (3, 10), (4, 80), (12, 5)]),
+            Some(4)
+        );
+        // A revision counted in pieces is dropped whole.
+        assert_eq!(
+            oldest(r, 12, &[(2, 5), (2, 5), (3, 10), (3, 5), (4, 80)]),
+            Some(4)
+        );
+        assert_eq!(oldest(r, 12, &[(2, 5), (2, 15), (4, 80), (12, 5)]), Some(3));
+        // The newest revision is never dropped, however big.
+        assert_eq!(oldest(r, 3, &[(2, 1), (3, 250)]), Some(3));
+        assert_eq!(oldest(r, 3, &[(3, 250)]), None);
+        assert_eq!(
+            oldest(r, 5, &[(2, 50), (3, 50), (4, 50), (5, 500)]),
+            Some(5)
+        );
+    }
+}
 
 /// Capacity of a backend's broadcast channel, in revisions.
 pub(crate) const BROADCAST_CAPACITY: usize = 4096;
@@ -34,13 +163,16 @@ pub(crate) struct Committed {
 pub(crate) trait History: Send + Sync + 'static {
     /// `(oldest retained revision, current revision)`.
     fn bounds(&self) -> Result<(Revision, Revision), StoreError>;
-    /// Up to `max` committed revisions in `[from, to]`, in order; fails with
-    /// [`StoreError::Compacted`] if `from` is older than the retained log.
+    /// Committed revisions in `[from, to]`, in order: at most `max`, and no
+    /// more once they hold `max_events` events (but at least one); fails
+    /// with [`StoreError::Compacted`] if `from` is older than the retained
+    /// log.
     fn read(
         &self,
         from: Revision,
         to: Revision,
         max: usize,
+        max_events: usize,
     ) -> Result<Vec<Arc<Committed>>, StoreError>;
 }
 
@@ -141,10 +273,9 @@ impl<H: History> Watcher<H> {
                 return None;
             }
             if self.next <= self.replay_to {
-                let chunk = match self
-                    .source()
-                    .and_then(|s| s.read(self.next, self.replay_to, REPLAY_CHUNK))
-                {
+                let chunk = match self.source().and_then(|s| {
+                    s.read(self.next, self.replay_to, REPLAY_REVISIONS, REPLAY_EVENTS)
+                }) {
                     Ok(chunk) => chunk,
                     Err(err) => return self.fail(err),
                 };

@@ -18,14 +18,18 @@ use tokio::time::timeout;
 /// Longest wait for something that should happen promptly.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn memory_store(history: u64) -> (MemoryStore, ()) {
-    (MemoryStore::with_history(history), ())
+/// The default bound on retained events.
+const DEFAULT_HISTORY_EVENTS: u64 = 1_000_000;
+
+fn memory_store(revisions: u64, events: u64) -> (MemoryStore, ()) {
+    (MemoryStore::with_history_limits(revisions, events), ())
 }
 
-fn redb_store(history: u64) -> (RedbStore, tempfile::TempDir) {
+fn redb_store(revisions: u64, events: u64) -> (RedbStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let opts = RedbOptions {
-        history_revisions: history,
+        history_revisions: revisions,
+        history_events: events,
         ..RedbOptions::default()
     };
     let store = RedbStore::open(dir.path().join("store.redb"), opts).unwrap();
@@ -37,6 +41,7 @@ macro_rules! conformance {
         $backend:ident, $make:path, lease_ttl = $ttl:expr,
         #[$timed:meta],
         plain: [$($plain:ident),* $(,)?],
+        bounded: [$($bounded:ident),* $(,)?],
         timed: [$($timed_test:ident),* $(,)?] $(,)?
     ) => {
         mod $backend {
@@ -44,13 +49,20 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $plain() {
-                    super::$plain(|history| $make(history)).await;
+                    super::$plain(|history| $make(history, DEFAULT_HISTORY_EVENTS)).await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $bounded() {
+                    super::$bounded(|revisions, events| $make(revisions, events)).await;
                 }
             )*
             $(
                 #[$timed]
                 async fn $timed_test() {
-                    super::$timed_test(|history| $make(history), $ttl).await;
+                    super::$timed_test(|history| $make(history, DEFAULT_HISTORY_EVENTS), $ttl)
+                        .await;
                 }
             )*
         }
@@ -96,6 +108,10 @@ all_backends!(
         lagging_watcher_catches_up_from_history,
         watchers_started_during_writes_see_no_gap,
         watch_ends_when_store_is_dropped,
+    ],
+    bounded: [
+        history_is_bounded_by_events_too,
+        a_transaction_beyond_the_event_bound_stays_watchable,
     ],
     timed: [
         lease_expiry_deletes_keys_in_one_revision,
@@ -958,6 +974,164 @@ async fn history_is_compacted_automatically<S: Store, G>(make: impl Fn(u64) -> (
     assert_eq!(value(&s, "k").await.as_deref(), Some("39"));
 }
 
+/// The oldest retained revision, as a watch from revision 1 reports it.
+async fn oldest_retained<S: Store>(s: &S) -> Revision {
+    match s.watch(b"", 1).await {
+        Ok(_) => 1,
+        Err(StoreError::Compacted { requested, oldest }) => {
+            assert_eq!(requested, 1);
+            oldest
+        }
+        Err(err) => panic!("watch from 1: {err}"),
+    }
+}
+
+/// `(oldest retained revision, every retained event)`, checking that the
+/// history is exactly the revisions `oldest..=current` with no gap.
+async fn retained_history<S: Store>(s: &S) -> (Revision, Vec<Event>) {
+    let oldest = oldest_retained(s).await;
+    let current = s.current_revision().await.unwrap();
+    let mut watch = s.watch(b"", oldest).await.unwrap();
+    let mut events: Vec<Event> = Vec::new();
+    while events.last().is_none_or(|e| e.revision() < current) {
+        events.push(next_event(&mut watch).await);
+    }
+    // The rest of the newest revision, if any.
+    while let Ok(item) = timeout(Duration::from_millis(100), watch.next()).await {
+        events.push(item.unwrap().unwrap());
+    }
+    let mut revisions: Vec<Revision> = events.iter().map(Event::revision).collect();
+    revisions.dedup();
+    let first = oldest.max(2).min(current);
+    assert_eq!(revisions, (first..=current).collect::<Vec<_>>());
+    (oldest, events)
+}
+
+/// A transaction putting `n` keys `{prefix}/{i}`.
+async fn put_many<S: Store>(s: &S, prefix: &str, n: usize) -> Revision {
+    let mut txn = Txn::new();
+    for i in 0..n {
+        txn = txn.then(Op::put(format!("{prefix}/{i:04}"), format!("{prefix}:{i}")));
+    }
+    s.txn(txn).await.unwrap().revision
+}
+
+async fn history_is_bounded_by_events_too<S: Store, G>(make: impl Fn(u64, u64) -> (S, G)) {
+    // 100 events at most; once beyond, whole revisions are dropped from the
+    // oldest on until at most 90 remain. The revision bound is far away.
+    let (s, _g) = make(1000, 100);
+    for t in 0..9 {
+        put_many(&s, &format!("a{t}"), 10).await;
+    }
+    // Revisions 2..=11, 10 events each: exactly at the bound, all kept.
+    assert_eq!(put_many(&s, "a9", 10).await, 11);
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (1, 100));
+
+    // 105 > 100: revisions 2 and 3 go (95 is still above 90).
+    assert_eq!(put_many(&s, "b", 5).await, 12);
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (4, 85));
+    assert!(matches!(
+        s.watch(b"", 3).await.err(),
+        Some(StoreError::Compacted {
+            requested: 3,
+            oldest: 4
+        })
+    ));
+
+    // An explicit compaction takes its events off the count too: 65 left.
+    s.compact(6).await.unwrap();
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (6, 65));
+    for t in 0..3 {
+        put_many(&s, &format!("c{t}"), 10).await;
+    }
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (6, 95));
+    // 105: revisions 6 and 7 go.
+    assert_eq!(put_many(&s, "c3", 10).await, 16);
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (8, 85));
+    assert_eq!(events.first().unwrap().revision(), 8);
+    assert_eq!(key_of(events.first().unwrap()), "a6/0000");
+
+    // Current values are untouched: 10 x 10 + 5 + 4 x 10 keys.
+    let all = s.range(b"", b"", 0).await.unwrap();
+    assert_eq!(all.kvs.len(), 145);
+    let a0 = s.get(b"a0/0003").await.unwrap().unwrap();
+    assert_eq!((a0.value.as_slice(), a0.mod_revision), (&b"a0:3"[..], 2));
+}
+
+async fn a_transaction_beyond_the_event_bound_stays_watchable<S: Store, G>(
+    make: impl Fn(u64, u64) -> (S, G),
+) {
+    const BOUND: u64 = 100;
+    const BIG: usize = 1000;
+    let (s, _g) = make(1000, BOUND);
+    put(&s, "x", "1").await;
+    put(&s, "y", "1").await;
+    let mut live = s.watch(b"", 0).await.unwrap();
+
+    // Ten times the bound in one transaction, deleting a key on the way.
+    let mut txn = Txn::new().then(Op::delete("x"));
+    for i in 0..BIG {
+        txn = txn.then(Op::put(format!("big/{i:04}"), [b'v'; 60]));
+    }
+    let big = s.txn(txn).await.unwrap().revision;
+    assert_eq!(big, 4);
+
+    // It alone is retained, whole, and watchable from its own revision.
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!((oldest, events.len()), (big, BIG + 1));
+    assert_eq!(
+        (events[0].kind, key_of(&events[0])),
+        (EventKind::Delete, "x".to_string())
+    );
+    for (i, event) in events[1..].iter().enumerate() {
+        assert_eq!(
+            (event.kind, key_of(event), event.revision()),
+            (EventKind::Put, format!("big/{i:04}"), big)
+        );
+        assert_eq!(event.kv.value, [b'v'; 60]);
+    }
+    let mut from_big = s.watch(b"", big).await.unwrap();
+    assert_eq!(next_events(&mut from_big, BIG + 1).await.len(), BIG + 1);
+    assert!(matches!(
+        s.watch(b"", big - 1).await.err(),
+        Some(StoreError::Compacted {
+            requested: 3,
+            oldest: 4
+        })
+    ));
+    // A watcher that was live got all of it.
+    let got = next_events(&mut live, BIG + 1).await;
+    assert!(got.iter().all(|e| e.revision() == big));
+
+    // The next write pushes it out: 1001 + 1 > 100, and dropping it alone
+    // is enough.
+    let next = put(&s, "z", "1").await;
+    let (oldest, events) = retained_history(&s).await;
+    assert_eq!(
+        (oldest, summary(&events)),
+        (next, vec![(EventKind::Put, "z".to_string(), next)])
+    );
+    assert!(matches!(
+        s.watch(b"", big).await.err(),
+        Some(StoreError::Compacted { .. })
+    ));
+    // Compaction does not disturb watchers already past it.
+    assert_eq!(key_of(&next_event(&mut live).await), "z");
+    assert_eq!(key_of(&next_event(&mut from_big).await), "z");
+
+    // Current values are untouched.
+    let bigs = s.range(b"big/", &prefix_end(b"big/"), 0).await.unwrap();
+    assert_eq!(bigs.kvs.len(), BIG);
+    assert!(bigs.kvs.iter().all(|kv| kv.mod_revision == big));
+    assert_eq!(s.get(b"x").await.unwrap(), None);
+    assert_eq!(value(&s, "y").await.as_deref(), Some("1"));
+}
+
 async fn lagging_watcher_catches_up_from_history<S: Store + Clone, G>(
     make: impl Fn(u64) -> (S, G),
 ) {
@@ -1116,6 +1290,55 @@ mod redb_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_keeps_the_event_bound_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let with_bound = |events| RedbOptions {
+            history_revisions: 1000,
+            history_events: events,
+            ..RedbOptions::default()
+        };
+        let s = RedbStore::open(&path, with_bound(100)).unwrap();
+        for t in 0..10 {
+            put_many(&s, &format!("a{t}"), 10).await;
+        }
+        put_many(&s, "b", 5).await;
+        let before = retained_history(&s).await;
+        assert_eq!((before.0, before.1.len()), (4, 85));
+        s.close().unwrap();
+
+        // The count is recovered: two more 10-event revisions reach 105 and
+        // drop exactly revisions 4 and 5 (not more, not fewer).
+        let s = RedbStore::open(&path, with_bound(100)).unwrap();
+        assert_eq!(retained_history(&s).await, before);
+        put_many(&s, "c0", 10).await;
+        put_many(&s, "c1", 10).await;
+        let (oldest, events) = retained_history(&s).await;
+        assert_eq!((oldest, events.len()), (6, 85));
+        drop(s);
+
+        // A lower bound applies from the next write on.
+        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        assert_eq!(retained_history(&s).await.1.len(), 85);
+        let rev = put(&s, "d", "1").await;
+        let (oldest, events) = retained_history(&s).await;
+        // 86 > 50 events: revisions of 10 go until at most 45 remain.
+        assert_eq!((oldest, events.len()), (rev - 4, 36));
+        drop(s);
+
+        // A transaction beyond the bound survives a reopen alone.
+        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        let big = put_many(&s, "big", 300).await;
+        s.close().unwrap();
+        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        let (oldest, events) = retained_history(&s).await;
+        assert_eq!((oldest, events.len()), (big, 300));
+        let next = put(&s, "e", "1").await;
+        assert_eq!(retained_history(&s).await.0, next);
+        assert_eq!(s.range(b"", b"", 0).await.unwrap().kvs.len(), 127 + 300);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reopened_leases_restart_with_a_full_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
@@ -1215,7 +1438,7 @@ mod redb_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_answers_each_txn_once_with_unique_revisions() {
         const TXNS: usize = 500;
-        let (s, _dir) = redb_store(100_000);
+        let (s, _dir) = redb_store(100_000, DEFAULT_HISTORY_EVENTS);
         let mut tasks = Vec::new();
         for i in 0..TXNS {
             let s = s.clone();
@@ -1262,7 +1485,7 @@ mod redb_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_store_refuses_writes() {
-        let (s, _dir) = redb_store(1000);
+        let (s, _dir) = redb_store(1000, DEFAULT_HISTORY_EVENTS);
         let other = s.clone();
         put(&s, "a", "1").await;
         s.close().unwrap();

@@ -22,11 +22,12 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{
-    Shared, TableView, EVENTS, KV, LEASES, META, META_NEXT_LEASE, META_OLDEST, META_REVISION,
+    write_history, Shared, TableView, EVENT_CHUNKS, KV, LEASES, META, META_HISTORY_EVENTS,
+    META_NEXT_LEASE, META_OLDEST, META_REVISION,
 };
 use crate::apply::{apply_txn, delete_keys_txn, Applied};
-use crate::codec::{encode_events, encode_kv, kv_lease};
-use crate::watch::Committed;
+use crate::codec::{chunk_event_count, encode_kv, kv_lease};
+use crate::watch::{Committed, Retention};
 use crate::{LeaseId, Revision, StoreError, Txn, TxnResponse};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -86,6 +87,8 @@ struct LeaseEntry {
 pub(crate) struct CommitState {
     revision: Revision,
     oldest: Revision,
+    /// The number of events retained in history.
+    history_events: u64,
     next_lease: LeaseId,
     leases: HashMap<LeaseId, LeaseEntry>,
 }
@@ -98,6 +101,7 @@ impl CommitState {
         let meta = rtx.open_table(META)?;
         let (oldest, revision) = super::read_bounds(&rtx)?;
         let next_lease = super::meta_get(&meta, META_NEXT_LEASE)?;
+        let history_events = super::meta_get(&meta, META_HISTORY_EVENTS)?;
         let mut leases = HashMap::new();
         for entry in rtx.open_table(LEASES)?.iter()? {
             let (id, ttl_ms) = entry?;
@@ -132,6 +136,7 @@ impl CommitState {
         Ok(Self {
             revision,
             oldest,
+            history_events,
             next_lease,
             leases,
         })
@@ -146,7 +151,7 @@ impl CommitState {
 /// The tables of one batch's write transaction.
 struct Tables<'t> {
     kv: Table<'t, &'static [u8], &'static [u8]>,
-    events: Table<'t, u64, &'static [u8]>,
+    chunks: Table<'t, (u64, u32), &'static [u8]>,
     leases: Table<'t, u64, u64>,
 }
 
@@ -155,10 +160,11 @@ pub(crate) struct Committer {
     shared: Arc<Shared>,
     state: CommitState,
     rx: mpsc::Receiver<Request>,
-    history_revisions: u64,
-    /// History is dropped once this many revisions beyond the limit piled
-    /// up, so that auto-compaction costs one range delete per chunk rather
-    /// than one delete per write.
+    retention: Retention,
+    /// History is dropped for the revision bound once this many revisions
+    /// beyond it piled up, so that auto-compaction costs one range delete
+    /// per chunk rather than one delete per write. (The event bound has its
+    /// own hysteresis, [`Retention::events_low_water`].)
     compaction_chunk: u64,
     max_batch: usize,
     /// Set when the state could not be reloaded after a failed commit:
@@ -172,7 +178,7 @@ impl Committer {
         shared: Arc<Shared>,
         state: CommitState,
         rx: mpsc::Receiver<Request>,
-        history_revisions: u64,
+        retention: Retention,
         max_batch: usize,
     ) -> Self {
         Self {
@@ -180,8 +186,8 @@ impl Committer {
             shared,
             state,
             rx,
-            history_revisions,
-            compaction_chunk: (history_revisions / 10).clamp(1, 1000),
+            retention,
+            compaction_chunk: (retention.revisions / 10).clamp(1, 1000),
             max_batch,
             broken: None,
         }
@@ -287,34 +293,31 @@ impl Committer {
         let before = (
             self.state.revision,
             self.state.oldest,
+            self.state.history_events,
             self.state.next_lease,
         );
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut tables = Tables {
                 kv: wtx.open_table(KV)?,
-                events: wtx.open_table(EVENTS)?,
+                chunks: wtx.open_table(EVENT_CHUNKS)?,
                 leases: wtx.open_table(LEASES)?,
             };
             for request in batch {
                 outcomes.push(self.apply(request, &mut tables, effects)?);
             }
-            if self.state.revision + 1 - self.state.oldest
-                > self.history_revisions + self.compaction_chunk
-            {
-                let oldest = self.state.revision + 1 - self.history_revisions;
-                self.drop_history(&mut tables, oldest)?;
-            }
             if before
                 != (
                     self.state.revision,
                     self.state.oldest,
+                    self.state.history_events,
                     self.state.next_lease,
                 )
             {
                 let mut meta = wtx.open_table(META)?;
                 meta.insert(META_REVISION, self.state.revision)?;
                 meta.insert(META_OLDEST, self.state.oldest)?;
+                meta.insert(META_HISTORY_EVENTS, self.state.history_events)?;
                 meta.insert(META_NEXT_LEASE, self.state.next_lease)?;
             }
         }
@@ -449,14 +452,43 @@ impl Committer {
                 }
             }
         }
-        tables
-            .events
-            .insert(revision, encode_events(&applied.events).as_slice())?;
+        write_history(&mut tables.chunks, revision, &applied.events)?;
         self.state.revision = revision;
+        self.state.history_events += applied.events.len() as u64;
         effects.published.push(Arc::new(Committed {
             revision,
             events: applied.events,
         }));
+        // After each revision, not once per batch, so that what is retained
+        // does not depend on how requests happened to be batched.
+        self.enforce_retention(tables)
+    }
+
+    /// Drops the oldest revisions that are beyond either retention bound.
+    /// For the event bound it reads the chunk headers of the revisions it
+    /// drops (and of the first one it keeps).
+    fn enforce_retention(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+        let revisions = self.retention.revisions;
+        if self.state.revision + 1 - self.state.oldest > revisions + self.compaction_chunk {
+            self.drop_history(tables, self.state.revision + 1 - revisions)?;
+        }
+        if self.state.history_events > self.retention.events {
+            let counts = tables
+                .chunks
+                .range((self.state.oldest, 0)..(self.state.revision, 0))?
+                .map(|entry| {
+                    let (key, chunk) = entry?;
+                    Ok((key.value().0, chunk_event_count(chunk.value())?))
+                });
+            let oldest = self.retention.events_oldest(
+                self.state.history_events,
+                self.state.revision,
+                counts,
+            )?;
+            if let Some(oldest) = oldest {
+                self.drop_history(tables, oldest)?;
+            }
+        }
         Ok(())
     }
 
@@ -466,13 +498,36 @@ impl Committer {
         tables: &mut Tables<'_>,
         oldest: Revision,
     ) -> Result<(), StoreError> {
-        if oldest <= self.state.oldest {
+        let from = self.state.oldest;
+        if oldest <= from {
             return Ok(());
         }
+        // Counted while deleting: redb reads each chunk to delete it anyway.
+        let mut dropped = 0u64;
+        let mut unreadable = None;
         tables
-            .events
-            .retain_in(self.state.oldest..oldest, |_, _| false)?;
+            .chunks
+            .retain_in((from, 0)..(oldest, 0), |_, chunk| {
+                match chunk_event_count(chunk) {
+                    Ok(n) => dropped += n,
+                    Err(err) => unreadable = Some(err),
+                }
+                false
+            })?;
+        if let Some(err) = unreadable {
+            return Err(err);
+        }
         self.state.oldest = oldest;
+        self.state.history_events =
+            self.state
+                .history_events
+                .checked_sub(dropped)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "history count {} is below the {dropped} events dropped",
+                        self.state.history_events
+                    ))
+                })?;
         Ok(())
     }
 }
