@@ -109,6 +109,10 @@ pub enum Command {
     /// Mark-and-sweep: release the keyed claims a client no longer re-claims.
     #[command(subcommand, after_help = RESYNC_EXAMPLES)]
     Resync(ResyncCommand),
+
+    /// Serve the REST API (JSON under /v1, /openapi.json, /metrics) on the data dir.
+    #[command(after_help = crate::serve::SERVE_EXAMPLES)]
+    Serve(crate::serve::ServeArgs),
 }
 
 const ALLOC_EXAMPLES: &str = "\

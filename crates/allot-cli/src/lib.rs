@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod commands;
 pub mod output;
+pub mod serve;
 pub mod store;
 
 use std::io::Write;
@@ -18,19 +19,31 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::error::ErrorKind;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
-use crate::cli::{Cli, Format};
+use crate::cli::{Cli, Command, Format};
 use crate::commands::Action;
 use crate::store::Session;
 
 /// Parses the process arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
         Err(e) => return usage_error(e),
     };
-    match run(cli) {
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e.format(&mut Cli::command())),
+    };
+    // `serve` lets a config file choose the data dir unless --data-dir or
+    // ALLOT_DATA_DIR gave one.
+    let data_dir_given = matches.value_source("data_dir") != Some(ValueSource::DefaultValue);
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args, data_dir_given.then_some(cli.data_dir)),
+        command => run(Cli { command, ..cli }),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`allot claims p | head`): the command itself
         // succeeded, so this is not worth an error.
@@ -44,6 +57,9 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args, Some(cli.data_dir));
+    }
     let action = commands::prepare(cli.command)?;
     // One thread is plenty for one request and starts fastest.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -136,7 +152,6 @@ mod tests {
 
     #[test]
     fn cli_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }

@@ -89,6 +89,8 @@ pub fn prepare(command: Command) -> Result<Action> {
             pool: checked_pool(a.pool)?,
             owner: a.owner,
         },
+        // Runs on its own (crate::serve), never as a one-shot action.
+        Command::Serve(_) => anyhow::bail!("`serve` is not a one-shot command"),
     })
 }
 

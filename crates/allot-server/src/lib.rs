@@ -1,0 +1,441 @@
+//! allot's REST service: the engine over HTTP/JSON on the embedded redb
+//! store, with an OpenAPI document, health and readiness probes, Prometheus
+//! metrics and optional bearer-token authentication.
+//!
+//! Routes (JSON everywhere; errors are `{"error": {"code", "message"}}`):
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/pools` | create a pool (201) |
+//! | `GET /v1/pools?label=K=V` | list pools, optionally by labels |
+//! | `GET /v1/pools/{pool}` | one pool |
+//! | `DELETE /v1/pools/{pool}?force=bool` | delete a pool |
+//! | `POST /v1/pools/{pool}/allocate` | claim values |
+//! | `POST /v1/pools/{pool}/release` | release by value or key |
+//! | `GET /v1/pools/{pool}/lookup?value=V` or `?key=K` | look a claim up |
+//! | `GET /v1/pools/{pool}/claims?after=V&limit=N` | a page of claims |
+//! | `POST /v1/pools/{pool}/resync/begin`, `/resync/end` | mark and sweep |
+//! | `GET /openapi.json`, `/healthz`, `/readyz`, `/metrics` | operations |
+//!
+//! Run it in-process (tests do, on port 0):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), allot_server::ServerError> {
+//! let mut config = allot_server::Config::new("/tmp/allot-data");
+//! config.listen = "127.0.0.1:0".into();
+//! let server = allot_server::Server::bind(config).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+pub mod config;
+pub mod error;
+mod metrics;
+mod openapi;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot::Allot;
+use allot_store::{RedbOptions, RedbStore, StoreError};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
+use axum::serve::ListenerExt;
+use axum::{middleware, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use config::{FileConfig, Overrides, PoolDecl};
+pub use error::{ApiError, ServerError};
+
+/// File name of the database inside the data dir (the same the CLI uses).
+pub const DB_FILE: &str = "allot.redb";
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on, `HOST:PORT` (port 0 picks a free one).
+    pub listen: String,
+    /// Directory holding `allot.redb`; created if missing.
+    pub data_dir: PathBuf,
+    /// When set, `/v1` and `/metrics` need `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Pools created at start if missing (see [`config::apply_pools`]).
+    pub pools: Vec<PoolDecl>,
+    /// How long in-flight requests may take to finish after the shutdown
+    /// signal before the server stops waiting for them.
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults (see [`config`]) with the given data dir.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: config::DEFAULT_LISTEN.to_string(),
+            data_dir: data_dir.into(),
+            token: None,
+            max_body_bytes: config::DEFAULT_MAX_BODY_BYTES,
+            pools: Vec::new(),
+            shutdown_timeout: config::DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+/// What `/readyz` reports: ready once the state is loaded, until shutdown.
+#[derive(Debug, Default)]
+pub(crate) struct Readiness {
+    loaded: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Readiness {
+    pub(crate) fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) allot: Allot,
+    pub(crate) ready: Arc<Readiness>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) openapi: Arc<String>,
+}
+
+/// The routes with their OpenAPI document, before state and the layers
+/// that need it. `auth` guards `/v1` and `/metrics`.
+fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(routes::create_pool, routes::list_pools))
+        .routes(routes!(routes::get_pool, routes::delete_pool))
+        .routes(routes!(routes::allocate))
+        .routes(routes!(routes::release))
+        .routes(routes!(routes::lookup))
+        .routes(routes!(routes::list_claims))
+        .routes(routes!(routes::resync_begin))
+        .routes(routes!(routes::resync_end))
+        .routes(routes!(metrics::metrics))
+        .route_layer(middleware::from_fn_with_state(auth, auth::require_token));
+    let open = OpenApiRouter::new()
+        .routes(routes!(routes::healthz))
+        .routes(routes!(routes::readyz))
+        .routes(routes!(openapi::openapi_json));
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(protected)
+        .merge(open)
+}
+
+/// The routes and their finished document.
+fn build(auth: auth::Auth) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api_router(auth).split_for_parts();
+    openapi::add_common_responses(&mut doc);
+    (router, doc)
+}
+
+/// The OpenAPI document the server serves at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    build(auth::Auth::new(None)).1
+}
+
+/// Operation ids by (method, route), for metric labels.
+fn operation_ids(doc: &utoipa::openapi::OpenApi) -> HashMap<(Method, String), String> {
+    let mut out = HashMap::new();
+    for (path, item) in &doc.paths.paths {
+        for (method, op) in [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::PUT, &item.put),
+            (Method::DELETE, &item.delete),
+            (Method::PATCH, &item.patch),
+        ] {
+            if let Some(id) = op.as_ref().and_then(|o| o.operation_id.clone()) {
+                out.insert((method, path.clone()), id);
+            }
+        }
+    }
+    out
+}
+
+/// The complete application for an engine; `ready` is what `/readyz` reports.
+fn app(
+    allot: Allot,
+    token: Option<String>,
+    max_body_bytes: usize,
+    ready: Arc<Readiness>,
+) -> Result<Router, ServerError> {
+    let (router, doc) = build(auth::Auth::new(token));
+    let metrics = metrics::Metrics::new(operation_ids(&doc))
+        .map_err(|e| ServerError::Config(format!("setting up metrics: {e}")))?;
+    let openapi = doc
+        .to_json()
+        .map_err(|e| ServerError::Config(format!("rendering the OpenAPI document: {e}")))?;
+    let state = AppState {
+        allot,
+        ready,
+        metrics: Arc::new(metrics),
+        openapi: Arc::new(openapi),
+    };
+    Ok(router
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state))
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such route: {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// A bound server over an open store, ready to [`run`](Server::run).
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    allot: Allot,
+    store: RedbStore,
+    router: Router,
+    ready: Arc<Readiness>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    /// Binds the listen address, creates the data dir if missing, opens the
+    /// store and creates the configured pools (refusing to start, with
+    /// nothing changed, if one conflicts with an existing pool). Nothing is
+    /// served until [`run`](Server::run).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        if config.max_body_bytes == 0 {
+            return Err(ServerError::Config(
+                "max body bytes must be at least 1".into(),
+            ));
+        }
+        if config.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ServerError::Config("the token must not be empty".into()));
+        }
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let open_path = path.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            RedbStore::open(&open_path, RedbOptions::default())
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("opening the store: {e}")))?
+        .map_err(|source| match source {
+            StoreError::Locked { .. } => ServerError::Locked(data_dir.clone()),
+            source => ServerError::Store {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let allot = Allot::new(Arc::new(store.clone()));
+        if let Err(e) = config::apply_pools(&allot, &config.pools).await {
+            allot.close().await;
+            // The start-up error matters more than a failure to close.
+            let _ = store.close();
+            return Err(e);
+        }
+        let ready = Arc::new(Readiness::default());
+        let router = app(
+            allot.clone(),
+            config.token,
+            config.max_body_bytes,
+            ready.clone(),
+        )?;
+        Ok(Server {
+            listener,
+            local_addr,
+            allot,
+            store,
+            router,
+            ready,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections,
+    /// lets in-flight requests finish (up to the shutdown timeout), closes
+    /// the engine (flushing every batch) and the store (releasing the file),
+    /// and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            local_addr,
+            allot,
+            store,
+            router,
+            ready,
+            shutdown_timeout,
+        } = self;
+        let warm = tokio::spawn(load_state(allot.clone(), ready.clone()));
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let signal = {
+            let ready = ready.clone();
+            async move {
+                shutdown.await;
+                ready.stopping.store(true, Ordering::Release);
+                tracing::info!("shutting down: no new connections, finishing requests in flight");
+                let _ = stopping_tx.send(true);
+            }
+        };
+        let listener = listener.tap_io(|tcp| {
+            // Small request/response pairs: never wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        });
+        tracing::info!(addr = %local_addr, "serving");
+        let served = axum::serve(listener, router).with_graceful_shutdown(signal);
+        let deadline = async move {
+            let mut rx = stopping_rx;
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    // The signal future was dropped: serving ended anyway.
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(shutdown_timeout).await;
+        };
+        let result = tokio::select! {
+            r = served => r.map_err(ServerError::Serve),
+            () = deadline => {
+                tracing::warn!(?shutdown_timeout, "requests still in flight after the shutdown timeout; closing anyway");
+                Ok(())
+            }
+        };
+        warm.abort();
+        let _ = warm.await;
+        allot.close().await;
+        let closed = tokio::task::spawn_blocking(move || {
+            let path = store.path().to_path_buf();
+            store
+                .close()
+                .map_err(|source| ServerError::Store { path, source })
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("closing the store: {e}")))?;
+        result?;
+        closed?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Loads every pool's state into the engine, then reports ready. Retries
+/// while the store fails.
+async fn load_state(allot: Allot, ready: Arc<Readiness>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match allot.list_pools().await {
+            Ok(pools) => {
+                tracing::info!(pools = pools.len(), "state loaded; ready");
+                ready.loaded.store(true, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("loading state: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Binds and runs a server until `shutdown` completes (see [`Server`]).
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::State;
+
+    #[tokio::test]
+    async fn readyz_only_between_load_and_shutdown() {
+        let allot = Allot::new(Arc::new(allot_store::MemoryStore::new()));
+        let ready = Arc::new(Readiness::default());
+        let state = AppState {
+            allot: allot.clone(),
+            ready: ready.clone(),
+            metrics: Arc::new(metrics::Metrics::new(HashMap::new()).unwrap()),
+            openapi: Arc::new(String::new()),
+        };
+        let status = |r: Result<_, ApiError>| r.map_or_else(|e| e.status, |_| StatusCode::OK);
+        let err = routes::readyz(State(state.clone())).await.err().unwrap();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        load_state(allot, ready.clone()).await;
+        assert_eq!(
+            status(routes::readyz(State(state.clone())).await),
+            StatusCode::OK
+        );
+        ready.stopping.store(true, Ordering::Release);
+        assert_eq!(
+            status(routes::readyz(State(state)).await),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn every_operation_has_an_id_for_metrics() {
+        let doc = openapi();
+        let ids = operation_ids(&doc);
+        assert_eq!(ids.len(), 14);
+        assert_eq!(
+            ids[&(Method::POST, "/v1/pools/{pool}/allocate".to_string())],
+            "allocate"
+        );
+    }
+}
