@@ -192,6 +192,7 @@ impl LoadedState {
         resp: &Result<allot_store::TxnResponse, allot_store::StoreError>,
     ) {
         self.in_flight.count -= 1;
+        self.in_flight.outstanding.remove(&f.id);
         let committed = match resp {
             Ok(r) if r.succeeded => Some(r.revision),
             Ok(_) => None,
@@ -224,6 +225,7 @@ impl LoadedState {
             }
         }
         if committed.is_none() {
+            self.in_flight.failures += 1;
             self.needs_refresh.extend(f.checked.iter().copied());
         }
         for key in &f.records {
@@ -386,8 +388,17 @@ impl Inner {
                 .await
             {
                 Ok(Built::Ready(r)) => break r,
-                Ok(Built::WaitIdle) => {
-                    state = wait_idle(&handle, state).await;
+                Ok(Built::After {
+                    results,
+                    deps,
+                    failures,
+                }) => {
+                    // Answer once the batches these answers rest on have
+                    // committed; if any batch failed meanwhile, build again.
+                    state = wait_settled(&handle, state, &deps).await;
+                    if state.in_flight.failures == failures {
+                        return answer(waiters, results);
+                    }
                 }
                 Ok(Built::Refresh { all, blocks }) => {
                     // A refusal was judged on cached blocks another process
@@ -509,9 +520,13 @@ impl Inner {
         }
         let writes = !work.writes.is_empty() || !work.leased.is_empty() || state.core.is_dirty();
         if !writes && state.in_flight.count > 0 {
-            // These answers would rest on batches not committed yet: wait.
+            // These answers rest on batches not committed yet.
             state.core.rollback();
-            return Ok(Built::WaitIdle);
+            return Ok(Built::After {
+                results,
+                deps: state.in_flight.outstanding.iter().copied().collect(),
+                failures: state.in_flight.failures,
+            });
         }
         let mut txn = Txn::new().when(Compare::mod_revision(keys::pool(name), handle.record_rev));
         for (key, rev) in &work.read_revs {
@@ -617,8 +632,13 @@ impl Inner {
 
 enum Built {
     Ready(Ready),
-    /// Nothing to write, but batches are committing: build again once they are done.
-    WaitIdle,
+    /// Nothing to write, but the answers rest on these committing batches:
+    /// give them once those succeeded (no failure since `failures`).
+    After {
+        results: Vec<Result<Outcome>>,
+        deps: Vec<u64>,
+        failures: u64,
+    },
     /// Re-read these cached blocks (or all of them) and build again.
     Refresh {
         all: bool,
@@ -653,6 +673,10 @@ struct Footprint {
 #[derive(Default)]
 pub(crate) struct InFlight {
     count: usize,
+    /// Ids of the batches committing now.
+    outstanding: std::collections::BTreeSet<u64>,
+    /// Batches that lost a compare or hit an error, ever (a change means "rebuild").
+    failures: u64,
     next_id: u64,
     blocks: HashMap<u64, (u64, Option<Vec<u8>>)>,
     records: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
@@ -664,6 +688,7 @@ impl InFlight {
         self.next_id += 1;
         let id = self.next_id;
         self.count += 1;
+        self.outstanding.insert(id);
         for (idx, bytes) in &r.blocks {
             self.blocks.insert(*idx, (id, bytes.clone()));
         }
@@ -692,6 +717,23 @@ async fn wait_idle<'a>(
         let notified = handle.idle.notified();
         tokio::pin!(notified);
         // Registered before the lock is released: no wake-up can be missed.
+        notified.as_mut().enable();
+        drop(state);
+        notified.await;
+        state = handle.state.lock().await;
+    }
+    state
+}
+
+/// Waits, without holding the lock, until none of `deps` is committing.
+async fn wait_settled<'a>(
+    handle: &'a PoolHandle,
+    mut state: tokio::sync::MutexGuard<'a, LoadedState>,
+    deps: &[u64],
+) -> tokio::sync::MutexGuard<'a, LoadedState> {
+    while deps.iter().any(|d| state.in_flight.outstanding.contains(d)) {
+        let notified = handle.idle.notified();
+        tokio::pin!(notified);
         notified.as_mut().enable();
         drop(state);
         notified.await;
