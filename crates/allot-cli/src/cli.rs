@@ -40,7 +40,9 @@ Examples:
   allot pool create vlans --range 100-4094
   allot alloc vlans --key site-a
   allot lookup vlans --key site-a --output json
-  allot pool list";
+  allot pool list
+  ALLOT_SERVER=http://127.0.0.1:7070 allot pool list    # the same, through a server
+  allot watch --server http://127.0.0.1:7070";
 
 /// The `allot` command line.
 #[derive(Debug, Parser)]
@@ -52,7 +54,8 @@ Examples:
     long_about = "allot hands out unique values (integers, IP addresses, prefixes, set members) from named pools.\n\
                   Claims survive restarts, a claim bound to a key returns the same value when repeated, and \
                   a mark-and-sweep resync releases what a client no longer holds.\n\
-                  This command works on a local data dir (one redb file).",
+                  Commands work on a local data dir (one redb file), or through an `allot serve` \
+                  with --server (ALLOT_SERVER), with the same output.",
     after_help = TOP_EXAMPLES
 )]
 pub struct Cli {
@@ -69,6 +72,22 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, env = "ALLOT_OUTPUT", value_enum, default_value_t = Format::Human)]
     pub output: Format,
+
+    /// Work through the allot server at this URL (e.g. http://127.0.0.1:7070)
+    /// instead of the local data dir (--data-dir is then ignored).
+    #[arg(long, global = true, env = "ALLOT_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+
+    /// Bearer token for --server (prefer the ALLOT_TOKEN environment
+    /// variable: arguments are visible to other local users).
+    #[arg(
+        long,
+        global = true,
+        env = "ALLOT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -90,9 +109,9 @@ pub enum Command {
 
     /// Release a claimed value, by value or by key.
     #[command(
-        after_help = "Examples:\n  allot release vlans --value 100\n  allot release vlans --key site-a"
+        after_help = "Examples:\n  allot release vlans --value 100\n  allot release vlans --key site-a\n  allot release vlans --value 100 --request-id rel-7   # safe to retry"
     )]
-    Release(TargetArgs),
+    Release(ReleaseArgs),
 
     /// Show who holds a value, or which value a key holds.
     #[command(
@@ -110,9 +129,29 @@ pub enum Command {
     #[command(subcommand, after_help = RESYNC_EXAMPLES)]
     Resync(ResyncCommand),
 
+    /// Print every change as it happens (needs --server): one line per
+    /// event, or one JSON object per line with --output json.
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch(WatchArgs),
+
     /// Serve the REST API (JSON under /v1, /openapi.json, /metrics) on the data dir.
     #[command(after_help = crate::serve::SERVE_EXAMPLES)]
     Serve(crate::serve::ServeArgs),
+}
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  allot watch --server http://127.0.0.1:7070             # changes from now on
+  allot watch --server http://127.0.0.1:7070 --from 1    # everything the server still remembers
+  allot watch --output json | jq -c 'select(.type == \"claims\")'";
+
+/// Arguments of `allot watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The first revision to print (default: only changes from now). After
+    /// a dropped connection the watch resumes where it stopped by itself.
+    #[arg(long, value_name = "REV")]
+    pub from: Option<u64>,
 }
 
 const ALLOC_EXAMPLES: &str = "\
@@ -121,7 +160,8 @@ Examples:
   allot alloc vlans --count 10             # ten values, all or nothing
   allot alloc vlans --key site-a           # idempotent: same value every time
   allot alloc vlans --value 200 --owner agent-1 --meta '{\"site\":\"a\"}'
-  allot alloc subnets --prefix-len 26      # a /26 from a prefix pool";
+  allot alloc subnets --prefix-len 26      # a /26 from a prefix pool
+  allot alloc vlans --request-id req-42    # safe to retry: a repeat returns the first answer";
 
 const RESYNC_EXAMPLES: &str = "\
 Examples:
@@ -137,8 +177,14 @@ pub enum PoolCommand {
     Create(CreateArgs),
 
     /// List every pool with its usage.
-    #[command(after_help = "Examples:\n  allot pool list\n  allot pool list --output json")]
-    List,
+    #[command(
+        after_help = "Examples:\n  allot pool list\n  allot pool list --label team=net --output json"
+    )]
+    List {
+        /// Only pools having this KEY=VALUE label; repeatable (all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
 
     /// Show a pool's definition and counters.
     #[command(after_help = "Examples:\n  allot pool show vlans")]
@@ -165,7 +211,9 @@ Examples:
   allot pool create vlans --range 100-4094 --reserve 1000-1099
   allot pool create hosts --cidr 10.0.0.0/24 --strategy next --quarantine 300
   allot pool create subnets --cidr 10.0.0.0/16 --prefix-len 24 --max-prefix-len 28
-  allot pool create colors --values red,green,blue --label team=net";
+  allot pool create colors --values red,green,blue --label team=net
+  allot alloc supernets                                  # say it gives 10.0.3.0/24
+  allot pool create lan3 --cidr 10.0.3.0/24 --parent-pool supernets --parent-value 10.0.3.0/24";
 
 /// Arguments of `allot pool create`.
 #[derive(Debug, Args)]
@@ -208,6 +256,15 @@ pub struct CreateArgs {
     /// A descriptive KEY=VALUE label; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+
+    /// Nest the pool in a claimed value of this pool (with --parent-value):
+    /// the value cannot be released while the nested pool exists.
+    #[arg(long, value_name = "POOL", requires = "parent_value")]
+    pub parent_pool: Option<String>,
+
+    /// The claimed value of --parent-pool the pool is carved from.
+    #[arg(long, value_name = "VALUE", requires = "parent_pool")]
+    pub parent_value: Option<String>,
 }
 
 /// What a pool hands out: exactly one of the three.
@@ -256,6 +313,26 @@ pub struct AllocArgs {
     /// JSON metadata stored with the claim.
     #[arg(long, value_name = "JSON")]
     pub meta: Option<String>,
+
+    /// Idempotency key: repeating the command with the same id (within
+    /// about an hour) returns the first answer and claims nothing more.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+/// Arguments of `allot release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// Pool name.
+    pub pool: String,
+
+    #[command(flatten)]
+    pub target: TargetSel,
+
+    /// Idempotency key: repeating the command with the same id returns the
+    /// first answer instead of "not allocated".
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
 }
 
 /// A pool plus one claim, addressed by value or by key.

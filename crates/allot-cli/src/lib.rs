@@ -1,15 +1,18 @@
-//! The `allot` command line: pools, claims and resync on a local data dir.
+//! The `allot` command line: pools, claims and resync on a local data dir,
+//! or through an `allot serve` with `--server URL`.
 //!
 //! Every command runs in two steps: the command line is parsed and checked
 //! completely (clap, then [`commands::prepare`]) before the data dir is
-//! opened, so bad input is reported without touching anything; then the
-//! validated action runs on the engine and the result is rendered. Errors
-//! are one line on stderr (`error: ...`) with exit code 1, or clap's code 2
-//! for usage errors.
+//! opened or the server called, so bad input is reported without touching
+//! anything; then the validated action runs on the engine (or the server,
+//! see [`remote`]) and the result is rendered the same way either way.
+//! Errors are one line on stderr (`error: ...`) with exit code 1, or clap's
+//! code 2 for usage errors.
 
 pub mod cli;
 pub mod commands;
 pub mod output;
+pub mod remote;
 pub mod serve;
 pub mod store;
 
@@ -17,7 +20,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
@@ -39,7 +42,14 @@ pub fn main() -> ExitCode {
     // `serve` lets a config file choose the data dir unless --data-dir or
     // ALLOT_DATA_DIR gave one.
     let data_dir_given = matches.value_source("data_dir") != Some(ValueSource::DefaultValue);
+    let typed = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
     let result = match cli.command {
+        // Refused rather than ignored: `serve --token X` would otherwise
+        // start a server without authentication.
+        Command::Serve(_) if typed("server") || typed("token") => Err(anyhow::anyhow!(
+            "--server and --token are for client commands; `allot serve` takes its token \
+             from --token-file or ALLOT_TOKEN"
+        )),
         Command::Serve(args) => serve::run(args, data_dir_given.then_some(cli.data_dir)),
         command => run(Cli { command, ..cli }),
     };
@@ -61,12 +71,21 @@ pub fn run(cli: Cli) -> Result<()> {
         return serve::run(args, Some(cli.data_dir));
     }
     let action = commands::prepare(cli.command)?;
+    // An empty ALLOT_SERVER or ALLOT_TOKEN (exported but blank) means unset.
+    let server = cli.server.filter(|s| !s.trim().is_empty());
+    let token = cli.token.filter(|t| !t.trim().is_empty());
+    if server.is_none() && matches!(action, Action::Watch { .. }) {
+        bail!(commands::WATCH_NEEDS_SERVER);
+    }
     // One thread is plenty for one request and starts fastest.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(run_action(&cli.data_dir, cli.output, action))
+    match server {
+        Some(url) => runtime.block_on(remote::run(&url, token, cli.output, action)),
+        None => runtime.block_on(run_action(&cli.data_dir, cli.output, action)),
+    }
 }
 
 async fn run_action(data_dir: &Path, format: Format, action: Action) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use allot::{Claim, ClaimPage, PoolInfo, ResyncReport};
+use allot::{Change, Claim, ClaimPage, Event, EventClaim, PoolInfo, ResyncReport};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -221,7 +221,15 @@ fn pool_details(w: &mut impl Write, p: &PoolInfo) -> std::io::Result<()> {
     ];
     lines
         .iter()
-        .try_for_each(|(k, v)| writeln!(w, "{:<12} {v}", format!("{k}:")))
+        .try_for_each(|(k, v)| writeln!(w, "{:<12} {v}", format!("{k}:")))?;
+    if let Some(parent) = &p.record.parent {
+        writeln!(
+            w,
+            "{:<12} {} in pool {}",
+            "parent:", parent.value, parent.pool
+        )?;
+    }
+    Ok(())
 }
 
 fn reserved_text(p: &PoolInfo) -> String {
@@ -291,4 +299,139 @@ fn resync_ended(w: &mut impl Write, r: &ResyncReport) -> std::io::Result<()> {
     r.released
         .iter()
         .try_for_each(|c| writeln!(w, "  {}{}", c.value, key_suffix(c)))
+}
+
+/// Writes one change of `allot watch` as one line: `REVISION POOL: what`
+/// for people, or the event as one compact JSON object.
+pub fn write_event(format: Format, event: &Event, w: &mut impl Write) -> Result<()> {
+    match format {
+        Format::Json => {
+            serde_json::to_writer(&mut *w, event).map_err(std::io::Error::from)?;
+            writeln!(w)
+        }
+        Format::Human => writeln!(w, "{} {}", event.revision, change_text(&event.change)),
+    }
+    .context("writing output")
+}
+
+fn change_text(c: &Change) -> String {
+    let for_owner = |o: &Option<String>| {
+        o.as_ref()
+            .map_or(String::new(), |o| format!(" for owner {o}"))
+    };
+    match c {
+        Change::PoolCreated { pool, description } => format!("{pool}: created ({description})"),
+        Change::PoolDeleted { pool } => format!("{pool}: deleted"),
+        Change::Claims {
+            pool,
+            allocated,
+            released,
+        } => {
+            let mut parts = Vec::new();
+            if !allocated.is_empty() {
+                parts.push(format!("allocated {}", event_claims(allocated)));
+            }
+            if !released.is_empty() {
+                parts.push(format!("released {}", event_claims(released)));
+            }
+            format!("{pool}: {}", parts.join("; "))
+        }
+        Change::ResyncBegun { pool, owner } => format!("{pool}: resync begun{}", for_owner(owner)),
+        Change::ResyncEnded {
+            pool,
+            owner,
+            released,
+        } => format!(
+            "{pool}: resync ended{}, released {released}",
+            for_owner(owner)
+        ),
+    }
+}
+
+/// `1, 2 (key k, owner o), 3`.
+fn event_claims(claims: &[EventClaim]) -> String {
+    claims
+        .iter()
+        .map(|c| {
+            let extra: Vec<String> = [("key", &c.key), ("owner", &c.owner)]
+                .into_iter()
+                .filter_map(|(what, v)| v.as_ref().map(|v| format!("{what} {v}")))
+                .collect();
+            if extra.is_empty() {
+                c.value.clone()
+            } else {
+                format!("{} ({})", c.value, extra.join(", "))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(change: Change) -> String {
+        let mut out = Vec::new();
+        let event = Event {
+            revision: 7,
+            change,
+        };
+        write_event(Format::Human, &event, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn claim(value: &str, key: Option<&str>, owner: Option<&str>) -> EventClaim {
+        EventClaim {
+            value: value.into(),
+            key: key.map(Into::into),
+            owner: owner.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn events_are_one_line_each() {
+        let p = || "ids".to_string();
+        assert_eq!(
+            line(Change::PoolCreated {
+                pool: p(),
+                description: "integers 1-9".into()
+            }),
+            "7 ids: created (integers 1-9)\n"
+        );
+        assert_eq!(
+            line(Change::Claims {
+                pool: p(),
+                allocated: vec![claim("1", None, None), claim("2", Some("k"), Some("o"))],
+                released: vec![claim("3", None, Some("o"))],
+            }),
+            "7 ids: allocated 1, 2 (key k, owner o); released 3 (owner o)\n"
+        );
+        assert_eq!(
+            line(Change::ResyncEnded {
+                pool: p(),
+                owner: Some("o".into()),
+                released: 2
+            }),
+            "7 ids: resync ended for owner o, released 2\n"
+        );
+        assert_eq!(
+            line(Change::ResyncBegun {
+                pool: p(),
+                owner: None
+            }),
+            "7 ids: resync begun\n"
+        );
+        assert_eq!(line(Change::PoolDeleted { pool: p() }), "7 ids: deleted\n");
+        let mut out = Vec::new();
+        let event = Event {
+            revision: 7,
+            change: Change::PoolDeleted { pool: p() },
+        };
+        write_event(Format::Json, &event, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"revision\":7,\"type\":\"pool_deleted\",\"pool\":\"ids\"}\n"
+        );
+    }
 }

@@ -38,6 +38,8 @@ impl Env {
             .current_dir(self.dir.path())
             .env_remove("ALLOT_DATA_DIR")
             .env_remove("ALLOT_OUTPUT")
+            .env_remove("ALLOT_SERVER")
+            .env_remove("ALLOT_TOKEN")
             .output()
             .expect("run allot");
         Out {
@@ -618,6 +620,7 @@ fn every_help_has_examples() {
         &["resync"],
         &["resync", "begin"],
         &["resync", "end"],
+        &["watch"],
     ];
     for path in paths {
         for flag in ["--help", "-h"] {

@@ -31,6 +31,7 @@ fn allot(dir: &Path) -> Command {
         "ALLOT_STORE",
         "ALLOT_CONFIG",
         "ALLOT_TOKEN",
+        "ALLOT_SERVER",
         "ALLOT_MAX_BODY_BYTES",
         "RUST_LOG",
     ] {

@@ -26,7 +26,7 @@ impl Auth {
     /// Whether `header` (the Authorization value) carries the token.
     /// The comparison takes the same time whatever the bytes (only the
     /// length can tell).
-    fn check(&self, header: Option<&[u8]>) -> Result<(), ApiError> {
+    pub(crate) fn check(&self, header: Option<&[u8]>) -> Result<(), ApiError> {
         let Some(token) = &self.token else {
             return Ok(());
         };

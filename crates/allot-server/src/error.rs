@@ -26,7 +26,8 @@ pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_argument`, `pool_not_found`,
     /// `not_found`, `conflict`, `exhausted`, `pool_exists`, `pool_not_empty`,
     /// `contention`, `too_large`, `unauthenticated`, `unsupported_media_type`,
-    /// `method_not_allowed`, `unavailable`, `store_error`, `corrupt`, `internal`.
+    /// `method_not_allowed`, `unavailable`, `compacted` (watch history that
+    /// is gone), `store_error`, `corrupt`, `internal`.
     #[schema(example = "pool_not_found")]
     pub code: String,
     /// One line for people.

@@ -15,7 +15,11 @@
 //! | `GET /v1/pools/{pool}/lookup?value=V` or `?key=K` | look a claim up |
 //! | `GET /v1/pools/{pool}/claims?after=V&limit=N` | a page of claims |
 //! | `POST /v1/pools/{pool}/resync/begin`, `/resync/end` | mark and sweep |
+//! | `GET /v1/watch?from=REV` | the change stream (Server-Sent Events) |
 //! | `GET /openapi.json`, `/healthz`, `/readyz`, `/metrics` | operations |
+//!
+//! The same port serves the gRPC API of `proto/allot/v1/allot.proto` over
+//! HTTP/2 (cleartext, prior knowledge); see [`grpc`].
 //!
 //! Run it in-process (tests do, on port 0):
 //!
@@ -32,6 +36,7 @@
 mod auth;
 pub mod config;
 pub mod error;
+pub mod grpc;
 mod metrics;
 mod openapi;
 pub mod routes;
@@ -97,11 +102,32 @@ impl Config {
 pub(crate) struct Readiness {
     loaded: AtomicBool,
     stopping: AtomicBool,
+    /// Wakes [`Readiness::stopped`] when shutdown begins.
+    stop: tokio::sync::Notify,
 }
 
 impl Readiness {
     pub(crate) fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Marks shutdown as begun and wakes every [`Readiness::stopped`].
+    pub(crate) fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+    }
+
+    /// Completes once shutdown has begun. Long-lived streams end on it, so
+    /// graceful shutdown does not wait for them until its timeout.
+    pub(crate) async fn stopped(&self) {
+        let mut notified = std::pin::pin!(self.stop.notified());
+        // Registered before the flag is read, so a shutdown between the two
+        // still wakes this waiter.
+        notified.as_mut().enable();
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -126,6 +152,7 @@ fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
         .routes(routes!(routes::list_claims))
         .routes(routes!(routes::resync_begin))
         .routes(routes!(routes::resync_end))
+        .routes(routes!(routes::watch))
         .routes(routes!(metrics::metrics))
         .route_layer(middleware::from_fn_with_state(auth, auth::require_token));
     let open = OpenApiRouter::new()
@@ -175,7 +202,8 @@ fn app(
     max_body_bytes: usize,
     ready: Arc<Readiness>,
 ) -> Result<Router, ServerError> {
-    let (router, doc) = build(auth::Auth::new(token));
+    let auth = auth::Auth::new(token);
+    let (router, doc) = build(auth.clone());
     let metrics = metrics::Metrics::new(operation_ids(&doc))
         .map_err(|e| ServerError::Config(format!("setting up metrics: {e}")))?;
     let openapi = doc
@@ -193,6 +221,10 @@ fn app(
             state.clone(),
             metrics::track,
         ))
+        // After the REST route layers, which cannot read gRPC statuses
+        // (trailers): the gRPC service checks the token and counts calls
+        // itself.
+        .merge(grpc::router(&state, auth, max_body_bytes))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state))
@@ -321,7 +353,7 @@ impl Server {
             let ready = ready.clone();
             async move {
                 shutdown.await;
-                ready.stopping.store(true, Ordering::Release);
+                ready.begin_stopping();
                 tracing::info!("shutting down: no new connections, finishing requests in flight");
                 let _ = stopping_tx.send(true);
             }
@@ -432,7 +464,7 @@ mod tests {
     fn every_operation_has_an_id_for_metrics() {
         let doc = openapi();
         let ids = operation_ids(&doc);
-        assert_eq!(ids.len(), 14);
+        assert_eq!(ids.len(), 15);
         assert_eq!(
             ids[&(Method::POST, "/v1/pools/{pool}/allocate".to_string())],
             "allocate"

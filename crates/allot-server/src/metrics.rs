@@ -90,7 +90,7 @@ impl Metrics {
         })
     }
 
-    fn observe(&self, operation: &str, code: &str, seconds: f64) {
+    pub(crate) fn observe(&self, operation: &str, code: &str, seconds: f64) {
         self.requests.with_label_values(&[operation, code]).inc();
         self.latency
             .with_label_values(&[operation, code])

@@ -35,6 +35,7 @@ use crate::AppState;
         (name = "pools", description = "Create, list, show and delete pools"),
         (name = "claims", description = "Allocate, release, look up and list claims"),
         (name = "resync", description = "Mark and sweep"),
+        (name = "events", description = "The change stream (Server-Sent Events)"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]
@@ -215,6 +216,10 @@ pub(crate) struct PoolInfoDoc {
     labels: BTreeMap<String, String>,
     /// Creation time, ms since the Unix epoch.
     created_ms: u64,
+    /// The claimed value of another pool this pool is nested in; absent for
+    /// a top-level pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<ParentRefDoc>,
     /// Human description of the kind, e.g. "addresses of 10.0.0.0/24".
     description: String,
     stats: PoolStatsDoc,
@@ -254,4 +259,69 @@ pub(crate) struct ResyncReportDoc {
     count: u64,
     /// `end` only: the released claims.
     released: Vec<ClaimDoc>,
+}
+
+/// A claimed value of another pool that holds a nested pool.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ParentRef)]
+pub(crate) struct ParentRefDoc {
+    /// The parent pool.
+    #[schema(example = "subnets")]
+    pool: String,
+    /// The claimed value, in canonical text (given in any form the parent
+    /// pool parses; answers carry the canonical one).
+    #[schema(example = "10.0.3.0/24")]
+    value: String,
+}
+
+/// A value claimed or released, as events carry it (no metadata).
+#[derive(Serialize, ToSchema)]
+#[schema(as = EventClaim)]
+pub(crate) struct EventClaimDoc {
+    value: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+}
+
+/// One change (the `data` of a `/v1/watch` event), tagged by `type`, with
+/// the store revision it happened at.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[schema(as = Event)]
+pub(crate) enum EventDoc {
+    /// A pool was created.
+    PoolCreated {
+        revision: u64,
+        pool: String,
+        /// Human description of the kind.
+        description: String,
+    },
+    /// A pool was deleted, with everything in it.
+    PoolDeleted { revision: u64, pool: String },
+    /// Values claimed and released by one transaction.
+    Claims {
+        revision: u64,
+        pool: String,
+        /// Absent when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allocated: Vec<EventClaimDoc>,
+        /// Absent when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        released: Vec<EventClaimDoc>,
+    },
+    /// A resync pass was opened.
+    ResyncBegun {
+        revision: u64,
+        pool: String,
+        owner: Option<String>,
+    },
+    /// A resync pass was closed, releasing `released` claims.
+    ResyncEnded {
+        revision: u64,
+        pool: String,
+        owner: Option<String>,
+        released: u64,
+    },
 }

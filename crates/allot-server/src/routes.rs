@@ -6,19 +6,33 @@
 //! changes nothing.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-use allot::{AllocRequest, Claim, ClaimPage, PoolInfo, ResyncReport, Target};
+use allot::{AllocRequest, Claim, ClaimPage, ParentRef, PoolInfo, ResyncReport, Strategy, Target};
+use allot_store::StoreError;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
+use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::config::PoolDecl;
-use crate::error::{ApiError, ErrorBody};
-use crate::AppState;
+use crate::error::{one_line, ApiError, ErrorBody, ErrorDetail};
+use crate::{AppState, Readiness};
+
+/// The request header carrying an idempotency key (see [`allocate`]).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// How often an idle event stream gets a keep-alive comment, so proxies and
+/// clients can tell a quiet stream from a dead connection.
+pub const WATCH_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// A JSON body; malformed JSON, wrong types and unknown fields are 400s,
 /// a missing JSON content type 415 and an oversize body 413, all in the
@@ -74,6 +88,63 @@ pub struct Deleted {
     pub deleted: String,
 }
 
+/// Body of `POST /v1/pools`: a pool definition plus, for a nested pool,
+/// the claimed value of another pool it is carved from.
+///
+/// The definition fields repeat [`PoolDecl`]'s rather than flattening it:
+/// serde cannot refuse unknown fields through a flattened struct, and
+/// `PoolDecl` is also the configuration file's `[[pools]]` table, which has
+/// no parent.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = CreatePool)]
+pub struct CreatePoolBody {
+    /// Pool name: 1-128 of `A-Z a-z 0-9 . _ -`.
+    #[schema(example = "vlans")]
+    pub name: String,
+    /// What the pool hands out, tagged by `type`.
+    #[schema(value_type = crate::openapi::PoolKindDoc)]
+    pub kind: serde_json::Value,
+    /// Values, ranges (`A-B`) or prefixes never handed out.
+    #[serde(default)]
+    pub reserved: Vec<String>,
+    /// How the next free value is chosen (default `lowest`).
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::StrategyDoc>)]
+    pub strategy: Option<Strategy>,
+    /// Seconds a released value stays unavailable (default 0).
+    #[serde(default)]
+    pub quarantine_secs: Option<u64>,
+    /// Values per storage block, a power of two (default 65536).
+    #[serde(default)]
+    pub block_size: Option<u64>,
+    /// Descriptive labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Nest the pool in this claimed value of another pool (an address pool
+    /// inside a /24 claimed from a prefix pool, say): the value cannot be
+    /// released while the nested pool exists.
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::ParentRefDoc>)]
+    pub parent: Option<ParentRef>,
+}
+
+impl CreatePoolBody {
+    /// The definition and the parent, apart.
+    pub fn split(self) -> (PoolDecl, Option<ParentRef>) {
+        let decl = PoolDecl {
+            name: self.name,
+            kind: self.kind,
+            reserved: self.reserved,
+            strategy: self.strategy,
+            quarantine_secs: self.quarantine_secs,
+            block_size: self.block_size,
+            labels: self.labels,
+        };
+        (decl, self.parent)
+    }
+}
+
 /// Body of `POST /v1/pools/{pool}/allocate`. Every field is optional: `{}`
 /// claims one value chosen by the pool's strategy.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -98,6 +169,11 @@ pub struct AllocBody {
     /// Any JSON document stored with the claim (at most 64 KiB).
     #[serde(default)]
     pub meta: Option<serde_json::Value>,
+    /// Idempotency key, like the `Idempotency-Key` header (give either, or
+    /// both with the same value): a repeat within about an hour returns the
+    /// first answer and claims nothing more.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 fn one() -> u64 {
@@ -114,6 +190,7 @@ impl From<AllocBody> for AllocRequest {
         r.prefix_len = b.prefix_len;
         r.owner = b.owner;
         r.meta = b.meta;
+        r.request_id = b.request_id;
         r
     }
 }
@@ -140,6 +217,10 @@ pub struct ReleaseBody {
     /// The key the claim is bound to.
     #[serde(default)]
     pub key: Option<String>,
+    /// Idempotency key, like the `Idempotency-Key` header: a repeat within
+    /// about an hour returns the first answer instead of `not_found`.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 /// `GET /v1/pools/{pool}/lookup`: exactly one of `value`, `key`.
@@ -192,21 +273,26 @@ pub struct ResyncBody {
     pub owner: Option<String>,
 }
 
-/// Creates a pool.
+/// Creates a pool, optionally nested in a claimed value of another pool.
 #[utoipa::path(post, path = "/v1/pools", tag = "pools", operation_id = "create_pool",
-    request_body = PoolDecl,
+    request_body = CreatePoolBody,
     responses(
         (status = 201, description = "Created", body = crate::openapi::PoolInfoDoc),
-        (status = 400, description = "Invalid definition", body = ErrorBody),
-        (status = 409, description = "`pool_exists`", body = ErrorBody),
+        (status = 400, description = "Invalid definition, or a parent value that is not claimed or does not contain the pool", body = ErrorBody),
+        (status = 404, description = "`pool_not_found`: the parent pool", body = ErrorBody),
+        (status = 409, description = "`pool_exists`, or `contention` on the parent", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn create_pool(
     State(s): State<AppState>,
-    ApiJson(body): ApiJson<PoolDecl>,
+    ApiJson(body): ApiJson<CreatePoolBody>,
 ) -> Result<(StatusCode, Json<PoolInfo>), ApiError> {
-    let (spec, labels) = body.to_spec().map_err(ApiError::invalid)?;
-    let info = s.allot.create_pool(&body.name, spec, labels).await?;
+    let (decl, parent) = body.split();
+    let (spec, labels) = decl.to_spec().map_err(ApiError::invalid)?;
+    let info = s
+        .allot
+        .create_pool_in(&decl.name, spec, labels, parent)
+        .await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -244,16 +330,7 @@ pub(crate) async fn list_pools(
             )));
         }
     }
-    let pools = s
-        .allot
-        .list_pools()
-        .await?
-        .into_iter()
-        .filter(|p| {
-            want.iter()
-                .all(|(k, v)| p.record.labels.get(k).is_some_and(|have| have == v))
-        })
-        .collect();
+    let pools = s.allot.list_pools_labeled(&want).await?;
     Ok(Json(PoolList { pools }))
 }
 
@@ -292,9 +369,14 @@ pub(crate) async fn delete_pool(
 }
 
 /// Allocates: one value, `count` values all or nothing, a requested value,
-/// or the value bound to a key (idempotent).
+/// or the value bound to a key (idempotent). With an `Idempotency-Key`
+/// header (or `request_id`), a retry of the same request within about an
+/// hour returns the first answer and claims nothing more; the same key with
+/// a different request is a `conflict`.
 #[utoipa::path(post, path = "/v1/pools/{pool}/allocate", tag = "claims", operation_id = "allocate",
-    params(("pool" = String, Path, description = "Pool name")),
+    params(("pool" = String, Path, description = "Pool name"),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Makes the request safe to retry: a repeat within about an hour returns the first answer")),
     request_body = AllocBody,
     responses(
         (status = 200, description = "Claimed", body = Allocated),
@@ -306,8 +388,10 @@ pub(crate) async fn delete_pool(
 pub(crate) async fn allocate(
     State(s): State<AppState>,
     PoolName(pool): PoolName,
-    ApiJson(body): ApiJson<AllocBody>,
+    headers: HeaderMap,
+    ApiJson(mut body): ApiJson<AllocBody>,
 ) -> Result<Json<Allocated>, ApiError> {
+    body.request_id = request_id(&headers, body.request_id)?;
     let claims = s.allot.allocate(&pool, body.into()).await?;
     Ok(Json(Allocated {
         values: claims.iter().map(|c| c.value.clone()).collect(),
@@ -316,23 +400,58 @@ pub(crate) async fn allocate(
     }))
 }
 
-/// Releases a claim by value or by key and returns it.
+/// Releases a claim by value or by key and returns it. With an
+/// `Idempotency-Key` header (or `request_id`), a retry returns the first
+/// answer instead of `not_found`.
 #[utoipa::path(post, path = "/v1/pools/{pool}/release", tag = "claims", operation_id = "release",
-    params(("pool" = String, Path, description = "Pool name")),
+    params(("pool" = String, Path, description = "Pool name"),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Makes the request safe to retry: a repeat within about an hour returns the first answer")),
     request_body = ReleaseBody,
     responses(
         (status = 200, description = "Released", body = crate::openapi::ClaimDoc),
         (status = 400, description = "`invalid_argument`", body = ErrorBody),
         (status = 404, description = "`pool_not_found` or `not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: the value holds a nested pool, or the idempotency key was used for another request", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn release(
     State(s): State<AppState>,
     PoolName(pool): PoolName,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<ReleaseBody>,
 ) -> Result<Json<Claim>, ApiError> {
+    let id = request_id(&headers, body.request_id)?;
     let t = target(body.value, body.key)?;
-    Ok(Json(s.allot.release(&pool, t).await?))
+    Ok(Json(s.allot.release_once(&pool, t, id).await?))
+}
+
+/// The request's idempotency key: the `Idempotency-Key` header or the
+/// body's `request_id` (both only if equal). The engine checks its length
+/// and characters.
+fn request_id(headers: &HeaderMap, in_body: Option<String>) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let header = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "the Idempotency-Key header is given more than once",
+            ))
+        }
+        (Some(v), None) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::invalid("the Idempotency-Key header must be visible ASCII text")
+                })?
+                .to_string(),
+        ),
+    };
+    match (header, in_body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::invalid(
+            "the Idempotency-Key header and `request_id` differ; give one, or the same in both",
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
 }
 
 /// Who holds a value, or which value a key holds.
@@ -422,6 +541,172 @@ pub(crate) async fn resync_end(
     ))
 }
 
+/// `GET /v1/watch`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// The first revision to send (default: only changes from now). A
+    /// `Last-Event-ID` header takes precedence: it is what a reconnecting
+    /// client last saw.
+    pub from: Option<u64>,
+}
+
+/// Streams every change (pools created and deleted, values claimed and
+/// released, resync passes) as Server-Sent Events, one per store revision,
+/// in order: `id` is the revision, `event` the change's `type`, `data` the
+/// change as JSON. The first message carries only an `id` (the revision
+/// before the first one sent), so a client that reconnects with
+/// `Last-Event-ID` loses nothing even if no change happened in between.
+/// History older than the store retains is refused with 410 `compacted`
+/// before the stream starts, or with an `error` event (data: the error
+/// body) that ends the stream if it is found later. Idle streams get a
+/// keep-alive comment every 15 s.
+#[utoipa::path(get, path = "/v1/watch", tag = "events", operation_id = "watch",
+    params(WatchQuery,
+        ("Last-Event-ID" = Option<String>, Header,
+            description = "Resume after this revision (the `id` of the last event received); beats `from`")),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`; each event's data is one of these", content_type = "text/event-stream", body = crate::openapi::EventDoc),
+        (status = 400, description = "`invalid_argument`: malformed `from` or `Last-Event-ID`, or a revision in the future", body = ErrorBody),
+        (status = 410, description = "`compacted`: the requested history is gone; read the current state and watch from now", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn watch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<WatchQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let start = match last_event_id(&headers)? {
+        Some(id) => id
+            .checked_add(1)
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID is out of range"))?,
+        None => q.from.unwrap_or(0),
+    };
+    // "From now" is pinned to a revision here, so the first message can
+    // name it and a client resuming from it misses nothing.
+    let start = match start {
+        0 => {
+            let current = s
+                .allot
+                .store()
+                .current_revision()
+                .await
+                .map_err(|e| ApiError::from(allot::Error::from(e)))?;
+            current.saturating_add(1)
+        }
+        n => n,
+    };
+    let events = s.allot.watch(start).await.map_err(watch_error)?;
+    let hello = SseEvent::default()
+        .comment(format!("watching from revision {start}"))
+        .id((start - 1).to_string())
+        .retry(Duration::from_secs(1));
+    let changes = events.scan(false, |ended, item| {
+        let frame = if *ended {
+            None
+        } else {
+            Some(match item {
+                Ok(event) => event_frame(&event),
+                Err(e) => {
+                    // The engine's stream may go on after a record it
+                    // cannot decode; the client must not skip it silently.
+                    *ended = true;
+                    error_frame(watch_error(e))
+                }
+            })
+        };
+        std::future::ready(frame)
+    });
+    let stream = futures::stream::once(std::future::ready(hello))
+        .chain(changes)
+        .take_until(stopping(s.ready.clone()))
+        .map(Ok);
+    Ok(Sse::new(stream).keep_alive(
+        KeepAlive::new()
+            .interval(WATCH_KEEP_ALIVE)
+            .text("keep-alive"),
+    ))
+}
+
+/// The `Last-Event-ID` header as a revision, if given.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision (an integer)"))
+}
+
+/// An engine watch error as the API reports it: history that is gone is
+/// 410 `compacted`, a revision beyond the current one is a bad request.
+fn watch_error(e: allot::Error) -> ApiError {
+    if allot::is_compacted(&e) {
+        return ApiError::new(
+            StatusCode::GONE,
+            "compacted",
+            format!(
+                "{}; read the current state, then watch from now",
+                one_line(&e.to_string())
+            ),
+        );
+    }
+    if let allot::Error::Store(StoreError::FutureRevision { requested, current }) = &e {
+        return ApiError::invalid(format!(
+            "revision {requested} is in the future (the current revision is {current})"
+        ));
+    }
+    e.into()
+}
+
+/// One change as an SSE message.
+fn event_frame(event: &allot::Event) -> SseEvent {
+    // The data keeps the engine's field order (revision, type, ...); the
+    // type is read from the serialized change so new kinds need no code here.
+    let encoded = serde_json::to_string(event).and_then(|data| {
+        let change = serde_json::to_value(&event.change)?;
+        let kind = change["type"].as_str().unwrap_or("change").to_string();
+        Ok((data, kind))
+    });
+    match encoded {
+        Ok((data, kind)) => SseEvent::default()
+            .id(event.revision.to_string())
+            .event(kind)
+            .data(data),
+        Err(e) => error_frame(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding event {}: {e}", event.revision),
+        )),
+    }
+}
+
+/// A failure as the last SSE message of a stream: `event: error`, data the
+/// usual error body.
+fn error_frame(e: ApiError) -> SseEvent {
+    tracing::warn!(code = e.code, "watch ended: {}", e.message);
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: e.code.to_string(),
+            message: e.message,
+        },
+    };
+    SseEvent::default()
+        .event("error")
+        .data(serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// Completes once the server begins shutting down, so open event streams
+/// end and graceful shutdown does not wait for them until its timeout.
+async fn stopping(ready: Arc<Readiness>) {
+    while !ready.stopping.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Liveness: 200 whenever the process serves requests.
 #[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "healthz",
     responses((status = 200, description = "Serving", body = crate::openapi::StatusDoc)))]
@@ -445,5 +730,112 @@ pub(crate) async fn readyz(State(s): State<AppState>) -> Result<Json<serde_json:
             "unavailable",
             "not ready: loading state or shutting down",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use allot::{AllocRequest, Allot, PoolKind, PoolSpec};
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    fn state() -> AppState {
+        AppState {
+            allot: Allot::new(Arc::new(allot_store::MemoryStore::new())),
+            ready: Arc::new(Readiness::default()),
+            metrics: Arc::new(crate::metrics::Metrics::new(HashMap::new()).unwrap()),
+            openapi: Arc::new(String::new()),
+        }
+    }
+
+    /// The whole body of a response that must end within 5 s.
+    async fn body_text(resp: axum::response::Response) -> String {
+        let mut body = resp.into_body().into_data_stream();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(chunk) = body.next().await {
+                out.extend_from_slice(&chunk.unwrap());
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the stream did not end");
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn history_compacted_mid_stream_ends_it_with_an_error_event() {
+        let s = state();
+        let spec = PoolSpec::new(PoolKind::Range { lo: 1, hi: 9 });
+        s.allot
+            .create_pool("ids", spec, BTreeMap::new())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            s.allot.allocate("ids", AllocRequest::one()).await.unwrap();
+        }
+        let q = ApiQuery(WatchQuery { from: Some(1) });
+        let resp = watch(State(s.clone()), HeaderMap::new(), q)
+            .await
+            .ok()
+            .unwrap()
+            .into_response();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // The stream was accepted; its history goes before it is read.
+        let current = s.allot.store().current_revision().await.unwrap();
+        s.allot.store().compact(current).await.unwrap();
+        let text = body_text(resp).await;
+        let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
+        assert_eq!(frames.len(), 2, "{text}");
+        assert!(frames[0].contains("id: 0"), "{text}");
+        let (head, data) = frames[1].split_once("data: ").unwrap();
+        assert_eq!(head, "event: error\n");
+        let body: ErrorBody = serde_json::from_str(data).unwrap();
+        assert_eq!(body.error.code, "compacted");
+        assert!(body.error.message.contains("revision 1 has been compacted"));
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_an_idle_stream() {
+        let s = state();
+        let resp = watch(
+            State(s.clone()),
+            HeaderMap::new(),
+            ApiQuery(WatchQuery { from: None }),
+        )
+        .await
+        .ok()
+        .unwrap()
+        .into_response();
+        s.ready.stopping.store(true, Ordering::Release);
+        // Ends (within the 5 s body_text allows), sending nothing more.
+        let text = body_text(resp).await;
+        assert!(!text.contains("event:"), "{text}");
+    }
+
+    #[test]
+    fn idempotency_key_from_header_or_body() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h, None).unwrap(), None);
+        assert_eq!(
+            request_id(&h, Some("b".into())).unwrap().as_deref(),
+            Some("b")
+        );
+        h.insert(IDEMPOTENCY_KEY, "k".parse().unwrap());
+        assert_eq!(request_id(&h, None).unwrap().as_deref(), Some("k"));
+        assert_eq!(
+            request_id(&h, Some("k".into())).unwrap().as_deref(),
+            Some("k")
+        );
+        assert!(request_id(&h, Some("other".into())).is_err());
+        h.append(IDEMPOTENCY_KEY, "k2".parse().unwrap());
+        assert!(request_id(&h, None)
+            .unwrap_err()
+            .message
+            .contains("more than once"));
     }
 }

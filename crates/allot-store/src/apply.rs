@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Read access to the committed key space a transaction is evaluated against.
-pub(crate) trait KvRead {
+pub trait KvRead {
     /// Reads one key.
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError>;
     /// Every key in `[start, end)` (`end` empty = unbounded), in key order.
@@ -23,7 +23,7 @@ pub(crate) trait KvRead {
 
 /// The final state of one key a transaction wrote.
 #[derive(Debug)]
-pub(crate) struct Change {
+pub struct Change {
     pub key: Vec<u8>,
     /// The lease the key was attached to before the transaction (0 = none),
     /// so the backend can detach it from that lease's key set.
@@ -34,7 +34,7 @@ pub(crate) struct Change {
 
 /// The outcome of evaluating a transaction.
 #[derive(Debug)]
-pub(crate) struct Applied {
+pub struct Applied {
     pub response: TxnResponse,
     /// Every key written, in key order; empty when nothing was written (and
     /// then the revision must not be bumped).
@@ -51,7 +51,7 @@ impl Applied {
 }
 
 /// True if `key` lies in `[start, end)`, `end` empty meaning unbounded.
-pub(crate) fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
 }
 
@@ -151,7 +151,7 @@ fn compare_holds(current: Option<&KeyValue>, target: &CompareTarget) -> bool {
 ///
 /// `lease_alive` answers whether a lease may receive keys; a put to a dead
 /// lease fails the whole call with [`StoreError::LeaseNotFound`].
-pub(crate) fn apply_txn<V: KvRead>(
+pub fn apply_txn<V: KvRead>(
     view: &V,
     txn: &Txn,
     current: Revision,
@@ -243,7 +243,7 @@ pub(crate) fn apply_txn<V: KvRead>(
 
 /// A transaction deleting every given key: how a revoked or expired lease
 /// removes its keys in one revision.
-pub(crate) fn delete_keys_txn<'a>(keys: impl IntoIterator<Item = &'a Vec<u8>>) -> Txn {
+pub fn delete_keys_txn<'a>(keys: impl IntoIterator<Item = &'a Vec<u8>>) -> Txn {
     Txn {
         success: keys.into_iter().map(Op::delete).collect(),
         ..Txn::default()

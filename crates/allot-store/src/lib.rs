@@ -10,8 +10,10 @@
 //! Backends (this crate: [`MemoryStore`] for tests and simulation,
 //! [`RedbStore`] as the embedded default) may batch work internally (the redb
 //! backend shares one fsync between concurrent transactions: group commit),
-//! but never weaken these semantics. The conformance suite in
-//! `tests/conformance.rs` runs unchanged against every backend.
+//! but never weaken these semantics. The conformance suite
+//! (`conformance`, behind the feature of that name) runs unchanged against
+//! every backend, including those in other crates; [`backend`] holds the
+//! transaction evaluation they share.
 //!
 //! ```
 //! use allot_store::{MemoryStore, Store, Txn, Compare, Op};
@@ -33,6 +35,8 @@
 
 mod apply;
 mod codec;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod error;
 mod lease;
 mod memory;
@@ -41,6 +45,16 @@ mod types;
 mod watch;
 
 pub use error::StoreError;
+
+/// Building blocks for backends outside this crate, so that every backend
+/// evaluates transactions with the same code: compares first, then the
+/// operations on a private overlay of the transaction's own writes, one
+/// revision per writing transaction. A backend supplies a [`backend::KvRead`]
+/// view of its committed keys and persists the resulting
+/// [`backend::Applied::changes`] and events.
+pub mod backend {
+    pub use crate::apply::{apply_txn, delete_keys_txn, in_range, Applied, Change, KvRead};
+}
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 pub use types::*;

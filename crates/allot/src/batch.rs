@@ -847,18 +847,34 @@ impl Work {
             lease: None,
             leased: BTreeMap::new(),
         };
-        work.fetch(store, want, in_flight).await?;
-        // Second round: the claim records the keys point at.
-        let mut follow = Vec::new();
-        for (k, v) in &work.records {
-            if k.starts_with(b"k/") {
-                if let Some((bytes, _)) = v {
-                    let kr: KeyRecord = decode_json("key record", bytes)?;
-                    follow.push(keys::value(name, kr.offset));
+        // Keys and the claim records they point at must come from one
+        // snapshot: read separately, another writer's release in between
+        // would leave a key without its record. So re-read everything with
+        // the claim records found so far until the pairs agree.
+        let mut want: std::collections::BTreeSet<Vec<u8>> = want.into_iter().collect();
+        let mut consistent = false;
+        for _ in 0..8 {
+            work.fetch(store, want.iter().cloned().collect(), in_flight)
+                .await?;
+            let mut follow = Vec::new();
+            for (k, v) in &work.records {
+                if k.starts_with(b"k/") {
+                    if let Some((bytes, _)) = v {
+                        let kr: KeyRecord = decode_json("key record", bytes)?;
+                        follow.push(keys::value(name, kr.offset));
+                    }
                 }
             }
+            let before = want.len();
+            want.extend(follow);
+            if want.len() == before {
+                consistent = true;
+                break;
+            }
         }
-        work.fetch(store, follow, in_flight).await?;
+        if !consistent {
+            return Err(Error::Contention(name.to_string()));
+        }
         let keyed = ops
             .iter()
             .any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
@@ -887,7 +903,8 @@ impl Work {
     ) -> Result<()> {
         want.sort();
         want.dedup();
-        want.retain(|k| !self.records.contains_key(k));
+        // Every call re-reads all of `want` in one snapshot, replacing what
+        // earlier calls read: callers rely on the set being consistent.
         want.retain(|k| match in_flight.records.get(k) {
             Some((_, pending)) => {
                 // Revision unknown until it commits; MAX reads as "newer than any resync".

@@ -18,13 +18,32 @@ pub(crate) fn prepare_alloc(args: AllocArgs) -> Result<Action> {
         prefix_len: args.prefix_len,
         owner: args.owner,
         meta,
-        request_id: None,
+        request_id: args.request_id.map(checked_request_id).transpose()?,
     };
     req.validate()?;
     Ok(Action::Alloc {
         pool: args.pool,
         req,
     })
+}
+
+/// Checks `--request-id` as the engine will (non-empty, at most 256 bytes,
+/// no control characters), naming the flag.
+pub(crate) fn checked_request_id(id: String) -> Result<String> {
+    if id.is_empty() {
+        anyhow::bail!("invalid --request-id: must not be empty");
+    }
+    if id.len() > allot::MAX_OWNER_LEN {
+        anyhow::bail!(
+            "invalid --request-id: {} bytes long; the limit is {}",
+            id.len(),
+            allot::MAX_OWNER_LEN
+        );
+    }
+    if id.chars().any(char::is_control) {
+        anyhow::bail!("invalid --request-id: must not contain control characters");
+    }
+    Ok(id)
 }
 
 /// Parses `--meta`; serde_json's message already says where it broke.

@@ -1,14 +1,17 @@
 //! Commands in two steps: [`prepare`] checks everything that can be checked
 //! without the store (so bad input is refused before anything is opened or
-//! created), then [`execute`] runs the validated [`Action`] on the engine.
+//! created), then [`execute`] runs the validated [`Action`] on the engine,
+//! or [`execute_remote`] sends it to a server. Both give the same
+//! [`Report`], so the output does not depend on where the command ran.
 
 mod claim;
 mod pool;
 
 use std::collections::BTreeMap;
 
-use allot::{AllocRequest, Allot, PoolSpec, Target};
-use anyhow::Result;
+use allot::{AllocRequest, Allot, ParentRef, PoolSpec, Target};
+use allot_client::Client;
+use anyhow::{bail, Result};
 
 use crate::cli::{Command, PoolCommand, ResyncCommand, TargetSel};
 use crate::output::Report;
@@ -21,9 +24,10 @@ pub enum Action {
         name: String,
         spec: PoolSpec,
         labels: BTreeMap<String, String>,
+        parent: Option<ParentRef>,
     },
-    /// `pool list`.
-    ListPools,
+    /// `pool list`: the pools having all these labels.
+    ListPools { labels: BTreeMap<String, String> },
     /// `pool show`.
     ShowPool { name: String },
     /// `pool delete`.
@@ -31,7 +35,11 @@ pub enum Action {
     /// `alloc`.
     Alloc { pool: String, req: AllocRequest },
     /// `release`.
-    Release { pool: String, target: Target },
+    Release {
+        pool: String,
+        target: Target,
+        request_id: Option<String>,
+    },
     /// `lookup`.
     Lookup { pool: String, target: Target },
     /// `claims`: one page of at most `limit` claims after `after`.
@@ -44,6 +52,8 @@ pub enum Action {
     ResyncBegin { pool: String, owner: Option<String> },
     /// `resync end`.
     ResyncEnd { pool: String, owner: Option<String> },
+    /// `watch`: changes from this revision on (0: from now).
+    Watch { from: u64 },
 }
 
 impl Action {
@@ -58,7 +68,9 @@ impl Action {
 pub fn prepare(command: Command) -> Result<Action> {
     Ok(match command {
         Command::Pool(PoolCommand::Create(args)) => pool::prepare_create(args)?,
-        Command::Pool(PoolCommand::List) => Action::ListPools,
+        Command::Pool(PoolCommand::List { labels }) => Action::ListPools {
+            labels: pool::parse_labels(&labels)?,
+        },
         Command::Pool(PoolCommand::Show { name }) => Action::ShowPool {
             name: checked_pool(name)?,
         },
@@ -70,6 +82,7 @@ pub fn prepare(command: Command) -> Result<Action> {
         Command::Release(args) => Action::Release {
             pool: checked_pool(args.pool)?,
             target: target(args.target),
+            request_id: args.request_id.map(claim::checked_request_id).transpose()?,
         },
         Command::Lookup(args) => Action::Lookup {
             pool: checked_pool(args.pool)?,
@@ -89,8 +102,11 @@ pub fn prepare(command: Command) -> Result<Action> {
             pool: checked_pool(a.pool)?,
             owner: a.owner,
         },
+        Command::Watch(args) => Action::Watch {
+            from: args.from.unwrap_or(0),
+        },
         // Runs on its own (crate::serve), never as a one-shot action.
-        Command::Serve(_) => anyhow::bail!("`serve` is not a one-shot command"),
+        Command::Serve(_) => bail!("`serve` is not a one-shot command"),
     })
 }
 
@@ -110,10 +126,13 @@ fn target(sel: TargetSel) -> Target {
 /// Runs a validated action on the engine.
 pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
     Ok(match action {
-        Action::CreatePool { name, spec, labels } => {
-            Report::PoolCreated(allot.create_pool(&name, spec, labels).await?)
-        }
-        Action::ListPools => Report::Pools(allot.list_pools().await?),
+        Action::CreatePool {
+            name,
+            spec,
+            labels,
+            parent,
+        } => Report::PoolCreated(allot.create_pool_in(&name, spec, labels, parent).await?),
+        Action::ListPools { labels } => Report::Pools(allot.list_pools_labeled(&labels).await?),
         Action::ShowPool { name } => Report::Pool(allot.pool(&name).await?),
         Action::DeletePool { name, force } => {
             allot.delete_pool(&name, force).await?;
@@ -123,7 +142,11 @@ pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
             let claims = allot.allocate(&pool, req).await?;
             Report::Allocated { pool, claims }
         }
-        Action::Release { pool, target } => Report::Released(allot.release(&pool, target).await?),
+        Action::Release {
+            pool,
+            target,
+            request_id,
+        } => Report::Released(allot.release_once(&pool, target, request_id).await?),
         Action::Lookup { pool, target } => Report::Lookup(allot.lookup(&pool, target).await?),
         Action::Claims { pool, after, limit } => {
             let page = allot.list_claims(&pool, after.as_deref(), limit).await?;
@@ -135,5 +158,54 @@ pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
         Action::ResyncEnd { pool, owner } => {
             Report::ResyncEnded(allot.resync_end(&pool, owner.as_deref()).await?)
         }
+        // The caller streams instead (crate::remote); a local watch would
+        // hold the data dir's lock for as long as it runs.
+        Action::Watch { .. } => bail!(WATCH_NEEDS_SERVER),
+    })
+}
+
+/// Why `watch` does not run on a local data dir.
+pub const WATCH_NEEDS_SERVER: &str =
+    "watch needs --server URL (or ALLOT_SERVER): watching a local \
+     data dir would hold its lock, so nothing could change while it runs; start `allot serve` \
+     and watch through it";
+
+/// Runs a validated action through a server: the same calls as
+/// [`execute`], over the REST API.
+pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
+    Ok(match action {
+        Action::CreatePool {
+            name,
+            spec,
+            labels,
+            parent,
+        } => Report::PoolCreated(client.create_pool(&name, spec, labels, parent).await?),
+        Action::ListPools { labels } => Report::Pools(client.list_pools(&labels).await?),
+        Action::ShowPool { name } => Report::Pool(client.pool(&name).await?),
+        Action::DeletePool { name, force } => {
+            client.delete_pool(&name, force).await?;
+            Report::Deleted(name)
+        }
+        Action::Alloc { pool, req } => {
+            let claims = client.allocate(&pool, req).await?;
+            Report::Allocated { pool, claims }
+        }
+        Action::Release {
+            pool,
+            target,
+            request_id,
+        } => Report::Released(client.release(&pool, target, request_id.as_deref()).await?),
+        Action::Lookup { pool, target } => Report::Lookup(client.lookup(&pool, target).await?),
+        Action::Claims { pool, after, limit } => {
+            let page = client.list_claims(&pool, after.as_deref(), limit).await?;
+            Report::Claims { pool, page }
+        }
+        Action::ResyncBegin { pool, owner } => {
+            Report::ResyncBegun(client.resync_begin(&pool, owner.as_deref()).await?)
+        }
+        Action::ResyncEnd { pool, owner } => {
+            Report::ResyncEnded(client.resync_end(&pool, owner.as_deref()).await?)
+        }
+        Action::Watch { .. } => bail!("`watch` streams; it is not a one-shot command"),
     })
 }

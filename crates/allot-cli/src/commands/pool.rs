@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use allot::{parse_cidr, PoolKind, PoolSpec};
+use allot::{parse_cidr, ParentRef, PoolKind, PoolSpec};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::Action;
@@ -24,10 +24,22 @@ pub(crate) fn prepare_create(args: CreateArgs) -> Result<Action> {
     // for a spec that can never be accepted.
     spec.validate()?;
     let labels = parse_labels(&args.labels)?;
+    // clap makes the two parent flags come together.
+    let parent = match (args.parent_pool, args.parent_value) {
+        (Some(pool), Some(value)) => {
+            allot::validate_pool_name(&pool)?;
+            if pool == args.name {
+                bail!("a pool cannot be nested in itself");
+            }
+            Some(ParentRef { pool, value })
+        }
+        _ => None,
+    };
     Ok(Action::CreatePool {
         name: args.name,
         spec,
         labels,
+        parent,
     })
 }
 

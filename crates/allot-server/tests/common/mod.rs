@@ -249,6 +249,28 @@ pub fn check_request(doc: &Value, method: &str, path: &str, value: &Value) {
     }
 }
 
+/// Checks `value` against the response schema the document gives for
+/// `method path`, `status` and a non-JSON `content_type` (the data of
+/// `text/event-stream` events, say).
+pub fn check_content(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    content_type: &str,
+    value: &Value,
+) {
+    let schema = &doc["paths"][path][method]["responses"][status.to_string()]["content"]
+        [content_type]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status}: no {content_type} schema"
+    );
+    if let Err(e) = check(doc, schema, value, "$") {
+        panic!("{method} {path} {status} {content_type}: {e}\nvalue: {value}");
+    }
+}
+
 fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
     match schema["$ref"].as_str() {
         Some(r) => {

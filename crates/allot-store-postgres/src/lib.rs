@@ -1,0 +1,504 @@
+//! The PostgreSQL backend of allot's [`Store`]: several allot servers (or
+//! applications embedding the engine) share one database for high
+//! availability.
+//!
+//! Semantics are exactly those of the trait (and of the in-memory reference
+//! backend); the conformance suite of `allot-store` runs unchanged against
+//! this backend. How they map onto PostgreSQL:
+//!
+//! - **Revisions**: one row (`allot_revision`) holds the store revision.
+//!   Every writing transaction locks it first and bumps it, so writers are
+//!   serialized and commit in revision order (see the `write` module for the
+//!   two-round-trip shape of a write, and the group commit that lets
+//!   concurrent callers share one PostgreSQL transaction and WAL flush).
+//! - **Transactions**: compares and operations are evaluated by the same
+//!   code as every other backend (`allot_store::backend::apply_txn`),
+//!   against keys read after the lock was taken; the outcome is written with
+//!   one multi-row upsert and one delete.
+//! - **Watch**: every event is appended to a change log in the same
+//!   transaction; watchers replay it and then follow new rows, woken by
+//!   `LISTEN`/`NOTIFY` (see the `watch` module).
+//! - **Leases**: a table of deadlines judged by the database clock
+//!   (`clock_timestamp()`), so every server agrees; a background task on
+//!   every server deletes expired leases' keys in one revision (the revision
+//!   lock makes concurrent expiries harmless), and calls that know a
+//!   deadline has passed expire first.
+//! - **Outages**: every call is bounded by [`PostgresOptions::timeout`] and
+//!   fails with [`StoreError::Unavailable`]; broken connections are dropped
+//!   and the pool opens new ones, so the store reconnects by itself.
+//!
+//! Connections use no TLS for now (loopback or a trusted network).
+//!
+//! Limits specific to this backend: keys are at most [`MAX_KEY_LEN`] bytes
+//! (PostgreSQL's b-tree index entry limit), values at most 1 GiB.
+
+mod error;
+mod schema;
+mod shared;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod watch;
+mod write;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allot_store::backend::apply_txn;
+use allot_store::{
+    KeyValue, LeaseId, Op, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot, watch as signal, Notify};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::error::{CallError, PgError};
+use crate::schema::{validate_schema_name, Sql};
+use crate::shared::{kv_at, to_u64, Limits, Shared, Signal};
+
+/// The longest key this backend stores, in bytes: PostgreSQL cannot index
+/// much longer ones, and a failing index write would fail every transaction
+/// committed with it.
+pub const MAX_KEY_LEN: usize = 2048;
+
+/// Tuning of a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The PostgreSQL schema holding the store's tables (default `allot`),
+    /// created if missing. Several stores can share a database under
+    /// different schemas. Lower-case letters, digits and `_` only.
+    pub schema: String,
+    /// How many of the latest revisions of history are kept for watches to
+    /// replay (default 100,000). Older ones are dropped in chunks of up to a
+    /// tenth of this (at most 1,000 revisions) as writes go on.
+    pub history_revisions: u64,
+    /// The most events of history kept (default 1,000,000): once exceeded,
+    /// whole revisions are dropped from the oldest on until at most nine
+    /// tenths remain. The newest revision is always kept.
+    pub history_events: u64,
+    /// Connections in the pool (default 16), besides the one the watch
+    /// listener holds.
+    pub pool_size: usize,
+    /// Bound on connecting and on every call (default 5 s): past it a call
+    /// fails with [`StoreError::Unavailable`] instead of hanging.
+    pub timeout: Duration,
+    /// The most transactions committed together in one PostgreSQL
+    /// transaction (default 1,024).
+    pub max_batch: usize,
+    /// How often idle watchers look at the log even without a notification,
+    /// and the longest the lease expiry task sleeps (default 1 s).
+    pub poll_interval: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: "allot".into(),
+            history_revisions: 100_000,
+            history_events: 1_000_000,
+            pool_size: 16,
+            timeout: Duration::from_secs(5),
+            max_batch: 1024,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A [`Store`] in a PostgreSQL database.
+///
+/// Cloning is cheap and every clone shares the same connections. When the
+/// last clone is dropped, queued transactions are still committed and then
+/// the background tasks (committer, watch listener, lease expiry) stop; open
+/// watch streams end with [`StoreError::Unavailable`].
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.schema)
+            .finish()
+    }
+}
+
+struct Inner {
+    schema: String,
+    shared: Arc<Shared>,
+    /// The committer's queue; dropping it (with the last handle) lets the
+    /// committer finish what is queued and end.
+    txns: mpsc::Sender<write::Request>,
+    /// The listener and expiry tasks, aborted on drop (they only wait).
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.signal.send_modify(|s| s.closed = true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (a `postgres://user@host:port/db`
+    /// URL or a `key=value` connection string), creates or migrates the
+    /// schema, and starts the background tasks.
+    ///
+    /// Must be called within a tokio runtime. Fails with
+    /// [`StoreError::Unavailable`] if the database cannot be reached within
+    /// the timeout, [`StoreError::Invalid`] for a bad URL or options, and
+    /// [`StoreError::Backend`] if the schema was written by a newer version
+    /// of allot.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        validate_schema_name(&options.schema).map_err(StoreError::Invalid)?;
+        if options.timeout.is_zero() || options.poll_interval.is_zero() {
+            return Err(StoreError::Invalid(
+                "timeout and poll interval must be positive".into(),
+            ));
+        }
+        let config = pg_config(url, options.timeout)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                // A broken connection is noticed by the call using it (and
+                // dropped then); checking each one before use would cost a
+                // round trip per call.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("building the connection pool: {e}")))?;
+        // Far beyond any real history, and small enough that the SQL
+        // arithmetic cannot overflow.
+        let cap = |v: u64| i64::try_from(v).unwrap_or(i64::MAX).clamp(1, 1 << 60);
+        let keep_revisions = cap(options.history_revisions);
+        let limits = Limits {
+            keep_revisions,
+            revision_slack: (keep_revisions / 10).min(1000),
+            keep_events: cap(options.history_events),
+            max_batch: options.max_batch.max(1),
+            timeout: options.timeout,
+            poll_interval: options.poll_interval,
+        };
+        let (signal, _) = signal::channel(Signal::default());
+        let shared = Arc::new(Shared {
+            pool,
+            sql: Sql::new(&options.schema),
+            limits,
+            signal,
+            next_due: Mutex::new(None),
+            expiry_lock: tokio::sync::Mutex::new(()),
+            expiry_wake: Notify::new(),
+        });
+
+        let conn = shared.conn().await?;
+        let result = shared.timed(schema::migrate(&conn, &options.schema)).await;
+        shared.settle(conn, result)?;
+
+        let (txns, queue) = mpsc::channel(limits.max_batch * 4);
+        tokio::spawn(write::run_committer(shared.clone(), queue));
+        let listener = tokio::spawn(watch::run_listener(shared.clone(), config));
+        let expiry = tokio::spawn(run_expiry(shared.clone()));
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                schema: options.schema,
+                shared,
+                txns,
+                tasks: vec![listener.abort_handle(), expiry.abort_handle()],
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Expires leases first if this process knows a deadline has passed, so
+    /// that no call observes a key whose lease is due.
+    async fn expire_if_due(&self) -> Result<(), StoreError> {
+        if self.shared().lease_due() {
+            write::expire_due(self.shared(), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses the connection URL and adds what the store relies on: bounded
+/// connection attempts, TCP keepalives so a vanished server is noticed,
+/// durable commits, and server-side limits so that a client that vanished
+/// (or gave up on a call) cannot keep the revision row locked
+/// (`client_connection_check_interval` needs PostgreSQL 14 or newer).
+fn pg_config(url: &str, timeout: Duration) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Invalid(format!("invalid PostgreSQL URL: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("allot");
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(timeout * 2);
+    let ms = timeout.as_millis();
+    // synchronous_commit: an acknowledged write is on disk, whatever the
+    // server's default says (never weaker than the other backends).
+    let ours = format!(
+        "-c synchronous_commit=on -c lock_timeout={ms} \
+         -c idle_in_transaction_session_timeout={} -c client_connection_check_interval=1000",
+        ms * 2
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.is_empty() => format!("{ours} {theirs}"),
+        _ => ours,
+    };
+    config.options(options);
+    Ok(config)
+}
+
+/// The expiry task: expires due leases and sleeps until the next deadline
+/// (at most `poll_interval`, as other servers may grant shorter leases), or
+/// until this process grants one. Aborted when the store is dropped.
+async fn run_expiry(shared: Arc<Shared>) {
+    let poll = shared.limits.poll_interval;
+    loop {
+        let wait = match write::expire_due(&shared, false).await {
+            Ok(Some(next)) => next.min(poll),
+            Ok(None) => poll,
+            Err(err) => {
+                tracing::warn!(%err, "expiring leases failed");
+                poll
+            }
+        };
+        tokio::select! {
+            // A little past the deadline, so that the database clock agrees
+            // it has passed.
+            _ = tokio::time::sleep(wait + Duration::from_millis(2)) => {}
+            _ = shared.expiry_wake.notified() => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        self.expire_if_due().await?;
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let stmt = conn.prepare_cached(&shared.sql.get).await?;
+                match conn.query_opt(&stmt, &[&key]).await? {
+                    Some(row) => kv_at(&row, 0),
+                    None => Ok(None),
+                }
+            })
+            .await;
+        shared.settle(conn, result)
+    }
+
+    async fn range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<RangeResult, StoreError> {
+        self.expire_if_due().await?;
+        let shared = self.shared();
+        // One more than asked, to learn whether more remain.
+        let fetch: Option<i64> = match limit {
+            0 => None,
+            n => Some(i64::try_from(n).unwrap_or(i64::MAX - 1) + 1),
+        };
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let rows = if end.is_empty() {
+                    let stmt = conn.prepare_cached(&shared.sql.range_from).await?;
+                    conn.query(&stmt, &[&start, &fetch]).await?
+                } else {
+                    let stmt = conn.prepare_cached(&shared.sql.range).await?;
+                    conn.query(&stmt, &[&start, &end, &fetch]).await?
+                };
+                let mut revision = None;
+                let mut kvs = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    revision = Some(to_u64(row.try_get(0)?, "revision")?);
+                    kvs.extend(kv_at(row, 1)?);
+                }
+                let revision = revision
+                    .ok_or_else(|| PgError::Corrupt("the revision row is missing".into()))?;
+                Ok::<_, CallError>((revision, kvs))
+            })
+            .await;
+        let (revision, mut kvs) = shared.settle(conn, result)?;
+        let more = limit != 0 && kvs.len() > limit;
+        if more {
+            kvs.truncate(limit);
+        }
+        Ok(RangeResult {
+            kvs,
+            more,
+            revision,
+        })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.expire_if_due().await?;
+        for op in txn.success.iter().chain(&txn.failure) {
+            if let Op::Put { key, .. } = op {
+                if key.len() > MAX_KEY_LEN {
+                    return Err(StoreError::Invalid(format!(
+                        "key of {} bytes is longer than the {MAX_KEY_LEN} this backend stores",
+                        key.len()
+                    )));
+                }
+            }
+        }
+        if txn.is_read_only() {
+            return self.read_only_txn(txn).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let closed = || StoreError::Unavailable("store closed".into());
+        self.inner
+            .txns
+            .send(write::Request { txn, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        self.expire_if_due().await?;
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let stmt = conn.prepare_cached(&shared.sql.current_revision).await?;
+                let row = conn.query_one(&stmt, &[]).await?;
+                Ok(to_u64(row.try_get(0)?, "revision")?)
+            })
+            .await;
+        shared.settle(conn, result)
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        if ttl.is_zero() {
+            return Err(StoreError::Invalid("lease TTL must be positive".into()));
+        }
+        // Whole milliseconds, rounded up; an absurd TTL means "a century".
+        let ms = ttl.as_nanos().div_ceil(1_000_000);
+        let ms = i64::try_from(ms)
+            .unwrap_or(i64::MAX)
+            .min(100 * 365 * 86_400_000);
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let stmt = conn.prepare_cached(&shared.sql.grant).await?;
+                let row = conn.query_one(&stmt, &[&ms]).await?;
+                Ok(to_u64(row.try_get(0)?, "lease id")?)
+            })
+            .await;
+        let id = shared.settle(conn, result)?;
+        {
+            let deadline = Instant::now() + Duration::from_millis(ms as u64);
+            let mut due = shared.next_due();
+            *due = Some(due.map_or(deadline, |d| d.min(deadline)));
+        }
+        shared.expiry_wake.notify_one();
+        Ok(id)
+    }
+
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let Ok(id) = i64::try_from(lease) else {
+            return Err(StoreError::LeaseNotFound(lease));
+        };
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let stmt = conn.prepare_cached(&shared.sql.keep_alive).await?;
+                match conn.query_opt(&stmt, &[&id]).await? {
+                    Some(row) => Ok(Some(to_u64(row.try_get(0)?, "lease TTL")?)),
+                    None => Ok(None),
+                }
+            })
+            .await;
+        match shared.settle(conn, result)? {
+            Some(ms) => Ok(Duration::from_millis(ms)),
+            None => Err(StoreError::LeaseNotFound(lease)),
+        }
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.expire_if_due().await?;
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared.timed(write::revoke(&conn, shared, lease)).await;
+        shared.settle(conn, result)
+    }
+
+    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+        self.expire_if_due().await?;
+        watch::start(self.shared(), prefix, from).await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.expire_if_due().await?;
+        let shared = self.shared();
+        let conn = shared.conn().await?;
+        let result = shared.timed(write::compact(&conn, shared, revision)).await;
+        shared.settle(conn, result)
+    }
+}
+
+impl PostgresStore {
+    /// A transaction that writes nothing needs no lock: one statement reads
+    /// every key it names and the revision from one snapshot, which is a
+    /// serializable point for it.
+    async fn read_only_txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let shared = self.shared();
+        let mut keys: Vec<&Vec<u8>> = txn.compare.iter().map(|c| &c.key).collect();
+        for op in txn.success.iter().chain(&txn.failure) {
+            if let Op::Get { key } = op {
+                keys.push(key);
+            }
+        }
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(async {
+                let stmt = conn.prepare_cached(&shared.sql.snapshot_keys).await?;
+                let rows = conn.query(&stmt, &[&keys]).await?;
+                let mut revision = None;
+                let mut view = std::collections::BTreeMap::new();
+                for row in &rows {
+                    revision = Some(to_u64(row.try_get(0)?, "revision")?);
+                    if let Some(kv) = kv_at(row, 1)? {
+                        view.insert(kv.key.clone(), kv);
+                    }
+                }
+                let revision = revision
+                    .ok_or_else(|| PgError::Corrupt("the revision row is missing".into()))?;
+                Ok::<_, CallError>((revision, view))
+            })
+            .await;
+        let (revision, view) = shared.settle(conn, result)?;
+        Ok(apply_txn(&view, &txn, revision, |_| false)?.response)
+    }
+}

@@ -1,0 +1,170 @@
+//! State shared by the store handles and its background tasks, and the
+//! small helpers every call uses: taking a connection, bounding a call in
+//! time, giving the connection back (or dropping it), decoding rows.
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use allot_store::{KeyValue, Revision, StoreError};
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_postgres::Row;
+
+use crate::error::{CallError, PgError};
+use crate::schema::Sql;
+
+/// What watchers wait on: the newest revision known to be committed,
+/// whether the store was dropped, and a counter the listener bumps whenever
+/// its connection goes down or comes back, so that idle watchers look at
+/// the database then (and fail promptly in an outage, or catch up on
+/// notifications missed while it lasted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Signal {
+    pub revision: Revision,
+    pub closed: bool,
+    pub epoch: u64,
+}
+
+/// History and batching limits, converted once for SQL.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub keep_revisions: i64,
+    pub revision_slack: i64,
+    pub keep_events: i64,
+    pub max_batch: usize,
+    pub timeout: Duration,
+    pub poll_interval: Duration,
+}
+
+/// Everything the store handles and the background tasks share. Tasks hold
+/// it, never the store handle itself, so that dropping the last handle
+/// stops them (see `Inner`'s `Drop` in the crate root).
+pub(crate) struct Shared {
+    pub pool: Pool,
+    pub sql: Sql,
+    pub limits: Limits,
+    pub signal: watch::Sender<Signal>,
+    /// The earliest lease deadline this process knows of, on its own clock
+    /// (an estimate: the database clock decides). Calls that find it passed
+    /// expire leases first, so that nobody reads a key whose lease is due.
+    pub next_due: Mutex<Option<Instant>>,
+    /// One expiry at a time per process.
+    pub expiry_lock: tokio::sync::Mutex<()>,
+    /// Wakes the expiry task when a lease is granted.
+    pub expiry_wake: Notify,
+}
+
+impl Shared {
+    /// Takes a connection from the pool, within the call timeout.
+    pub async fn conn(&self) -> Result<Object, StoreError> {
+        match tokio::time::timeout(self.limits.timeout, self.pool.get()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(PgError::Pool(err).into()),
+            Err(_) => Err(PgError::Timeout(self.limits.timeout).into()),
+        }
+    }
+
+    /// Runs `fut` within the call timeout.
+    pub async fn timed<T>(
+        &self,
+        fut: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        match tokio::time::timeout(self.limits.timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::Timeout(self.limits.timeout).into()),
+        }
+    }
+
+    /// Ends a call: a connection that saw a PostgreSQL error or a timeout is
+    /// dropped rather than returned to the pool, since it may be half-way
+    /// through a pipeline or inside an aborted transaction; the pool opens a
+    /// fresh one when needed, which is also how the store reconnects after
+    /// an outage.
+    pub fn settle<T>(&self, conn: Object, result: Result<T, CallError>) -> Result<T, StoreError> {
+        if let Err(err) = &result {
+            if err.poisons_connection() {
+                drop(Object::take(conn));
+            }
+        }
+        result.map_err(StoreError::from)
+    }
+
+    /// Records that `revision` is committed, waking watchers.
+    pub fn publish(&self, revision: Revision) {
+        self.signal.send_if_modified(|s| {
+            if revision > s.revision {
+                s.revision = revision;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Wakes every idle watcher (see [`Signal::epoch`]).
+    pub fn bump_epoch(&self) {
+        self.signal.send_modify(|s| s.epoch += 1);
+    }
+
+    pub fn next_due(&self) -> MutexGuard<'_, Option<Instant>> {
+        // A plain value: a panic elsewhere cannot leave it half-written.
+        self.next_due.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// True if a lease deadline known to this process has passed.
+    pub fn lease_due(&self) -> bool {
+        self.next_due().is_some_and(|due| Instant::now() >= due)
+    }
+}
+
+/// A stored non-negative integer as `u64`.
+pub(crate) fn to_u64(v: i64, what: &str) -> Result<u64, PgError> {
+    u64::try_from(v).map_err(|_| PgError::Corrupt(format!("negative {what} {v} in the database")))
+}
+
+/// A store integer as PostgreSQL's `bigint`.
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} is out of range")))
+}
+
+/// Decodes the six key columns starting at column `at`; `None` if the key
+/// column is NULL (an outer join without a match).
+pub(crate) fn kv_at(row: &Row, at: usize) -> Result<Option<KeyValue>, CallError> {
+    let Some(key) = row.try_get::<_, Option<Vec<u8>>>(at)? else {
+        return Ok(None);
+    };
+    Ok(Some(KeyValue {
+        key,
+        value: row.try_get(at + 1)?,
+        create_revision: to_u64(row.try_get(at + 2)?, "create revision")?,
+        mod_revision: to_u64(row.try_get(at + 3)?, "mod revision")?,
+        version: to_u64(row.try_get(at + 4)?, "version")?,
+        lease: to_u64(row.try_get(at + 5)?, "lease")?,
+    }))
+}
+
+/// Clones an error for every request of a failed batch (`StoreError` is
+/// not `Clone`).
+pub(crate) fn copy_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Compacted { requested, oldest } => StoreError::Compacted {
+            requested: *requested,
+            oldest: *oldest,
+        },
+        StoreError::FutureRevision { requested, current } => StoreError::FutureRevision {
+            requested: *requested,
+            current: *current,
+        },
+        StoreError::LeaseNotFound(id) => StoreError::LeaseNotFound(*id),
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Locked { path, detail } => StoreError::Locked {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+        StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+        StoreError::Backend(s) => StoreError::Backend(s.clone()),
+        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+    }
+}

@@ -1,0 +1,542 @@
+//! Tests specific to the PostgreSQL backend: outages and reconnection,
+//! several stores (servers) on one database, schema versioning, limits.
+//! The backend-independent semantics are in `tests/conformance.rs`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use allot_store::conformance::{key_of, next_event, put, value};
+use allot_store::{Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
+use allot_store_postgres::testing::{fresh_store, shared_server, unique_schema, PgServer};
+use allot_store_postgres::{PostgresOptions, PostgresStore, MAX_KEY_LEN};
+use futures::StreamExt;
+use tokio::time::timeout;
+
+/// Longest any single call may take while the database is down: the
+/// store's own timeout (2 s below) plus scheduling slack. Past it the call
+/// "hangs", which is the bug this guards against.
+const CALL_BOUND: Duration = Duration::from_secs(10);
+
+fn url() -> String {
+    shared_server().expect("no PostgreSQL server").url()
+}
+
+async fn shared_url() -> String {
+    tokio::task::spawn_blocking(url).await.unwrap()
+}
+
+fn options(schema: &str) -> PostgresOptions {
+    PostgresOptions {
+        schema: schema.to_string(),
+        ..PostgresOptions::default()
+    }
+}
+
+/// A plain client for poking at the database behind the store's back.
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_fast_and_the_store_reconnects_by_itself() {
+    const WRITERS: usize = 8;
+    let mut server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .unwrap()
+        .expect("starting PostgreSQL");
+    let url = server.url();
+    let opts = PostgresOptions {
+        timeout: Duration::from_secs(2),
+        // No fallback poll: watchers must be woken by the listener (its
+        // disconnection during the outage, its notifications after it).
+        poll_interval: Duration::from_secs(3600),
+        ..options("outage")
+    };
+    let s = PostgresStore::connect(&url, opts.clone()).await.unwrap();
+    let mut watch = s.watch(b"w/", 0).await.unwrap();
+
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (s, acked, failures, stop) = (s.clone(), acked.clone(), failures.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("w/{w}/{i}");
+                let txn = Txn::new()
+                    .when(Compare::absent(&key))
+                    .then(Op::put(&key, "v"));
+                let outcome = timeout(CALL_BOUND, s.txn(txn))
+                    .await
+                    .unwrap_or_else(|_| panic!("a txn hung for {CALL_BOUND:?}"));
+                match outcome {
+                    Ok(resp) => {
+                        assert!(resp.succeeded, "{key} written twice");
+                        acked.lock().unwrap().push(key);
+                        i += 1;
+                    }
+                    Err(StoreError::Unavailable(_)) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        // Retried with a new key: an unacknowledged write
+                        // may or may not have committed.
+                        i += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(other) => panic!("unexpected error during the outage: {other:?}"),
+                }
+            }
+        }));
+    }
+    // Reads must fail fast too.
+    let reader = {
+        let (s, stop) = (s.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut unavailable = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match timeout(CALL_BOUND, s.get(b"w/0/0")).await {
+                    Err(_) => panic!("a get hung for {CALL_BOUND:?}"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(StoreError::Unavailable(_))) => unavailable += 1,
+                    Ok(Err(other)) => panic!("unexpected error: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            unavailable
+        })
+    };
+
+    // Some writes before the crash.
+    while acked.lock().unwrap().len() < 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .unwrap();
+    let killed_at = Instant::now();
+    let acked_before = acked.lock().unwrap().len();
+
+    // Calls fail (fast: each is bounded above) instead of hanging.
+    while failures.load(Ordering::Relaxed) < 3 * WRITERS as u64 {
+        assert!(
+            killed_at.elapsed() < CALL_BOUND,
+            "writers did not notice the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The watch ends with an error the consumer can resume from.
+    let mut seen = Vec::new();
+    loop {
+        match timeout(CALL_BOUND, watch.next()).await {
+            Err(_) => panic!("the watch hung during the outage"),
+            Ok(Some(Ok(event))) => seen.push(event),
+            Ok(Some(Err(StoreError::Unavailable(_)))) => break,
+            Ok(other) => panic!("unexpected watch item {other:?}"),
+        }
+    }
+    let acked_during = acked.lock().unwrap().len() - acked_before;
+    assert!(
+        acked_during <= WRITERS,
+        "{acked_during} writes acknowledged while down"
+    );
+
+    // Restart on the same data directory: the store comes back by itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart().expect("restarting PostgreSQL");
+        server
+    })
+    .await
+    .unwrap();
+    let restarted_at = Instant::now();
+    loop {
+        match s.txn(Txn::new().then(Op::put("probe", "1"))).await {
+            Ok(_) => break,
+            Err(StoreError::Unavailable(_)) => {
+                assert!(
+                    restarted_at.elapsed() < Duration::from_secs(5),
+                    "the store did not serve again within 5 s of the restart"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(other) => panic!("unexpected error after the restart: {other:?}"),
+        }
+    }
+    let recovered_in = restarted_at.elapsed();
+    // The listener reconnected by itself: a write through another store
+    // (another server) wakes a watch of this one.
+    let mut after = s.watch(b"after/", 0).await.unwrap();
+    let other = PostgresStore::connect(&url, opts.clone()).await.unwrap();
+    put(&other, "after/x", "1").await;
+    let event = timeout(CALL_BOUND, after.next())
+        .await
+        .expect("the watch was not woken after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!(key_of(&event), "after/x");
+    let acked_at_restart = acked.lock().unwrap().len();
+    while acked.lock().unwrap().len() < acked_at_restart + 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let reads_failed = reader.await.unwrap();
+    assert!(reads_failed > 0, "no read noticed the outage");
+
+    // Nothing acknowledged is lost, seen through this store and a new one.
+    let fresh = PostgresStore::connect(&url, opts).await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    for store in [&s, &fresh] {
+        let all = store.range(b"w/", b"w0", 0).await.unwrap();
+        let present: BTreeSet<Vec<u8>> = all.kvs.into_iter().map(|kv| kv.key).collect();
+        for key in &acked {
+            assert!(present.contains(key.as_bytes()), "acknowledged {key} lost");
+        }
+        // One revision per write that committed (acknowledged or not),
+        // plus the probe and after/x.
+        assert_eq!(
+            store.current_revision().await.unwrap(),
+            1 + present.len() as u64 + 2
+        );
+    }
+    // The history is whole: a new watch replays every write with no gap.
+    let current = fresh.current_revision().await.unwrap();
+    let mut replay = fresh.watch(b"", 1).await.unwrap();
+    let mut last = 1;
+    while last < current {
+        let event = next_event(&mut replay).await;
+        assert_eq!(event.revision(), last + 1, "gap in the history");
+        last = event.revision();
+    }
+    // Events delivered before the crash were committed writes.
+    let present = fresh.range(b"w/", b"w0", 0).await.unwrap();
+    for event in &seen {
+        assert_eq!(event.kind, EventKind::Put);
+        assert!(present.kvs.iter().any(|kv| kv.key == event.kv.key));
+    }
+    eprintln!(
+        "outage: {} acked before the kill, {} failed calls, store serving {:?} after the \
+         restart, {} acked in total",
+        acked_before,
+        reads_failed + failures.load(Ordering::Relaxed),
+        recovered_in,
+        acked.len()
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_schema_act_as_one() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    // `a` never polls: only notifications (LISTEN/NOTIFY) can wake its
+    // watchers for `b`'s writes.
+    let a = PostgresStore::connect(
+        &url,
+        PostgresOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..options(&schema)
+        },
+    )
+    .await
+    .unwrap();
+    let b = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    let mut watch_a = a.watch(b"", 0).await.unwrap();
+
+    let rev = put(&b, "from-b", "1").await;
+    let event = timeout(Duration::from_secs(10), watch_a.next())
+        .await
+        .expect("a's watch was not woken by b's write")
+        .unwrap()
+        .unwrap();
+    assert_eq!((key_of(&event), event.revision()), ("from-b".into(), rev));
+    assert_eq!(value(&a, "from-b").await.as_deref(), Some("1"));
+
+    // Compare-and-swap increments through both stores lose no update and
+    // share one sequence of revisions.
+    const TASKS: usize = 16;
+    const EACH: usize = 25;
+    let start = a.current_revision().await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            while revisions.len() < EACH {
+                let current = s.get(b"counter").await.unwrap();
+                let (cmp, next) = match &current {
+                    None => (Compare::absent("counter"), 1),
+                    Some(kv) => (
+                        Compare::mod_revision("counter", kv.mod_revision),
+                        String::from_utf8_lossy(&kv.value).parse::<u64>().unwrap() + 1,
+                    ),
+                };
+                let resp = s
+                    .txn(
+                        Txn::new()
+                            .when(cmp)
+                            .then(Op::put("counter", next.to_string())),
+                    )
+                    .await
+                    .unwrap();
+                if resp.succeeded {
+                    revisions.push(resp.revision);
+                }
+            }
+            revisions
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for task in tasks {
+        for rev in task.await.unwrap() {
+            assert!(all.insert(rev), "revision {rev} acknowledged twice");
+        }
+    }
+    let total = (TASKS * EACH) as u64;
+    assert_eq!(value(&b, "counter").await, Some(total.to_string()));
+    assert_eq!(all, (start + 1..=start + total).collect());
+    let events = {
+        let mut events = Vec::new();
+        while events.len() < TASKS * EACH {
+            events.push(next_event(&mut watch_a).await);
+        }
+        events
+    };
+    assert!(events
+        .windows(2)
+        .all(|w| w[1].revision() == w[0].revision() + 1));
+
+    // A lease granted through `b` and kept alive through `a` is one lease;
+    // when it lapses, it expires once, in one revision.
+    let ttl = Duration::from_millis(800);
+    let lease = b.lease_grant(ttl).await.unwrap();
+    b.txn(
+        Txn::new()
+            .then(Op::put_with_lease("l/1", "v", lease))
+            .then(Op::put_with_lease("l/2", "v", lease)),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(ttl / 2).await;
+    assert_eq!(a.lease_keep_alive(lease).await.unwrap(), ttl);
+    let before = a.current_revision().await.unwrap();
+    let mut leases_a = a.watch(b"l/", 0).await.unwrap();
+    let deleted = [
+        next_event(&mut leases_a).await,
+        next_event(&mut leases_a).await,
+    ];
+    assert!(deleted
+        .iter()
+        .all(|e| e.kind == EventKind::Delete && e.revision() == before + 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.current_revision().await.unwrap(), before + 1);
+    assert!(matches!(
+        b.lease_keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_is_versioned_and_a_newer_one_refused() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    let s = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    put(&s, "k", "v").await;
+    drop(s);
+
+    // Connecting again (as another server would) keeps everything.
+    let s = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    assert_eq!(value(&s, "k").await.as_deref(), Some("v"));
+    assert_eq!(s.current_revision().await.unwrap(), 2);
+    drop(s);
+
+    let raw = raw_client(&url).await;
+    let version: i32 = raw
+        .query_one(
+            &format!("SELECT version FROM {schema}.allot_schema_version"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 1);
+    raw.execute(
+        &format!("UPDATE {schema}.allot_schema_version SET version = 99"),
+        &[],
+    )
+    .await
+    .unwrap();
+    match PostgresStore::connect(&url, options(&schema)).await {
+        Err(StoreError::Backend(message)) => {
+            assert!(message.contains("newer"), "{message}");
+            assert!(message.contains("99"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_starting_together_migrate_once() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    let connects = (0..4).map(|_| PostgresStore::connect(&url, options(&schema)));
+    let stores = futures::future::try_join_all(connects).await.unwrap();
+    put(&stores[0], "k", "v").await;
+    for s in &stores {
+        assert_eq!(value(s, "k").await.as_deref(), Some("v"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_and_an_unreachable_server_are_clear_errors() {
+    let url = shared_url().await;
+    assert!(matches!(
+        PostgresStore::connect(&url, options("Bad-Name")).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        PostgresStore::connect("not a url ::", options("x")).await,
+        Err(StoreError::Invalid(_))
+    ));
+    // Nothing listens on this port.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let result = PostgresStore::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/allot"),
+        PostgresOptions {
+            timeout: Duration::from_secs(2),
+            ..options("x")
+        },
+    )
+    .await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < CALL_BOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_beyond_the_limit_are_refused() {
+    let (s, _schema) = fresh_store(1000, 1_000_000).await;
+    let long = vec![b'k'; MAX_KEY_LEN + 1];
+    let err = s
+        .txn(
+            Txn::new()
+                .then(Op::put("ok", "1"))
+                .then(Op::put(&long, "x")),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(s.current_revision().await.unwrap(), 1);
+    let longest = vec![b'k'; MAX_KEY_LEN];
+    put(&s, std::str::from_utf8(&longest).unwrap(), "v").await;
+    assert!(s.get(&longest).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_txn_on_its_own() {
+    // Many concurrent transactions share PostgreSQL transactions; one that
+    // fails (a dead lease) must not fail the others or take a revision.
+    const TXNS: usize = 300;
+    let (s, _schema) = fresh_store(100_000, 1_000_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..TXNS {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{i}");
+            let lease = if i % 5 == 0 { 999_999 } else { 0 };
+            let resp = s
+                .txn(
+                    Txn::new()
+                        .when(Compare::absent(&key))
+                        .then(Op::put(&key, i.to_string()))
+                        .then(Op::put_with_lease(format!("bad{i}"), "x", lease))
+                        .then(Op::get(&key)),
+                )
+                .await;
+            (i, resp)
+        }));
+    }
+    let mut revisions = BTreeSet::new();
+    for task in tasks {
+        let (i, resp) = task.await.unwrap();
+        if i % 5 == 0 {
+            assert!(matches!(resp, Err(StoreError::LeaseNotFound(999_999))));
+            continue;
+        }
+        let resp = resp.unwrap();
+        assert!(resp.succeeded);
+        assert!(revisions.insert(resp.revision));
+        match &resp.results[2] {
+            OpResult::Get(Some(kv)) => assert_eq!(kv.mod_revision, resp.revision),
+            other => panic!("{other:?}"),
+        }
+    }
+    let ok = (TXNS - TXNS / 5) as u64;
+    assert_eq!(revisions, (2..2 + ok).collect());
+    assert_eq!(s.current_revision().await.unwrap(), 1 + ok);
+}
+
+/// Many small create-if-absent transactions from 1 and 64 concurrent tasks:
+/// every one succeeds and gets its own revision. It also prints the rate
+/// (`-- --nocapture`); the rate is reported in BENCHMARKS.md, never asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_small_writes_all_commit() {
+    for tasks in [1usize, 64] {
+        let (s, _schema) = fresh_store(100_000, 1_000_000).await;
+        let per_task = if tasks == 1 { 500 } else { 300 };
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    let key = format!("t{t}/{i}");
+                    let resp = s
+                        .txn(
+                            Txn::new()
+                                .when(Compare::absent(&key))
+                                .then(Op::put(&key, "value")),
+                        )
+                        .await
+                        .unwrap();
+                    assert!(resp.succeeded);
+                }
+            }));
+        }
+        for handle in handles {
+            handle.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let total = tasks * per_task;
+        let keys = s.range(b"t", b"u", 0).await.unwrap().kvs.len();
+        assert_eq!(keys, total, "every acknowledged write is stored");
+        println!(
+            "{tasks:>3} tasks: {total} txns in {elapsed:.2?} = {:.0} txns/s",
+            total as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
