@@ -25,7 +25,7 @@ pub enum Error {
         available: u128,
     },
     /// The pool still has claims and `force` was not given.
-    #[error("pool '{pool}' still holds {claims} claimed value(s); release them first or delete with --force")]
+    #[error("pool '{pool}' still holds {claims} claimed value(s); release them first, or delete the pool with force")]
     PoolNotEmpty { pool: String, claims: u64 },
     /// Another writer kept winning; the request was not applied.
     #[error("too much contention on pool '{0}', try again")]

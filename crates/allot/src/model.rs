@@ -194,12 +194,12 @@ impl AllocRequest {
         }
         if self.count > 1 && self.key.is_some() {
             return Err(Error::InvalidInput(
-                "a key claims exactly one value; do not combine --key with --count".into(),
+                "a key claims exactly one value; it cannot be combined with a count above 1".into(),
             ));
         }
         if self.count > 1 && self.value.is_some() {
             return Err(Error::InvalidInput(
-                "a requested value is one value; do not combine --value with --count".into(),
+                "a requested value is one value; it cannot be combined with a count above 1".into(),
             ));
         }
         if let Some(k) = &self.key {

@@ -10,6 +10,19 @@ use crate::cli::AllocArgs;
 /// combinations, lengths) before the store is opened.
 pub(crate) fn prepare_alloc(args: AllocArgs) -> Result<Action> {
     allot::validate_pool_name(&args.pool)?;
+    // Said in terms of the flags before the engine says it in general terms.
+    if args.count > 1 && args.key.is_some() {
+        anyhow::bail!(
+            "--key claims exactly one value; do not combine it with --count {}",
+            args.count
+        );
+    }
+    if args.count > 1 && args.value.is_some() {
+        anyhow::bail!(
+            "--value names one value; do not combine it with --count {}",
+            args.count
+        );
+    }
     let meta = args.meta.as_deref().map(parse_meta).transpose()?;
     let req = AllocRequest {
         count: args.count,

@@ -135,7 +135,10 @@ pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
         Action::ListPools { labels } => Report::Pools(allot.list_pools_labeled(&labels).await?),
         Action::ShowPool { name } => Report::Pool(allot.pool(&name).await?),
         Action::DeletePool { name, force } => {
-            allot.delete_pool(&name, force).await?;
+            allot
+                .delete_pool(&name, force)
+                .await
+                .map_err(|e| force_hint(&e.code().to_string(), e.into()))?;
             Report::Deleted(name)
         }
         Action::Alloc { pool, req } => {
@@ -183,7 +186,10 @@ pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
         Action::ListPools { labels } => Report::Pools(client.list_pools(&labels).await?),
         Action::ShowPool { name } => Report::Pool(client.pool(&name).await?),
         Action::DeletePool { name, force } => {
-            client.delete_pool(&name, force).await?;
+            client
+                .delete_pool(&name, force)
+                .await
+                .map_err(|e| force_hint(&e.code().to_string(), e.into()))?;
             Report::Deleted(name)
         }
         Action::Alloc { pool, req } => {
@@ -208,4 +214,13 @@ pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
         }
         Action::Watch { .. } => bail!("`watch` streams; it is not a one-shot command"),
     })
+}
+
+/// Adds the flag that overrides a "pool not empty" refusal.
+fn force_hint(code: &str, e: anyhow::Error) -> anyhow::Error {
+    if code == "pool_not_empty" {
+        anyhow::anyhow!("{e:#} (--force)")
+    } else {
+        e
+    }
 }
