@@ -138,7 +138,7 @@ pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
             allot
                 .delete_pool(&name, force)
                 .await
-                .map_err(|e| force_hint(&e.code().to_string(), e.into()))?;
+                .map_err(|e| force_hint(e.code() == "pool_not_empty", e.into()))?;
             Report::Deleted(name)
         }
         Action::Alloc { pool, req } => {
@@ -189,7 +189,7 @@ pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
             client
                 .delete_pool(&name, force)
                 .await
-                .map_err(|e| force_hint(&e.code().to_string(), e.into()))?;
+                .map_err(|e| force_hint(e.code() == "pool_not_empty", e.into()))?;
             Report::Deleted(name)
         }
         Action::Alloc { pool, req } => {
@@ -217,8 +217,8 @@ pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
 }
 
 /// Adds the flag that overrides a "pool not empty" refusal.
-fn force_hint(code: &str, e: anyhow::Error) -> anyhow::Error {
-    if code == "pool_not_empty" {
+fn force_hint(not_empty: bool, e: anyhow::Error) -> anyhow::Error {
+    if not_empty {
         anyhow::anyhow!("{e:#} (--force)")
     } else {
         e
