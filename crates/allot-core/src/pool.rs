@@ -412,21 +412,11 @@ impl PoolState {
                 .get(&(run.offset >> self.shift))
                 .is_some_and(|b| b.bits.contains(local));
         }
-        let mut p = run.offset as u128;
-        let end = run.end();
-        while p < end {
-            let idx = (p >> self.shift) as u64;
-            let base = (idx as u128) << self.shift;
-            let block_end = (base + self.block_size() as u128).min(end);
-            let lo = (p - base) as u32;
-            let hi = (block_end - 1 - base) as u32;
-            match self.blocks.get(&idx) {
-                Some(b) if b.bits.contains_range(lo..=hi) => {}
-                _ => return false,
-            }
-            p = block_end;
-        }
-        true
+        self.pieces(run).all(|(idx, lo, hi)| {
+            self.blocks
+                .get(&idx)
+                .is_some_and(|b| b.bits.contains_range(lo..=hi))
+        })
     }
 
     /// True if `run` is currently held by a claim (set and not quarantined).
@@ -526,14 +516,7 @@ impl PoolState {
     /// Sets (or clears) every unit of `run`; the caller checked it is free
     /// (or fully set).
     fn write_run(&mut self, run: Run, set: bool) {
-        let mut p = run.offset as u128;
-        let end = run.end();
-        while p < end {
-            let idx = (p >> self.shift) as u64;
-            let base = (idx as u128) << self.shift;
-            let block_end = (base + self.block_size() as u128).min(end);
-            let lo = (p - base) as u32;
-            let hi = (block_end - 1 - base) as u32;
+        for (idx, lo, hi) in self.pieces(run) {
             self.touch(idx);
             if set {
                 let block = self.blocks.entry(idx).or_insert_with(|| {
@@ -557,8 +540,26 @@ impl PoolState {
                     self.order.remove(&idx);
                 }
             }
-            p = block_end;
         }
+    }
+
+    /// The parts of `run` in each block it spans: (block, first local
+    /// unit, last local unit), in order.
+    fn pieces(&self, run: Run) -> impl Iterator<Item = (u64, u32, u32)> {
+        let (shift, size) = (self.shift, self.block_size() as u128);
+        let end = run.end();
+        let mut p = run.offset as u128;
+        std::iter::from_fn(move || {
+            if p >= end {
+                return None;
+            }
+            let idx = (p >> shift) as u64;
+            let base = (idx as u128) << shift;
+            let piece_end = (base + size).min(end);
+            let piece = (idx, (p - base) as u32, (piece_end - 1 - base) as u32);
+            p = piece_end;
+            Some(piece)
+        })
     }
 
     fn take(&mut self, run: Run) {
@@ -761,24 +762,20 @@ impl PoolState {
         } else {
             let until_ms = now_ms.saturating_add(self.quarantine_ms);
             // One entry per block piece, so each block's record stays self-contained.
-            let mut p = run.offset as u128;
-            while p < run.end() {
-                let idx = (p >> self.shift) as u64;
-                let base = (idx as u128) << self.shift;
-                let piece_end = (base + self.block_size() as u128).min(run.end());
-                let local = (p - base) as u32;
+            let pieces: Vec<_> = self.pieces(run).collect();
+            for (idx, lo, hi) in pieces {
                 self.touch(idx);
                 if let Some(b) = self.blocks.get_mut(&idx) {
                     b.quarantine.insert(
-                        local,
+                        lo,
                         QuarantineEntry {
-                            units: (piece_end - p) as u64,
+                            units: (hi - lo) as u64 + 1,
                             until_ms,
                         },
                     );
                 }
-                self.expiry.insert((until_ms, p as u64));
-                p = piece_end;
+                self.expiry
+                    .insert((until_ms, (idx << self.shift) + lo as u64));
             }
             self.quarantined += run.units;
         }
