@@ -2,18 +2,14 @@
 //! modes, restarts (each call is a new process), and one test per kind of
 //! bad input, each checking that nothing changed.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
+
+use common::{allot, assert_one_error_line, claim_values, lines, output, values, Out};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
-
-/// What one run of the binary produced.
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
 
 /// A scratch working dir with a data dir inside it.
 struct Env {
@@ -33,20 +29,7 @@ impl Env {
 
     /// Runs `allot` with no --data-dir, in the scratch dir, with a clean env.
     fn raw(&self, args: &[&str]) -> Out {
-        let out = Command::new(env!("CARGO_BIN_EXE_allot"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env_remove("ALLOT_DATA_DIR")
-            .env_remove("ALLOT_OUTPUT")
-            .env_remove("ALLOT_SERVER")
-            .env_remove("ALLOT_TOKEN")
-            .output()
-            .expect("run allot");
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        output(allot(self.dir.path()).args(args))
     }
 
     /// Runs `allot --data-dir DATA args...`.
@@ -137,44 +120,6 @@ impl Env {
         env.ok(&["alloc", "hosts"]);
         env
     }
-}
-
-fn assert_one_error_line(out: &Out) {
-    assert!(
-        out.stdout.is_empty(),
-        "stdout should be empty on error: {}",
-        out.stdout
-    );
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "stderr should be one line: {:?}",
-        out.stderr
-    );
-    assert!(lines[0].starts_with("error: "), "stderr: {}", lines[0]);
-}
-
-fn values(v: &Value) -> Vec<String> {
-    v["values"]
-        .as_array()
-        .expect("values array")
-        .iter()
-        .map(|x| x.as_str().expect("string value").to_string())
-        .collect()
-}
-
-fn claim_values(page: &Value) -> Vec<String> {
-    page["claims"]
-        .as_array()
-        .expect("claims")
-        .iter()
-        .map(|c| c["value"].as_str().expect("value").to_string())
-        .collect()
-}
-
-fn lines(s: &str) -> Vec<&str> {
-    s.lines().collect()
 }
 
 // ---------------------------------------------------------------- happy paths
@@ -566,7 +511,7 @@ fn output_flag_and_env_anywhere() {
     let parsed: Value = serde_json::from_str(&before.stdout).expect("json");
     assert_eq!(parsed.as_array().map(Vec::len), Some(2));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_allot"))
+    let out = allot(env.dir.path())
         .args(["pool", "show", "vlans"])
         .env("ALLOT_DATA_DIR", data)
         .env("ALLOT_OUTPUT", "json")

@@ -5,51 +5,18 @@
 //! (--request-id, --parent-pool/--parent-value, pool list --label), and
 //! `allot watch` printing events live and resuming across a server restart.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-/// What one run of the binary produced.
-#[derive(Debug, PartialEq)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// `allot` with a clean environment, run in `dir`.
-fn allot(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_allot"));
-    cmd.current_dir(dir);
-    for var in [
-        "ALLOT_DATA_DIR",
-        "ALLOT_OUTPUT",
-        "ALLOT_LISTEN",
-        "ALLOT_STORE",
-        "ALLOT_CONFIG",
-        "ALLOT_TOKEN",
-        "ALLOT_SERVER",
-        "ALLOT_MAX_BODY_BYTES",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-fn output(cmd: &mut Command) -> Out {
-    let out = cmd.output().expect("run allot");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::{allot, assert_one_error_line, claim_values, lines, output, values, Out};
 
 /// Lines of a child's stdout, read on a thread.
 fn lines_of(child: &mut Child) -> Receiver<String> {
@@ -283,40 +250,6 @@ fn normalize(stdout: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-fn assert_one_error_line(out: &Out) {
-    assert!(out.stdout.is_empty(), "stdout on error: {}", out.stdout);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "stderr should be one line: {:?}",
-        out.stderr
-    );
-    assert!(lines[0].starts_with("error: "), "stderr: {}", lines[0]);
-}
-
-fn values(v: &Value) -> Vec<String> {
-    v["values"]
-        .as_array()
-        .expect("values")
-        .iter()
-        .map(|x| x.as_str().expect("string").to_string())
-        .collect()
-}
-
-fn claim_values(page: &Value) -> Vec<String> {
-    page["claims"]
-        .as_array()
-        .expect("claims")
-        .iter()
-        .map(|c| c["value"].as_str().expect("value").to_string())
-        .collect()
-}
-
-fn lines(s: &str) -> Vec<&str> {
-    s.lines().collect()
 }
 
 #[test]

@@ -1,15 +1,19 @@
 //! `allot serve` as a process: graceful shutdown on SIGTERM, `kill -9`
 //! under load, settings precedence, and refusals at start.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
+
+use common::allot;
 
 /// A running `allot serve` child.
 struct Served {
@@ -18,26 +22,6 @@ struct Served {
     /// The listening line.
     line: String,
     stderr: PathBuf,
-}
-
-/// `allot` with a clean environment, run in `dir`.
-fn allot(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_allot"));
-    cmd.current_dir(dir);
-    for var in [
-        "ALLOT_DATA_DIR",
-        "ALLOT_OUTPUT",
-        "ALLOT_LISTEN",
-        "ALLOT_STORE",
-        "ALLOT_CONFIG",
-        "ALLOT_TOKEN",
-        "ALLOT_SERVER",
-        "ALLOT_MAX_BODY_BYTES",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 /// Starts `allot serve` (args after `serve`, `--listen 127.0.0.1:0` added
