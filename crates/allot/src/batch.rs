@@ -443,7 +443,7 @@ impl Inner {
             Ok(r) => {
                 let same_pool = matches!(r.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
                 if !same_pool {
-                    self.forget_by_name(&name, &handle);
+                    self.forget(&name, &handle);
                     return answer(
                         waiters,
                         fail_all(ops.len(), &Error::PoolNotFound(name.clone())),
@@ -617,16 +617,6 @@ impl Inner {
         let id = self.store.lease_grant(IDEMPOTENCY_WINDOW * 2).await?;
         *current = Some((id, tokio::time::Instant::now()));
         Ok(id)
-    }
-
-    fn forget_by_name(&self, name: &str, handle: &PoolHandle) {
-        let mut pools = lock(&self.pools);
-        if pools
-            .get(name)
-            .is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), handle))
-        {
-            pools.remove(name);
-        }
     }
 }
 

@@ -680,10 +680,14 @@ impl Inner {
         Ok(pools.entry(name.to_string()).or_insert(handle).clone())
     }
 
-    /// Drops a cached pool so the next request reloads it.
-    pub(crate) fn forget(&self, name: &str, handle: &Arc<PoolHandle>) {
+    /// Drops a cached pool so the next request reloads it (only if `handle`
+    /// is still the cached one: a newer load must not be thrown away).
+    pub(crate) fn forget(&self, name: &str, handle: &PoolHandle) {
         let mut pools = lock(&self.pools);
-        if pools.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+        if pools
+            .get(name)
+            .is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), handle))
+        {
             pools.remove(name);
         }
     }
