@@ -395,7 +395,10 @@ impl Inner {
                 }) => {
                     // Answer once the batches these answers rest on have
                     // committed; if any batch failed meanwhile, build again.
-                    state = wait_settled(&handle, state, &deps).await;
+                    state = wait_until(&handle, state, |s| {
+                        !deps.iter().any(|d| s.in_flight.outstanding.contains(d))
+                    })
+                    .await;
                     if state.in_flight.failures == failures {
                         return answer(waiters, results);
                     }
@@ -698,12 +701,14 @@ impl InFlight {
     }
 }
 
-/// Waits, without holding the lock, until no batch of the pool is committing.
-async fn wait_idle<'a>(
+/// Waits, without holding the lock, until `done` holds for the pool's state
+/// (re-checked each time a committing batch settles).
+async fn wait_until<'a>(
     handle: &'a PoolHandle,
     mut state: tokio::sync::MutexGuard<'a, LoadedState>,
+    done: impl Fn(&LoadedState) -> bool,
 ) -> tokio::sync::MutexGuard<'a, LoadedState> {
-    while state.in_flight.count > 0 {
+    while !done(&state) {
         let notified = handle.idle.notified();
         tokio::pin!(notified);
         // Registered before the lock is released: no wake-up can be missed.
@@ -715,21 +720,12 @@ async fn wait_idle<'a>(
     state
 }
 
-/// Waits, without holding the lock, until none of `deps` is committing.
-async fn wait_settled<'a>(
+/// Waits until no batch of the pool is committing.
+async fn wait_idle<'a>(
     handle: &'a PoolHandle,
-    mut state: tokio::sync::MutexGuard<'a, LoadedState>,
-    deps: &[u64],
+    state: tokio::sync::MutexGuard<'a, LoadedState>,
 ) -> tokio::sync::MutexGuard<'a, LoadedState> {
-    while deps.iter().any(|d| state.in_flight.outstanding.contains(d)) {
-        let notified = handle.idle.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        drop(state);
-        notified.await;
-        state = handle.state.lock().await;
-    }
-    state
+    wait_until(handle, state, |s| s.in_flight.count == 0).await
 }
 
 fn answer(waiters: Vec<(oneshot::Sender<Result<Outcome>>, u32)>, results: Vec<Result<Outcome>>) {
