@@ -54,8 +54,8 @@ Examples:
     long_about = "allot hands out unique values (integers, IP addresses, prefixes, set members) from named pools.\n\
                   Claims survive restarts, a claim bound to a key returns the same value when repeated, and \
                   a mark-and-sweep resync releases what a client no longer holds.\n\
-                  Commands work on a local data dir (one redb file), or through an `allot serve` \
-                  with --server (ALLOT_SERVER), with the same output.",
+                  Commands work on a local data dir (one redb file), on a shared PostgreSQL or etcd store \
+                  (--store), or through an `allot serve` with --server (ALLOT_SERVER), with the same output.",
     after_help = TOP_EXAMPLES
 )]
 pub struct Cli {
@@ -68,6 +68,20 @@ pub struct Cli {
         value_name = "DIR"
     )]
     pub data_dir: PathBuf,
+
+    /// Where state lives: `redb` (the embedded store in --data-dir),
+    /// `postgres://USER@HOST:PORT/DB[?schema=NAME]` or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`. Several `allot serve`
+    /// processes and local commands may share a PostgreSQL or etcd store.
+    #[arg(
+        long,
+        global = true,
+        env = "ALLOT_STORE",
+        default_value = "redb",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store: String,
 
     /// Output format.
     #[arg(long, global = true, env = "ALLOT_OUTPUT", value_enum, default_value_t = Format::Human)]

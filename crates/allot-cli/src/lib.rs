@@ -1,5 +1,6 @@
-//! The `allot` command line: pools, claims and resync on a local data dir,
-//! or through an `allot serve` with `--server URL`.
+//! The `allot` command line: pools, claims and resync on a local data dir
+//! or a shared store (`--store`), or through an `allot serve` with
+//! `--server URL`.
 //!
 //! Every command runs in two steps: the command line is parsed and checked
 //! completely (clap, then [`commands::prepare`]) before the data dir is
@@ -28,6 +29,7 @@ use clap::{CommandFactory, FromArgMatches};
 use crate::cli::{Cli, Command, Format};
 use crate::commands::Action;
 use crate::store::Session;
+use allot_backends::StoreUrl;
 
 /// Parses the process arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
@@ -42,6 +44,7 @@ pub fn main() -> ExitCode {
     // `serve` lets a config file choose the data dir unless --data-dir or
     // ALLOT_DATA_DIR gave one.
     let data_dir_given = matches.value_source("data_dir") != Some(ValueSource::DefaultValue);
+    let store_given = matches.value_source("store") != Some(ValueSource::DefaultValue);
     let typed = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
     let result = match cli.command {
         // Refused rather than ignored: `serve --token X` would otherwise
@@ -50,7 +53,11 @@ pub fn main() -> ExitCode {
             "--server and --token are for client commands; `allot serve` takes its token \
              from --token-file or ALLOT_TOKEN"
         )),
-        Command::Serve(args) => serve::run(args, data_dir_given.then_some(cli.data_dir)),
+        Command::Serve(args) => serve::run(
+            args,
+            data_dir_given.then_some(cli.data_dir),
+            store_given.then_some(cli.store),
+        ),
         command => run(Cli { command, ..cli }),
     };
     match result {
@@ -68,9 +75,11 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     if let Command::Serve(args) = cli.command {
-        return serve::run(args, Some(cli.data_dir));
+        return serve::run(args, Some(cli.data_dir), Some(cli.store));
     }
     let action = commands::prepare(cli.command)?;
+    // Checked before anything is opened, like the rest of the command line.
+    let store: StoreUrl = cli.store.parse()?;
     // An empty ALLOT_SERVER or ALLOT_TOKEN (exported but blank) means unset.
     let server = cli.server.filter(|s| !s.trim().is_empty());
     let token = cli.token.filter(|t| !t.trim().is_empty());
@@ -84,12 +93,17 @@ pub fn run(cli: Cli) -> Result<()> {
         .context("starting the runtime")?;
     match server {
         Some(url) => runtime.block_on(remote::run(&url, token, cli.output, action)),
-        None => runtime.block_on(run_action(&cli.data_dir, cli.output, action)),
+        None => runtime.block_on(run_action(&store, &cli.data_dir, cli.output, action)),
     }
 }
 
-async fn run_action(data_dir: &Path, format: Format, action: Action) -> Result<()> {
-    let session = Session::open(data_dir, action.creates_data())?;
+async fn run_action(
+    store: &StoreUrl,
+    data_dir: &Path,
+    format: Format,
+    action: Action,
+) -> Result<()> {
+    let session = Session::open(store, data_dir, action.creates_data()).await?;
     let result = commands::execute(&session.allot, action).await;
     // Closed before printing, so success is only reported once the store
     // has committed and released the file.

@@ -14,11 +14,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ALLOT_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
 
-    /// Storage backend; only `redb`, the embedded store in the data dir, today.
-    #[arg(long, env = "ALLOT_STORE", value_name = "KIND", default_value = "redb")]
-    pub store: String,
-
-    /// TOML file with `listen`, `data_dir`, `token_file`, `max_body_bytes`
+    /// TOML file with `listen`, `data_dir`, `store`, `token_file`, `max_body_bytes`
     /// and `[[pools]]` created at start if missing.
     #[arg(long, env = "ALLOT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -37,19 +33,16 @@ pub(crate) const SERVE_EXAMPLES: &str = "\
 Examples:
   allot serve                                   # http://127.0.0.1:7070, data in ./allot-data
   allot serve --listen 0.0.0.0:7070 --data-dir /var/lib/allot
+  allot serve --store postgres://allot@db:5432/allot   # several servers may share one database
+  allot serve --store etcd://10.0.0.1:2379,10.0.0.2:2379
   ALLOT_TOKEN=s3cret allot serve                # /v1 and /metrics need `Authorization: Bearer s3cret`
   allot serve --config /etc/allot/allot.toml    # pools declared in the file are created at start
   curl -s localhost:7070/openapi.json";
 
-/// Runs the server until SIGTERM or SIGINT. `data_dir` is the global
-/// `--data-dir` / `ALLOT_DATA_DIR` when given (it beats the config file).
-pub fn run(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<()> {
-    if args.store != "redb" {
-        bail!(
-            "store {} not supported yet; only the embedded redb store",
-            args.store
-        );
-    }
+/// Runs the server until SIGTERM or SIGINT. `data_dir` and `store` are the
+/// global `--data-dir` / `ALLOT_DATA_DIR` and `--store` / `ALLOT_STORE` when
+/// given (they beat the config file).
+pub fn run(args: ServeArgs, data_dir: Option<PathBuf>, store: Option<String>) -> Result<()> {
     let file = match &args.config {
         Some(path) => Some(allot_server::FileConfig::load(path)?),
         None => None,
@@ -63,6 +56,7 @@ pub fn run(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<()> {
         allot_server::Overrides {
             listen: args.listen,
             data_dir,
+            store,
             token_file: args.token_file,
             token,
             max_body_bytes: args.max_body_bytes,
@@ -76,13 +70,12 @@ pub fn run(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
-        let data_dir = config.data_dir.clone();
         let authenticated = config.token.is_some();
         let server = allot_server::Server::bind(config).await?;
         println!(
-            "allot serving on http://{} (data dir: {})",
+            "allot serving on http://{} (store: {})",
             server.local_addr(),
-            data_dir.display()
+            server.store_description()
         );
         if authenticated {
             tracing::info!("bearer token required on /v1 and /metrics");

@@ -7,6 +7,7 @@
 //! ```toml
 //! listen = "127.0.0.1:7070"
 //! data_dir = "/var/lib/allot"          # relative paths: to the file's directory
+//! store = "redb"                       # or "postgres://allot@db/allot", "etcd://h1:2379,h2:2379"
 //! token_file = "/etc/allot/token"
 //! max_body_bytes = 1048576
 //!
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use allot::{Allot, PoolKind, PoolSpec, Strategy};
+use allot_backends::StoreUrl;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -148,6 +150,8 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Data dir (relative to the file's directory).
     pub data_dir: Option<PathBuf>,
+    /// Store URL (see [`StoreUrl`]).
+    pub store: Option<String>,
     /// File holding the bearer token (relative to the file's directory).
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted.
@@ -195,6 +199,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--data-dir` / `ALLOT_DATA_DIR`.
     pub data_dir: Option<PathBuf>,
+    /// `--store` / `ALLOT_STORE`.
+    pub store: Option<String>,
     /// `--token-file` (beats `token`).
     pub token_file: Option<PathBuf>,
     /// `ALLOT_TOKEN`: the token itself.
@@ -224,7 +230,14 @@ impl Config {
                 "max body bytes must be at least 1".into(),
             ));
         }
+        let store = match given.store.or(file.store) {
+            Some(url) => url
+                .parse::<StoreUrl>()
+                .map_err(|e| ServerError::Config(e.to_string()))?,
+            None => StoreUrl::default(),
+        };
         Ok(Config {
+            store,
             listen: given
                 .listen
                 .or(file.listen)

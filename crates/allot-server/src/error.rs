@@ -201,25 +201,13 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
-    /// The data dir could not be created or used.
-    #[error("data dir {}: {source}", path.display())]
-    DataDir {
-        /// The directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
     /// Another process holds the data dir's database.
     #[error("the data dir {} is in use by another allot process (is another `allot serve` running?)", .0.display())]
     Locked(PathBuf),
-    /// The store could not be opened or closed.
-    #[error("store {}: {source}", path.display())]
-    Store {
-        /// The database file.
-        path: PathBuf,
-        /// Why.
-        source: allot_store::StoreError,
-    },
+    /// The store could not be opened or closed (bad `--store`, data dir
+    /// not writable, database unreachable, ...).
+    #[error(transparent)]
+    Store(allot_backends::OpenError),
     /// The engine refused a start-up step.
     #[error(transparent)]
     Engine(#[from] allot::Error),

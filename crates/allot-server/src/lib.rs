@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot::Allot;
-use allot_store::{RedbOptions, RedbStore, StoreError};
+use allot_backends::{Backend, OpenError, StoreUrl};
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::serve::ListenerExt;
@@ -62,16 +62,21 @@ use utoipa_axum::routes;
 pub use config::{FileConfig, Overrides, PoolDecl};
 pub use error::{ApiError, ServerError};
 
-/// File name of the database inside the data dir (the same the CLI uses).
-pub const DB_FILE: &str = "allot.redb";
+/// File name of the embedded database inside the data dir (the same the
+/// CLI uses).
+pub const DB_FILE: &str = allot_backends::REDB_FILE;
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on, `HOST:PORT` (port 0 picks a free one).
     pub listen: String,
-    /// Directory holding `allot.redb`; created if missing.
+    /// Directory holding `allot.redb` with the embedded store; created if
+    /// missing.
     pub data_dir: PathBuf,
+    /// Where state lives: the embedded store (default) or a shared
+    /// PostgreSQL or etcd store, which several servers may use at once.
+    pub store: StoreUrl,
     /// When set, `/v1` and `/metrics` need `Authorization: Bearer <token>`.
     pub token: Option<String>,
     /// Largest request body accepted (413 above).
@@ -89,6 +94,7 @@ impl Config {
         Config {
             listen: config::DEFAULT_LISTEN.to_string(),
             data_dir: data_dir.into(),
+            store: StoreUrl::Redb,
             token: None,
             max_body_bytes: config::DEFAULT_MAX_BODY_BYTES,
             pools: Vec::new(),
@@ -251,7 +257,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     allot: Allot,
-    store: RedbStore,
+    store: Backend,
     router: Router,
     ready: Arc<Readiness>,
     shutdown_timeout: Duration,
@@ -281,30 +287,17 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
-        let path = data_dir.join(DB_FILE);
-        let open_path = path.clone();
-        let store = tokio::task::spawn_blocking(move || {
-            RedbStore::open(&open_path, RedbOptions::default())
-        })
-        .await
-        .map_err(|e| ServerError::Config(format!("opening the store: {e}")))?
-        .map_err(|source| match source {
-            StoreError::Locked { .. } => ServerError::Locked(data_dir.clone()),
-            source => ServerError::Store {
-                path: path.clone(),
-                source,
-            },
-        })?;
-        let allot = Allot::new(Arc::new(store.clone()));
+        let store = Backend::open(&config.store, &config.data_dir)
+            .await
+            .map_err(|e| match e {
+                OpenError::Locked(dir) => ServerError::Locked(dir),
+                e => ServerError::Store(e),
+            })?;
+        let allot = Allot::new(store.store());
         if let Err(e) = config::apply_pools(&allot, &config.pools).await {
             allot.close().await;
             // The start-up error matters more than a failure to close.
-            let _ = store.close();
+            let _ = store.close().await;
             return Err(e);
         }
         let ready = Arc::new(Readiness::default());
@@ -323,6 +316,12 @@ impl Server {
             ready,
             shutdown_timeout: config.shutdown_timeout,
         })
+    }
+
+    /// Where the state lives (the database file, or the store URL with any
+    /// password masked).
+    pub fn store_description(&self) -> &str {
+        self.store.describe()
     }
 
     /// The address actually bound (useful with port 0).
@@ -384,14 +383,7 @@ impl Server {
         warm.abort();
         let _ = warm.await;
         allot.close().await;
-        let closed = tokio::task::spawn_blocking(move || {
-            let path = store.path().to_path_buf();
-            store
-                .close()
-                .map_err(|source| ServerError::Store { path, source })
-        })
-        .await
-        .map_err(|e| ServerError::Config(format!("closing the store: {e}")))?;
+        let closed = store.close().await.map_err(ServerError::Store);
         result?;
         closed?;
         tracing::info!("stopped");

@@ -2,6 +2,8 @@
 //! them, hence the allowance.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::path::Path;
 use std::process::Command;
 

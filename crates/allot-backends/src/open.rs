@@ -1,0 +1,149 @@
+//! Opening and closing the backend a [`StoreUrl`] names.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use allot_store::{RedbOptions, RedbStore, Store, StoreError};
+use allot_store_postgres::{PostgresOptions, PostgresStore};
+
+use crate::StoreUrl;
+
+/// File name of the embedded database inside the data dir.
+pub const REDB_FILE: &str = "allot.redb";
+
+/// Why a store could not be opened or closed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The `--store` value (or an option of it) is wrong; nothing was touched.
+    #[error("{0}")]
+    Invalid(String),
+    /// The data dir is held by another allot process.
+    #[error("the data dir {} is in use by another allot process (is `allot serve` running?)", .0.display())]
+    Locked(PathBuf),
+    /// The data dir could not be created.
+    #[error("cannot create the data dir {}: {source}", path.display())]
+    DataDir {
+        /// The data dir.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The backend refused or failed.
+    #[error("store {store}: {source}")]
+    Store {
+        /// The store, password masked.
+        store: String,
+        /// What failed.
+        source: StoreError,
+    },
+}
+
+/// An open store of any backend, with what it takes to close it properly.
+///
+/// Cloning shares the same store.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    kind: Kind,
+    /// Where the state lives, password masked.
+    label: String,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Redb(RedbStore),
+    Postgres(PostgresStore),
+}
+
+impl Backend {
+    /// Opens the store `url` names. The embedded store lives in `data_dir`
+    /// (created if missing); the other backends ignore it.
+    ///
+    /// Must be called within a tokio runtime.
+    pub async fn open(url: &StoreUrl, data_dir: &Path) -> Result<Backend, OpenError> {
+        let failed = |source| OpenError::Store {
+            store: url.to_string(),
+            source,
+        };
+        match url {
+            StoreUrl::Redb => {
+                std::fs::create_dir_all(data_dir).map_err(|source| OpenError::DataDir {
+                    path: data_dir.to_path_buf(),
+                    source,
+                })?;
+                let path = data_dir.join(REDB_FILE);
+                let open_path = path.clone();
+                // Opening may replay or migrate the file: keep it off the
+                // runtime's worker threads.
+                let opened = tokio::task::spawn_blocking(move || {
+                    RedbStore::open(&open_path, RedbOptions::default())
+                })
+                .await
+                .map_err(|e| failed(StoreError::Backend(format!("opening: {e}"))))?;
+                match opened {
+                    Ok(store) => Ok(Backend {
+                        kind: Kind::Redb(store),
+                        label: path.display().to_string(),
+                    }),
+                    Err(StoreError::Locked { .. }) => Err(OpenError::Locked(data_dir.into())),
+                    Err(source) => Err(OpenError::Store {
+                        store: path.display().to_string(),
+                        source,
+                    }),
+                }
+            }
+            StoreUrl::Postgres { url: pg, schema } => {
+                let mut options = PostgresOptions::default();
+                if let Some(schema) = schema {
+                    options.schema = schema.clone();
+                }
+                PostgresStore::connect(pg, options)
+                    .await
+                    .map(|store| Backend {
+                        kind: Kind::Postgres(store),
+                        label: url.to_string(),
+                    })
+                    .map_err(|source| match source {
+                        StoreError::Invalid(why) => OpenError::Invalid(format!("{url}: {why}")),
+                        source => failed(source),
+                    })
+            }
+            StoreUrl::Etcd { .. } => Err(OpenError::Invalid(format!(
+                "{url}: the etcd backend is not supported yet; use redb or postgres://"
+            ))),
+        }
+    }
+
+    /// The store, to hand to the engine (`allot::Allot::new`).
+    pub fn store(&self) -> Arc<dyn Store> {
+        match &self.kind {
+            Kind::Redb(s) => Arc::new(s.clone()),
+            Kind::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// Where the state lives (the database file, or the store URL with any
+    /// password masked), for start-up messages.
+    pub fn describe(&self) -> &str {
+        &self.label
+    }
+
+    /// Commits what is queued and lets go of the store (for redb: the file
+    /// lock). Close the engine first, so nothing is queued behind this.
+    pub async fn close(self) -> Result<(), OpenError> {
+        match self.kind {
+            Kind::Redb(store) => {
+                let path = store.path().display().to_string();
+                let closed = tokio::task::spawn_blocking(move || store.close())
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("closing: {e}")));
+                closed.and_then(|r| r).map_err(|source| OpenError::Store {
+                    store: path,
+                    source,
+                })
+            }
+            // Dropping the last handle commits what is queued; the engine,
+            // closed first, waits for its answers, so nothing is.
+            Kind::Postgres(_) => Ok(()),
+        }
+    }
+}

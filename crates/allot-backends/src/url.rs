@@ -1,0 +1,242 @@
+//! Parsing `--store` values.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::OpenError;
+
+/// Where allot keeps its state, as given to `--store` / `ALLOT_STORE`.
+///
+/// ```
+/// use allot_backends::StoreUrl;
+/// assert_eq!("redb".parse::<StoreUrl>().unwrap(), StoreUrl::Redb);
+/// let pg: StoreUrl = "postgres://allot:secret@db:5432/allot?schema=edge".parse().unwrap();
+/// // The password never reaches logs or error messages.
+/// assert_eq!(pg.to_string(), "postgres://allot:***@db:5432/allot?schema=edge");
+/// let etcd: StoreUrl = "etcd://10.0.0.1:2379,10.0.0.2:2379/prod".parse().unwrap();
+/// assert_eq!(etcd.to_string(), "etcd://10.0.0.1:2379,10.0.0.2:2379/prod");
+/// assert!("mysql://db".parse::<StoreUrl>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreUrl {
+    /// The embedded store: one redb file in the data dir.
+    #[default]
+    Redb,
+    /// A PostgreSQL database.
+    Postgres {
+        /// The connection URL as tokio-postgres takes it (allot's own
+        /// `schema` parameter removed).
+        url: String,
+        /// The PostgreSQL schema holding allot's tables (`?schema=`), so
+        /// several deployments can share one database.
+        schema: Option<String>,
+    },
+    /// An etcd cluster.
+    Etcd {
+        /// `host:port` of each member to talk to.
+        endpoints: Vec<String>,
+        /// Prefix of every key allot writes (the URL's path), so several
+        /// deployments can share one cluster.
+        namespace: Option<String>,
+    },
+}
+
+const FORMS: &str = "use `redb` (the embedded store in the data dir), \
+                     `postgres://USER@HOST:PORT/DB[?schema=NAME]` or \
+                     `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`";
+
+impl FromStr for StoreUrl {
+    type Err = OpenError;
+
+    fn from_str(s: &str) -> Result<Self, OpenError> {
+        let s = s.trim();
+        let bad = |why: &str| OpenError::Invalid(format!("--store {s:?}: {why}; {FORMS}"));
+        if s.is_empty() || s == "redb" {
+            return Ok(StoreUrl::Redb);
+        }
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return Err(bad("not a known store"));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "postgres" | "postgresql" => parse_postgres(s, rest).map_err(|why| bad(&why)),
+            "etcd" => parse_etcd(rest).map_err(|why| bad(&why)),
+            "redb" => Err(bad(
+                "the embedded store lives in the data dir: use `--store redb --data-dir DIR`",
+            )),
+            other => Err(bad(&format!("unknown store scheme {other}://"))),
+        }
+    }
+}
+
+fn parse_postgres(whole: &str, rest: &str) -> Result<StoreUrl, String> {
+    if rest.is_empty() {
+        return Err("a host is missing".into());
+    }
+    let (base, query) = match whole.split_once('?') {
+        Some((base, query)) => (base, query),
+        None => (whole, ""),
+    };
+    let mut schema = None;
+    let mut kept = Vec::new();
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        match param.split_once('=') {
+            Some(("schema", name)) if !name.is_empty() => schema = Some(name.to_string()),
+            Some(("schema", _)) | None if param.starts_with("schema") => {
+                return Err("`schema=` needs a name".into())
+            }
+            _ => kept.push(param),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok(StoreUrl::Postgres { url, schema })
+}
+
+fn parse_etcd(rest: &str) -> Result<StoreUrl, String> {
+    let (hosts, path) = match rest.split_once('/') {
+        Some((hosts, path)) => (hosts, path),
+        None => (rest, ""),
+    };
+    let mut endpoints = Vec::new();
+    for host in hosts.split(',') {
+        let host = host.trim();
+        let Some((name, port)) = host.rsplit_once(':') else {
+            return Err(format!("endpoint {host:?} needs a port (HOST:PORT)"));
+        };
+        if name.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("endpoint {host:?} is not HOST:PORT"));
+        }
+        endpoints.push(host.to_string());
+    }
+    let namespace = (!path.is_empty()).then(|| path.to_string());
+    Ok(StoreUrl::Etcd {
+        endpoints,
+        namespace,
+    })
+}
+
+impl fmt::Display for StoreUrl {
+    /// The URL with any password masked, fit for logs and messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Redb => f.write_str("redb"),
+            StoreUrl::Postgres { url, schema } => {
+                f.write_str(&mask_password(url))?;
+                if let Some(schema) = schema {
+                    let sep = if url.contains('?') { '&' } else { '?' };
+                    write!(f, "{sep}schema={schema}")?;
+                }
+                Ok(())
+            }
+            StoreUrl::Etcd {
+                endpoints,
+                namespace,
+            } => {
+                write!(f, "etcd://{}", endpoints.join(","))?;
+                if let Some(ns) = namespace {
+                    write!(f, "/{ns}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> StoreUrl {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn redb_is_the_default() {
+        assert_eq!(parse(""), StoreUrl::Redb);
+        assert_eq!(parse(" redb "), StoreUrl::Redb);
+        assert_eq!(StoreUrl::default(), StoreUrl::Redb);
+    }
+
+    #[test]
+    fn postgres_urls_keep_their_parameters_but_not_ours() {
+        assert_eq!(
+            parse("postgresql://u@h/db?sslmode=disable&schema=a1&connect_timeout=3"),
+            StoreUrl::Postgres {
+                url: "postgresql://u@h/db?sslmode=disable&connect_timeout=3".into(),
+                schema: Some("a1".into()),
+            }
+        );
+        assert_eq!(
+            parse("postgres://h"),
+            StoreUrl::Postgres {
+                url: "postgres://h".into(),
+                schema: None
+            }
+        );
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            parse("postgres://u:p%40ss@h:5432/db?sslmode=disable").to_string(),
+            "postgres://u:***@h:5432/db?sslmode=disable"
+        );
+        assert_eq!(parse("postgres://u@h/db").to_string(), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn etcd_endpoints_and_namespace() {
+        assert_eq!(
+            parse("etcd://127.0.0.1:2379"),
+            StoreUrl::Etcd {
+                endpoints: vec!["127.0.0.1:2379".into()],
+                namespace: None
+            }
+        );
+        assert_eq!(
+            parse("etcd://a:1,b:2/team/allot/"),
+            StoreUrl::Etcd {
+                endpoints: vec!["a:1".into(), "b:2".into()],
+                namespace: Some("team/allot/".into())
+            }
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_accepted() {
+        for bad in [
+            "mysql://h/db",
+            "/var/lib/allot",
+            "etcd://",
+            "etcd://host",
+            "etcd://host:0",
+            "etcd://host:99999",
+            "etcd://:2379",
+            "postgres://",
+            "postgres://h/db?schema=",
+            "redb:///tmp/x",
+        ] {
+            let err = bad.parse::<StoreUrl>().unwrap_err().to_string();
+            assert!(err.contains("postgres://USER@HOST"), "{bad}: {err}");
+        }
+    }
+}
