@@ -94,6 +94,36 @@ async fn two_servers_scenario(store: &dyn StoreServer) {
     assert_eq!(st, 200, "{again}");
     assert_eq!(first["values"], again["values"], "one key, one value");
 
+    // B caches a pool, A claims from it: B's counters follow A's writes
+    // (B never writes to this pool, so only following can tell it).
+    let (st, r) = post(
+        &client,
+        format!("{}/v1/pools", b.base),
+        json!({"name": "quiet", "kind": {"type": "range", "lo": 1, "hi": 100}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 201, "{r}");
+    let (_, r) = get(&client, format!("{}/v1/pools/quiet", b.base)).await;
+    assert_eq!(r["stats"]["allocated"], 0, "{r}");
+    let (st, r) = post(
+        &client,
+        format!("{}/v1/pools/quiet/allocate", a.base),
+        json!({"count": 5}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, r) = get(&client, format!("{}/v1/pools/quiet", b.base)).await;
+        if r["stats"]["allocated"] == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never saw A's claims: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // Clients alternate between the servers; a client whose server died
     // goes on through the survivor. Every third claim made through A is
     // released through B.
@@ -192,6 +222,22 @@ async fn two_servers_scenario(store: &dyn StoreServer) {
         unknown <= CLIENTS,
         "{unknown} claims held but never answered"
     );
+    // B's counters include what A claimed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, r) = get(&client, format!("{}/v1/pools/ids", b.base)).await;
+        assert_eq!(st, 200, "{r}");
+        if r["stats"]["allocated"] == json!(held.len()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B counts {} claims, {} are held",
+            r["stats"]["allocated"],
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The survivor still answers keys claimed through the dead server.
     for (k, v) in acked.iter().take(20) {
         let (st, r) = claim(&client, &b.base, k).await.unwrap();

@@ -294,6 +294,9 @@ impl Server {
                 e => ServerError::Store(e),
             })?;
         let allot = Allot::new(store.store());
+        if store.is_shared() {
+            allot.follow_other_writers();
+        }
         if let Err(e) = config::apply_pools(&allot, &config.pools).await {
             allot.close().await;
             // The start-up error matters more than a failure to close.

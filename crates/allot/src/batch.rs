@@ -151,9 +151,43 @@ impl PoolHandle {
     pub(crate) fn space(&self) -> &ValueSpace {
         &self.space
     }
+
+    /// The state, first brought up to date with what other engines wrote
+    /// (if the follower saw any), for answers served from the cache.
+    pub(crate) async fn caught_up_state(
+        &self,
+        store: &dyn Store,
+        name: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, LoadedState>> {
+        let mut state = self.state.lock().await;
+        if !state.fresh || !state.needs_refresh.is_empty() {
+            state = wait_idle(self, state).await;
+            state.catch_up(store, name).await?;
+        }
+        Ok(state)
+    }
 }
 
 impl LoadedState {
+    /// Everything is re-read before the next use.
+    pub(crate) fn distrust(&mut self) {
+        self.fresh = false;
+    }
+
+    /// A write of block `idx` at `rev` was seen in the store: unless it is
+    /// one of ours (committing, or already booked), re-read the block before
+    /// the next use. A write that races one of our batches on the same block
+    /// makes that batch's compare fail, which re-reads it anyway.
+    pub(crate) fn note_block_write(&mut self, idx: u64, rev: Revision) {
+        if self.in_flight.blocks.contains_key(&idx) {
+            return;
+        }
+        if self.block_revs.get(&idx).is_some_and(|&known| known >= rev) {
+            return;
+        }
+        self.needs_refresh.insert(idx);
+    }
+
     /// Re-reads what can no longer be trusted: everything after a store
     /// error, or the blocks written by batches that lost a compare. Only
     /// called when no batch is committing.

@@ -42,6 +42,17 @@ pub fn blocks_prefix(name: &str) -> Vec<u8> {
 pub fn block_index(key: &[u8]) -> Option<u64> {
     tail_u64(key)
 }
+pub const BLOCKS_PREFIX: &[u8] = b"b/";
+/// `b/{pool}/{block}` → (pool, block).
+pub fn parse_block(key: &[u8]) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix(BLOCKS_PREFIX)?;
+    let split = rest.len().checked_sub(9)?;
+    let (name, tail) = rest.split_at(split);
+    if tail.first() != Some(&b'/') {
+        return None;
+    }
+    Some((std::str::from_utf8(name).ok()?, tail_u64(tail)?))
+}
 
 pub fn value(name: &str, offset: u64) -> Vec<u8> {
     with_u64("v", name, offset)
@@ -86,3 +97,16 @@ pub fn event(name: &str) -> Vec<u8> {
     format!("e/{name}").into_bytes()
 }
 pub const EVENTS_PREFIX: &[u8] = b"e/";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_keys_parse_back() {
+        assert_eq!(parse_block(&block("vlans", 7)), Some(("vlans", 7)));
+        assert_eq!(parse_block(&block("a", u64::MAX)), Some(("a", u64::MAX)));
+        assert_eq!(parse_block(b"b/short"), None);
+        assert_eq!(parse_block(&value("vlans", 7)), None);
+    }
+}

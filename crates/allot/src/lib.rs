@@ -32,6 +32,7 @@ mod batch;
 mod clock;
 mod error;
 mod events;
+mod follow;
 pub mod keys;
 mod model;
 
@@ -63,6 +64,9 @@ pub(crate) struct Inner {
     seed: AtomicU64,
     /// The lease idempotency records are attached to, and when it was granted.
     idempotency_lease: tokio::sync::Mutex<Option<(allot_store::LeaseId, tokio::time::Instant)>>,
+    /// Dropped with the engine, which ends the follower task (see
+    /// [`Allot::follow_other_writers`]).
+    follower_stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +118,7 @@ impl Allot {
                 pools: std::sync::Mutex::new(HashMap::new()),
                 seed: AtomicU64::new(seed),
                 idempotency_lease: tokio::sync::Mutex::new(None),
+                follower_stop: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -240,7 +245,9 @@ impl Allot {
     /// A pool with its counters.
     pub async fn pool(&self, name: &str) -> Result<PoolInfo> {
         let handle = self.inner.handle(name).await?;
-        let state = handle.state.lock().await;
+        let state = handle
+            .caught_up_state(self.inner.store.as_ref(), name)
+            .await?;
         Ok(info(&handle.record, &state.core))
     }
 
