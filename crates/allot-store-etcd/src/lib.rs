@@ -151,14 +151,24 @@ impl Inner {
         Ok(header_revision(resp.header()))
     }
 
-    /// Compacts etcd's history to `revision` (etcd's own "already
-    /// compacted" answer counts as success).
+    /// Discards history before `revision` (the store's oldest retained
+    /// revision from then on); etcd's own "already compacted" answer counts
+    /// as success.
+    ///
+    /// etcd is compacted to `revision - 1`, not `revision`: etcd 3.4 (at
+    /// least up to 3.4.23, which Debian ships) drops the deletions made *at*
+    /// its compaction revision, so a watch from there would miss them. The
+    /// store's oldest retained revision is therefore etcd's compaction
+    /// revision plus one (see the `watch` module).
     pub(crate) async fn compact_to(&self, revision: Revision) -> Result<(), EtcdError> {
         let Ok(rev) = i64::try_from(revision) else {
             return Ok(());
         };
+        if rev < 2 {
+            return Ok(());
+        }
         match self
-            .timed(self.kv().compact(rev, Some(CompactionOptions::new())))
+            .timed(self.kv().compact(rev - 1, Some(CompactionOptions::new())))
             .await
         {
             Ok(_) => {
@@ -452,19 +462,21 @@ impl Store for EtcdStore {
         if revision == 0 {
             return Ok(());
         }
-        let beyond_etcd = i64::try_from(revision).is_err();
+        // etcd would accept `current + 1` (it compacts one below, see
+        // `compact_to`): the bound is checked here.
+        let current = inner.current_revision().await?;
+        if revision > current {
+            return Err(StoreError::FutureRevision {
+                requested: revision,
+                current,
+            });
+        }
         match inner.compact_to(revision).await {
-            Ok(()) if !beyond_etcd => Ok(()),
-            Ok(()) => Err(StoreError::FutureRevision {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_future_revision() => Err(StoreError::FutureRevision {
                 requested: revision,
                 current: inner.current_revision().await?,
             }),
-            Err(e) if e.is_future_revision() => {
-                Err(StoreError::FutureRevision {
-                    requested: revision,
-                    current: inner.current_revision().await?,
-                })
-            }
             Err(e) => Err(e.into()),
         }
     }

@@ -36,9 +36,15 @@ pub(crate) async fn start(
             });
         }
         let start = i64::try_from(from).unwrap_or(i64::MAX);
+        // The store's oldest retained revision is etcd's compaction
+        // revision plus one (see `Inner::compact_to`), so `from` is
+        // compacted exactly when a read at `from - 1` is refused. (From 1,
+        // the probe reads at 1: revision 1 of an etcd holds no event, so
+        // "compacted to 1" loses nothing.)
         if from <= current {
-            // A read at `from` fails exactly when etcd compacted past it.
-            let probe = GetOptions::new().with_revision(start).with_count_only();
+            let probe = GetOptions::new()
+                .with_revision((start - 1).max(1))
+                .with_count_only();
             match inner
                 .timed(inner.kv().get(ns.range_start(b""), Some(probe)))
                 .await
@@ -48,7 +54,9 @@ pub(crate) async fn start(
                 Err(e) => return Err(e.into()),
             }
         }
-        options = options.with_start_revision(start);
+        // A watch from 1 surely starts before etcd's compaction revision,
+        // so etcd cancels it at once, telling that revision.
+        options = options.with_start_revision(if compacted { 1 } else { start });
     }
     let mut client = inner.client.watch_client();
     let mut stream = inner
@@ -67,13 +75,13 @@ pub(crate) async fn start(
     }
     if compacted {
         // etcd cancels a watch from a compacted revision, telling its
-        // compaction point: the oldest revision retained.
+        // compaction revision: one below the oldest revision retained.
         loop {
             match inner.timed(stream.message()).await? {
                 Some(resp) if resp.compact_revision() > 0 => {
                     return Err(StoreError::Compacted {
                         requested: from,
-                        oldest: to_u64(resp.compact_revision()),
+                        oldest: to_u64(resp.compact_revision()) + 1,
                     })
                 }
                 Some(resp) if resp.canceled() => {
@@ -142,7 +150,7 @@ async fn next(mut st: State) -> Option<(Result<Event, StoreError>, State)> {
         if resp.compact_revision() > 0 {
             let err = StoreError::Compacted {
                 requested: st.next,
-                oldest: to_u64(resp.compact_revision()),
+                oldest: to_u64(resp.compact_revision()) + 1,
             };
             return st.finish(err);
         }
