@@ -39,12 +39,10 @@ use std::time::Instant;
 
 use allot_store::backend::{apply_txn, in_range, Applied};
 use allot_store::{
-    Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Revision, StoreError, Txn,
-    TxnResponse,
+    Compare, CompareTarget, KeyValue, LeaseId, Op, OpResult, Revision, StoreError, Txn, TxnResponse,
 };
 use etcd_client::{
-    Compare as EtcdCompare, CompareOp, GetOptions, PutOptions, Txn as EtcdTxn, TxnOp,
-    TxnOpResponse,
+    Compare as EtcdCompare, CompareOp, GetOptions, PutOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse,
 };
 
 use crate::error::EtcdError;
@@ -194,7 +192,11 @@ async fn native(inner: &Inner, txn: &Txn) -> Result<TxnResponse, StoreError> {
         Err(e) => return Err(e.into()),
     };
     let succeeded = resp.succeeded();
-    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
     let answers = resp.op_responses();
     if answers.len() != ops.len() {
         return Err(StoreError::Backend(format!(
@@ -216,7 +218,9 @@ async fn native(inner: &Inner, txn: &Txn) -> Result<TxnResponse, StoreError> {
                 events += deleted;
                 OpResult::Delete(deleted)
             }
-            TxnOpResponse::Get(g) => OpResult::Get(g.kvs().first().map(|kv| ns.kv(kv)).transpose()?),
+            TxnOpResponse::Get(g) => {
+                OpResult::Get(g.kvs().first().map(|kv| ns.kv(kv)).transpose()?)
+            }
             TxnOpResponse::Txn(_) => {
                 return Err(StoreError::Backend(
                     "etcd answered a nested transaction that was not sent".into(),
@@ -388,7 +392,9 @@ fn at_revision(
     if revision == snapshot + 1 || revision == 0 {
         return Ok(applied);
     }
-    apply_txn(view, txn, revision - 1, |lease| i64::try_from(lease).is_ok())
+    apply_txn(view, txn, revision - 1, |lease| {
+        i64::try_from(lease).is_ok()
+    })
 }
 
 #[cfg(test)]

@@ -480,10 +480,7 @@ async fn evaluated_txns_lose_no_update_under_contention() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(
-        value(&s, "n").await,
-        Some((TASKS * EACH).to_string())
-    );
+    assert_eq!(value(&s, "n").await, Some((TASKS * EACH).to_string()));
     assert_eq!(
         s.current_revision().await.unwrap(),
         2 + (TASKS * EACH) as u64
