@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `redb` (default) | the embedded store, one file in the data dir |
 //! | `postgres://user@host:port/db[?schema=NAME]` | a PostgreSQL database (`postgresql://` too) |
+//! | `etcd://host:port[,host:port...][/NAMESPACE]` | an etcd cluster (keys under NAMESPACE, default `allot/`) |
 //!
 //! Keeping this in its own crate lets the engine stay free of backend
 //! dependencies while every front end spells stores the same way.

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use allot_store::{RedbOptions, RedbStore, Store, StoreError};
+use allot_store_etcd::{EtcdOptions, EtcdStore};
 use allot_store_postgres::{PostgresOptions, PostgresStore};
 
 use crate::StoreUrl;
@@ -52,6 +53,7 @@ pub struct Backend {
 enum Kind {
     Redb(RedbStore),
     Postgres(PostgresStore),
+    Etcd(EtcdStore),
 }
 
 impl Backend {
@@ -107,9 +109,25 @@ impl Backend {
                         source => failed(source),
                     })
             }
-            StoreUrl::Etcd { .. } => Err(OpenError::Invalid(format!(
-                "{url}: the etcd backend is not supported yet; use redb or postgres://"
-            ))),
+            StoreUrl::Etcd {
+                endpoints,
+                namespace,
+            } => {
+                let mut options = EtcdOptions::default();
+                if let Some(namespace) = namespace {
+                    options.namespace = namespace.clone();
+                }
+                EtcdStore::connect(endpoints, options)
+                    .await
+                    .map(|store| Backend {
+                        kind: Kind::Etcd(store),
+                        label: url.to_string(),
+                    })
+                    .map_err(|source| match source {
+                        StoreError::Invalid(why) => OpenError::Invalid(format!("{url}: {why}")),
+                        source => failed(source),
+                    })
+            }
         }
     }
 
@@ -118,6 +136,7 @@ impl Backend {
         match &self.kind {
             Kind::Redb(s) => Arc::new(s.clone()),
             Kind::Postgres(s) => Arc::new(s.clone()),
+            Kind::Etcd(s) => Arc::new(s.clone()),
         }
     }
 
@@ -150,7 +169,7 @@ impl Backend {
             }
             // Dropping the last handle commits what is queued; the engine,
             // closed first, waits for its answers, so nothing is.
-            Kind::Postgres(_) => Ok(()),
+            Kind::Postgres(_) | Kind::Etcd(_) => Ok(()),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::OpenError;
 /// // The password never reaches logs or error messages.
 /// assert_eq!(pg.to_string(), "postgres://allot:***@db:5432/allot?schema=edge");
 /// let etcd: StoreUrl = "etcd://10.0.0.1:2379,10.0.0.2:2379/prod".parse().unwrap();
-/// assert_eq!(etcd.to_string(), "etcd://10.0.0.1:2379,10.0.0.2:2379/prod");
+/// assert_eq!(etcd.to_string(), "etcd://10.0.0.1:2379,10.0.0.2:2379/prod/");
 /// assert!("mysql://db".parse::<StoreUrl>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -35,8 +35,9 @@ pub enum StoreUrl {
     Etcd {
         /// `host:port` of each member to talk to.
         endpoints: Vec<String>,
-        /// Prefix of every key allot writes (the URL's path), so several
-        /// deployments can share one cluster.
+        /// Prefix of every key allot writes (the URL's path, ending in
+        /// `/`), so several deployments can share one cluster; the etcd
+        /// backend's default (`allot/`) when absent.
         namespace: Option<String>,
     },
 }
@@ -111,7 +112,15 @@ fn parse_etcd(rest: &str) -> Result<StoreUrl, String> {
         }
         endpoints.push(host.to_string());
     }
-    let namespace = (!path.is_empty()).then(|| path.to_string());
+    // A namespace is a key prefix: end it with '/' so `prod` and
+    // `production` cannot see each other's keys.
+    let namespace = (!path.is_empty()).then(|| {
+        let mut ns = path.to_string();
+        if !ns.ends_with('/') {
+            ns.push('/');
+        }
+        ns
+    });
     Ok(StoreUrl::Etcd {
         endpoints,
         namespace,

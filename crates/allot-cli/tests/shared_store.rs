@@ -1,5 +1,5 @@
-//! Several `allot serve` processes on one shared store (PostgreSQL; etcd
-//! joins with its backend), and the store itself going away under load.
+//! Several `allot serve` processes on one shared store (PostgreSQL, etcd),
+//! local commands on it, and the store itself going away under load.
 //!
 //! The scenarios are written once, over the store URL and a handle that
 //! kills and restarts the store, and run on every shared backend.
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use allot_store_etcd::testing::EtcdServer;
 use allot_store_postgres::testing::PgServer;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -36,6 +37,18 @@ impl StoreServer for PgServer {
     }
     fn restart(&mut self) {
         PgServer::restart(self).unwrap_or_else(|e| panic!("restarting PostgreSQL: {e}"));
+    }
+}
+
+impl StoreServer for EtcdServer {
+    fn url(&self) -> String {
+        format!("etcd://{}/shared-test", self.endpoint())
+    }
+    fn kill(&mut self) {
+        EtcdServer::kill(self);
+    }
+    fn restart(&mut self) {
+        EtcdServer::restart(self).unwrap_or_else(|e| panic!("restarting etcd: {e}"));
     }
 }
 
@@ -422,4 +435,22 @@ async fn local_commands_scenario(store: &dyn StoreServer) {
 async fn local_commands_on_postgres() {
     let pg = start_postgres().await;
     local_commands_scenario(&pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_etcd() {
+    let etcd = allot_store_etcd::testing::start_server().await;
+    two_servers_scenario(&etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_under_load() {
+    let mut etcd = allot_store_etcd::testing::start_server().await;
+    store_restart_scenario(&mut etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commands_on_etcd() {
+    let etcd = allot_store_etcd::testing::start_server().await;
+    local_commands_scenario(&etcd).await;
 }

@@ -5,10 +5,12 @@
 
 pub mod block;
 pub mod error;
+pub mod owned;
 pub mod pool;
 pub mod space;
 
 pub use block::{Block, QuarantineEntry, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::CoreError;
+pub use owned::OwnedBlock;
 pub use pool::{PoolSpec, PoolState, PoolStats, Strategy};
 pub use space::{parse_cidr, PoolKind, Run, ValueSpace, MAX_POOL_SIZE};
