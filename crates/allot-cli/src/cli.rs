@@ -25,6 +25,24 @@ pub enum StrategyArg {
     Random,
 }
 
+/// `--member-blocks` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// Every allocation committed (shared commits).
+    Sync,
+    /// Only block ownership stored.
+    Block,
+}
+
+impl From<DurabilityArg> for allot::Durability {
+    fn from(d: DurabilityArg) -> Self {
+        match d {
+            DurabilityArg::Sync => allot::Durability::Sync,
+            DurabilityArg::Block => allot::Durability::Block,
+        }
+    }
+}
+
 impl From<StrategyArg> for allot::Strategy {
     fn from(s: StrategyArg) -> Self {
         match s {
@@ -266,6 +284,12 @@ pub struct CreateArgs {
     /// Values per storage block (a power of two).
     #[arg(long, value_name = "N", default_value_t = allot::DEFAULT_BLOCK_SIZE)]
     pub block_size: u64,
+
+    /// Hand values out from blocks that members own and allocate from in
+    /// their own memory: `sync` stores every allocation, `block` only the
+    /// ownership (a new owner asks the application which values are in use).
+    #[arg(long, value_enum, value_name = "DURABILITY")]
+    pub member_blocks: Option<DurabilityArg>,
 
     /// A descriptive KEY=VALUE label; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]

@@ -12,5 +12,5 @@ pub mod space;
 pub use block::{Block, QuarantineEntry, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::CoreError;
 pub use owned::OwnedBlock;
-pub use pool::{PoolSpec, PoolState, PoolStats, Strategy};
+pub use pool::{Durability, PoolSpec, PoolState, PoolStats, Strategy};
 pub use space::{parse_cidr, PoolKind, Run, ValueSpace, MAX_POOL_SIZE};

@@ -41,7 +41,7 @@ pub struct OwnedBlock {
     reserved: Vec<(u64, u64)>,
     allocated: u64,
     reserved_units: u64,
-    /// Word where the next scan starts.
+    /// Bit where the next scan starts (next-fit).
     cursor: usize,
 }
 
@@ -76,8 +76,8 @@ impl OwnedBlock {
             reserved_units: 0,
             cursor: 0,
         };
-        // Past the pool's end: never free.
-        for local in units..block_size {
+        // Past the pool's end, and the last word's padding: never free.
+        for local in units..(nwords as u64 * 64) {
             block.set(local);
         }
         let end = base + units;
@@ -183,21 +183,25 @@ impl OwnedBlock {
             return None;
         }
         let n = self.words.len();
-        let mut w = self.cursor;
-        // A free value exists, so at most one full lap finds it.
+        let mut w = self.cursor / 64;
+        // Only bits at or after the cursor in its word on the first pass;
+        // the lap ends back on that word with every bit considered.
+        let mut mask = u64::MAX << (self.cursor % 64);
         for _ in 0..=n {
-            let word = self.words[w];
-            if word != u64::MAX {
-                let bit = word.trailing_ones() as u64;
+            let avail = !self.words[w] & mask;
+            if avail != 0 {
+                let bit = avail.trailing_zeros() as usize;
                 self.words[w] |= 1 << bit;
                 self.allocated += 1;
-                self.cursor = w;
-                return Some(self.base + w as u64 * 64 + bit);
+                let local = w * 64 + bit;
+                self.cursor = (local + 1) % (n * 64);
+                return Some(self.base + local as u64);
             }
             w += 1;
             if w == n {
                 w = 0;
             }
+            mask = u64::MAX;
         }
         None
     }

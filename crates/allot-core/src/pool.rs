@@ -79,6 +79,46 @@ pub struct PoolSpec {
     pub quarantine_secs: u64,
     /// Units per block: a power of two up to 2^32.
     pub block_size: u64,
+    /// `Some`: values are handed out by members from blocks they own, kept
+    /// with this durability (DESIGN §5); `None` (default): by the engine
+    /// from shared state, every claim committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_blocks: Option<Durability>,
+}
+
+/// How much of a member-owned block is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every allocation is committed before it is acknowledged (concurrent
+    /// ones share a commit); after a takeover the stored bitmap is the truth.
+    #[default]
+    Sync,
+    /// Only ownership is stored; allocations live in the owner's memory, and
+    /// a new owner learns the values in use from the application (scan).
+    Block,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sync" => Ok(Durability::Sync),
+            "block" => Ok(Durability::Block),
+            _ => Err(CoreError::InvalidSpec(format!(
+                "unknown durability '{s}' (expected sync or block)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Sync => "sync",
+            Durability::Block => "block",
+        })
+    }
 }
 
 impl PoolSpec {
@@ -91,6 +131,7 @@ impl PoolSpec {
             strategy: Strategy::Lowest,
             quarantine_secs: 0,
             block_size: DEFAULT_BLOCK_SIZE,
+            member_blocks: None,
         }
     }
 

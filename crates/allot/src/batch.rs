@@ -368,6 +368,12 @@ impl Inner {
     /// Queues `op` on the pool and waits for the batch that carries it.
     pub(crate) async fn submit(self: &Arc<Self>, pool: &str, op: PendingOp) -> Result<Outcome> {
         let handle = self.handle(pool).await?;
+        if handle.record.spec.member_blocks.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "pool '{pool}' hands out values from blocks its members own: \
+                 allocate and release through a member"
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         lock(&handle.queue).push(Pending {
             op,
@@ -777,6 +783,7 @@ fn clone_error(e: &Error) -> Error {
     match e {
         Error::PoolNotFound(p) => Error::PoolNotFound(p.clone()),
         Error::Contention(p) => Error::Contention(p.clone()),
+        Error::Fenced(m) => Error::Fenced(m.clone()),
         Error::Corrupt(m) => Error::Corrupt(m.clone()),
         Error::Store(s) => Error::Store(match s {
             allot_store::StoreError::Unavailable(m) => {

@@ -30,6 +30,11 @@ pub enum Error {
     /// Another writer kept winning; the request was not applied.
     #[error("too much contention on pool '{0}', try again")]
     Contention(String),
+    /// A member may have lost its lease, or a block it owned was taken
+    /// over: it must not hand out values (join again, or wait for a
+    /// keep-alive to get through).
+    #[error("{0}")]
+    Fenced(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Stored data could not be decoded.
@@ -49,6 +54,7 @@ impl Error {
             Error::Exhausted { .. } => "exhausted",
             Error::PoolNotEmpty { .. } => "pool_not_empty",
             Error::Contention(_) => "contention",
+            Error::Fenced(_) => "fenced",
             Error::Store(StoreError::Unavailable(_)) | Error::Store(StoreError::Locked { .. }) => {
                 "unavailable"
             }

@@ -12,6 +12,9 @@
 //! | `e/{pool}`                  | last change (JSON), watched |
 //! | `i/{pool}/{request id}`     | remembered answer (leased)  |
 //! | `n/{pool}`                  | nested pools by offset      |
+//! | `m/{member}`                | live member (JSON, leased)  |
+//! | `mi/{member}`               | last incarnation (u64 LE)   |
+//! | `o/{pool}/{block: u64 BE}`  | block owner + epoch (JSON)  |
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
@@ -45,13 +48,7 @@ pub fn block_index(key: &[u8]) -> Option<u64> {
 pub const BLOCKS_PREFIX: &[u8] = b"b/";
 /// `b/{pool}/{block}` → (pool, block).
 pub fn parse_block(key: &[u8]) -> Option<(&str, u64)> {
-    let rest = key.strip_prefix(BLOCKS_PREFIX)?;
-    let split = rest.len().checked_sub(9)?;
-    let (name, tail) = rest.split_at(split);
-    if tail.first() != Some(&b'/') {
-        return None;
-    }
-    Some((std::str::from_utf8(name).ok()?, tail_u64(tail)?))
+    parse_pool_u64(key, BLOCKS_PREFIX)
 }
 
 pub fn value(name: &str, offset: u64) -> Vec<u8> {
@@ -98,6 +95,42 @@ pub fn event(name: &str) -> Vec<u8> {
 }
 pub const EVENTS_PREFIX: &[u8] = b"e/";
 
+/// A live member: written at join on the member's lease, so it disappears
+/// when the lease expires (the member is down).
+pub fn member(name: &str) -> Vec<u8> {
+    format!("m/{name}").into_bytes()
+}
+pub const MEMBERS_PREFIX: &[u8] = b"m/";
+
+/// The last incarnation of a member name; outlives the member so the next
+/// join under that name gets a larger one.
+pub fn incarnation(name: &str) -> Vec<u8> {
+    format!("mi/{name}").into_bytes()
+}
+
+/// The owner (and epoch) of a block of a member-blocks pool.
+pub fn owner(name: &str, block: u64) -> Vec<u8> {
+    with_u64("o", name, block)
+}
+pub const OWNERS_PREFIX: &[u8] = b"o/";
+pub fn owners_prefix(name: &str) -> Vec<u8> {
+    format!("o/{name}/").into_bytes()
+}
+/// `o/{pool}/{block}` → (pool, block).
+pub fn parse_owner(key: &[u8]) -> Option<(&str, u64)> {
+    parse_pool_u64(key, OWNERS_PREFIX)
+}
+
+fn parse_pool_u64<'k>(key: &'k [u8], prefix: &[u8]) -> Option<(&'k str, u64)> {
+    let rest = key.strip_prefix(prefix)?;
+    let split = rest.len().checked_sub(9)?;
+    let (name, tail) = rest.split_at(split);
+    if tail.first() != Some(&b'/') {
+        return None;
+    }
+    Some((std::str::from_utf8(name).ok()?, tail_u64(tail)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +141,6 @@ mod tests {
         assert_eq!(parse_block(&block("a", u64::MAX)), Some(("a", u64::MAX)));
         assert_eq!(parse_block(b"b/short"), None);
         assert_eq!(parse_block(&value("vlans", 7)), None);
+        assert_eq!(parse_owner(&owner("teid", 3)), Some(("teid", 3)));
     }
 }

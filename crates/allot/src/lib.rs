@@ -34,20 +34,30 @@ mod error;
 mod events;
 mod follow;
 pub mod keys;
+mod member_blocks;
+mod members;
 mod model;
+mod owners;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use allot_core::{parse_cidr, PoolKind, PoolSpec, PoolStats, Strategy, DEFAULT_BLOCK_SIZE};
+pub use allot_core::{
+    parse_cidr, Durability, PoolKind, PoolSpec, PoolStats, Strategy, DEFAULT_BLOCK_SIZE,
+};
 use allot_core::{Block, PoolState, Run};
 
 use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
+pub use member_blocks::OwnedValue;
+pub use members::{
+    BlockOwner, BlockScan, Member, MemberOptions, MemberRecord, ScanFn, DEFAULT_MEMBER_TTL,
+};
 pub use model::*;
+pub use owners::{OwnerInfo, OwnerMap};
 
 use batch::{Outcome, PendingOp, PoolHandle};
 
@@ -67,6 +77,8 @@ pub(crate) struct Inner {
     /// Dropped with the engine, which ends the follower task (see
     /// [`Allot::follow_other_writers`]).
     follower_stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Members and block owners, started on first use.
+    owner_map: tokio::sync::Mutex<Option<OwnerMap>>,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,6 +131,7 @@ impl Allot {
                 seed: AtomicU64::new(seed),
                 idempotency_lease: tokio::sync::Mutex::new(None),
                 follower_stop: std::sync::Mutex::new(None),
+                owner_map: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -268,6 +281,18 @@ impl Allot {
         Ok(out)
     }
 
+    /// How many blocks of a member-blocks pool members own now.
+    async fn owned_blocks(&self, name: &str) -> Result<u64> {
+        let prefix = keys::owners_prefix(name);
+        let end = allot_store::prefix_end(&prefix);
+        let mut n = 0;
+        for kv in self.inner.store.range(&prefix, &end, 0).await?.kvs {
+            let owner: BlockOwner = decode_json("block owner", &kv.value)?;
+            n += u64::from(owner.member.is_some());
+        }
+        Ok(n)
+    }
+
     /// Deletes a pool and everything in it. Refused while values are
     /// claimed unless `force`.
     pub async fn delete_pool(&self, name: &str, force: bool) -> Result<()> {
@@ -285,6 +310,17 @@ impl Allot {
                     names.join(", ")
                 )));
             }
+        }
+        let owned_blocks = if handle.record.spec.member_blocks.is_some() {
+            self.owned_blocks(name).await?
+        } else {
+            0
+        };
+        if owned_blocks > 0 && !force {
+            return Err(Error::Conflict(format!(
+                "pool '{name}' has {owned_blocks} block(s) owned by members; \
+                 delete it with force to take them away"
+            )));
         }
         if claims > 0 && !force {
             return Err(Error::PoolNotEmpty {
@@ -313,6 +349,7 @@ impl Allot {
             keys::keys_prefix(name),
             keys::resyncs_prefix(name),
             keys::idempotency_prefix(name),
+            keys::owners_prefix(name),
         ] {
             txn = txn.then(Op::delete_prefix(prefix));
         }

@@ -19,6 +19,7 @@ pub(crate) fn prepare_create(args: CreateArgs) -> Result<Action> {
         strategy: args.strategy.into(),
         quarantine_secs: args.quarantine,
         block_size: args.block_size,
+        member_blocks: args.member_blocks.map(Into::into),
     };
     // The same check the engine runs; done here too so nothing is created
     // for a spec that can never be accepted.
