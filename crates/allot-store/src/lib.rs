@@ -35,6 +35,7 @@
 
 mod apply;
 mod codec;
+mod committer;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
