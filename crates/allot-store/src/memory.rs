@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::apply::{apply_txn, delete_keys_txn, Applied, KvRead};
 use crate::lease::{ExpiryTask, LeaseClock, LeaseHost};
 use crate::watch::{
-    start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
+    read_ring, start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
     DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
@@ -137,7 +137,8 @@ impl KvRead for BTreeMap<Vec<u8>, KeyValue> {
     }
 }
 
-fn scan<'a>(
+/// The records of `kv` in `[start, end)` (`end` empty = unbounded).
+pub(crate) fn scan<'a>(
     kv: &'a BTreeMap<Vec<u8>, KeyValue>,
     start: &[u8],
     end: &[u8],
@@ -278,26 +279,7 @@ impl History for Inner {
         max_events: usize,
     ) -> Result<Vec<Arc<Committed>>, StoreError> {
         let state = self.lock();
-        if from < state.oldest {
-            return Err(StoreError::Compacted {
-                requested: from,
-                oldest: state.oldest,
-            });
-        }
-        let first = state.history.partition_point(|c| c.revision < from);
-        let mut out = Vec::new();
-        let mut events = 0;
-        for committed in state.history.range(first..) {
-            if committed.revision > to
-                || out.len() >= max
-                || (!out.is_empty() && events >= max_events)
-            {
-                break;
-            }
-            events += committed.events.len();
-            out.push(committed.clone());
-        }
-        Ok(out)
+        read_ring(&state.history, state.oldest, from, to, max, max_events)
     }
 }
 

@@ -45,7 +45,7 @@ use crate::apply::{apply_txn, KvRead};
 use crate::codec::{decode_event_chunk, decode_events_v1, decode_kv, encode_event_chunks};
 use crate::committer::CommitterHandle;
 use crate::watch::{
-    start_revision, watch_stream, Committed, History, Retention, DEFAULT_HISTORY_EVENTS,
+    subscribe_and_watch, Committed, History, Retention, DEFAULT_HISTORY_EVENTS,
     DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
@@ -472,19 +472,7 @@ impl Store for RedbStore {
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
         self.inner.writer.expire_leases().await?;
-        // Subscribe before reading the current revision: a revision committed
-        // in between is then both in the log and in the channel, and the
-        // stream skips the duplicate; the other order could lose it.
-        let rx = self.inner.writer.shared.events.subscribe();
-        let (oldest, current) = self.inner.bounds()?;
-        let start = start_revision(from, oldest, current)?;
-        Ok(watch_stream(
-            Arc::downgrade(&self.inner),
-            rx,
-            prefix,
-            start,
-            current,
-        ))
+        subscribe_and_watch(&self.inner, &self.inner.writer.shared.events, prefix, from)
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {

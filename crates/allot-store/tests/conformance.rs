@@ -1,36 +1,84 @@
 //! The store conformance suite (`allot_store::conformance`, feature
 //! `conformance`) instantiated for the backends of this crate, plus tests
-//! specific to the redb backend.
+//! of the durable backends (reopen, crash, lock: [`durable`], run for redb
+//! and the log store alike) and tests specific to each.
 //!
 //! The memory backend runs the lease tests on tokio's paused clock (long
-//! TTLs, no real waiting), the redb backend on the real clock with short
-//! TTLs.
+//! TTLs, no real waiting), the durable backends on the real clock with
+//! short TTLs.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use allot_store::conformance::*;
 use allot_store::{
-    Compare, EventKind, MemoryStore, Op, RedbOptions, RedbStore, Store, StoreError, Txn,
+    Compare, EventKind, LogOptions, LogStore, MemoryStore, Op, RedbOptions, RedbStore, Store,
+    StoreError, Txn,
 };
 
 async fn memory_store(revisions: u64, events: u64) -> (MemoryStore, ()) {
     (MemoryStore::with_history_limits(revisions, events), ())
 }
 
-fn redb_store_sync(revisions: u64, events: u64) -> (RedbStore, tempfile::TempDir) {
+/// A durable backend, for the tests that close, reopen and crash a store.
+pub trait Durable: Store + Clone + std::fmt::Debug {
+    /// What the store is opened at inside a test's directory.
+    const NAME: &'static str;
+    fn open_bounded(
+        path: &std::path::Path,
+        revisions: u64,
+        events: u64,
+    ) -> Result<Self, StoreError>;
+    fn close(self) -> Result<(), StoreError>;
+}
+
+impl Durable for RedbStore {
+    const NAME: &'static str = "store.redb";
+    fn open_bounded(
+        path: &std::path::Path,
+        revisions: u64,
+        events: u64,
+    ) -> Result<Self, StoreError> {
+        let opts = RedbOptions {
+            history_revisions: revisions,
+            history_events: events,
+            ..RedbOptions::default()
+        };
+        RedbStore::open(path, opts)
+    }
+    fn close(self) -> Result<(), StoreError> {
+        RedbStore::close(self)
+    }
+}
+
+impl Durable for LogStore {
+    const NAME: &'static str = "store";
+    fn open_bounded(
+        path: &std::path::Path,
+        revisions: u64,
+        events: u64,
+    ) -> Result<Self, StoreError> {
+        let opts = LogOptions {
+            history_revisions: revisions,
+            history_events: events,
+            ..LogOptions::default()
+        };
+        LogStore::open(path, opts)
+    }
+    fn close(self) -> Result<(), StoreError> {
+        LogStore::close(self)
+    }
+}
+
+/// A fresh store in a new temporary directory.
+fn fresh<S: Durable>(revisions: u64, events: u64) -> (S, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = RedbOptions {
-        history_revisions: revisions,
-        history_events: events,
-        ..RedbOptions::default()
-    };
-    let store = RedbStore::open(dir.path().join("store.redb"), opts).unwrap();
+    let store = S::open_bounded(&dir.path().join(S::NAME), revisions, events).unwrap();
     (store, dir)
 }
 
-async fn redb_store(revisions: u64, events: u64) -> (RedbStore, tempfile::TempDir) {
-    redb_store_sync(revisions, events)
+async fn durable_store<S: Durable>(revisions: u64, events: u64) -> (S, tempfile::TempDir) {
+    fresh(revisions, events)
 }
 
 mod memory {
@@ -43,35 +91,86 @@ mod memory {
 
 mod redb {
     allot_store::conformance_tests!(
-        make = super::redb_store,
+        make = super::durable_store::<allot_store::RedbStore>,
         lease_ttl = std::time::Duration::from_millis(1000),
         timed = #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
     );
 }
 
-// ---------------------------------------------------------------- redb only
+mod log {
+    allot_store::conformance_tests!(
+        make = super::durable_store::<allot_store::LogStore>,
+        lease_ttl = std::time::Duration::from_millis(1000),
+        timed = #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
+    );
+}
 
-mod redb_only {
+/// Instantiates the tests of [`durable`] for one backend, in a module named
+/// `$module` (the crash test runs its child half by that path).
+macro_rules! durable_tests {
+    ($module:ident, $store:ty) => {
+        mod $module {
+            use super::durable;
+            type S = $store;
+
+            durable_tests!(@async
+                reopen_keeps_data_revision_and_history,
+                reopen_keeps_the_event_bound_and_count,
+                reopened_leases_restart_with_a_full_ttl,
+                reopen_right_after_drop_despite_a_live_lease,
+                group_commit_answers_each_txn_once_with_unique_revisions,
+                closed_store_refuses_writes,
+                crash_child,
+            );
+
+            #[test]
+            fn opening_twice_is_locked() {
+                durable::opening_twice_is_locked::<S>();
+            }
+
+            #[test]
+            fn acknowledged_writes_survive_kill_9() {
+                let child = concat!(stringify!($module), "::crash_child");
+                durable::acknowledged_writes_survive_kill_9::<S>(child);
+            }
+        }
+    };
+    (@async $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                durable::$test::<S>().await;
+            }
+        )*
+    };
+}
+
+durable_tests!(redb_durable, allot_store::RedbStore);
+durable_tests!(log_durable, allot_store::LogStore);
+
+// ------------------------------------------------- tests for every durable backend
+
+pub mod durable {
     use super::*;
     use std::io::{BufRead, BufReader};
+    use std::path::Path;
     use std::process::{Command, Stdio};
 
-    fn open(path: &std::path::Path) -> Result<RedbStore, StoreError> {
-        RedbStore::open(path, RedbOptions::default())
+    fn open<S: Durable>(path: &Path) -> Result<S, StoreError> {
+        S::open_bounded(path, 100_000, DEFAULT_HISTORY_EVENTS)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reopen_keeps_data_revision_and_history() {
+    pub async fn reopen_keeps_data_revision_and_history<S: Durable>() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nested/dir/store.redb");
-        let s = open(&path).unwrap();
+        let path = dir.path().join("nested/dir").join(S::NAME);
+        let s = open::<S>(&path).unwrap();
         put(&s, "a", "1").await;
         put(&s, "b", "1").await;
         s.txn(Txn::new().then(Op::delete("a"))).await.unwrap();
         let before = s.range(b"", b"", 0).await.unwrap();
         drop(s);
 
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         assert_eq!(s.current_revision().await.unwrap(), 4);
         assert_eq!(s.range(b"", b"", 0).await.unwrap(), before);
         let mut watch = s.watch(b"", 1).await.unwrap();
@@ -88,26 +187,21 @@ mod redb_only {
         s.close().unwrap();
 
         // Compaction survives a reopen too.
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         s.compact(4).await.unwrap();
         drop(s);
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         assert!(matches!(
             s.watch(b"", 3).await.err(),
             Some(StoreError::Compacted { .. })
         ));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reopen_keeps_the_event_bound_and_count() {
+    pub async fn reopen_keeps_the_event_bound_and_count<S: Durable>() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        let with_bound = |events| RedbOptions {
-            history_revisions: 1000,
-            history_events: events,
-            ..RedbOptions::default()
-        };
-        let s = RedbStore::open(&path, with_bound(100)).unwrap();
+        let path = dir.path().join(S::NAME);
+        let with_bound = |events| S::open_bounded(&path, 1000, events);
+        let s = with_bound(100).unwrap();
         for t in 0..10 {
             put_many(&s, &format!("a{t}"), 10).await;
         }
@@ -118,7 +212,7 @@ mod redb_only {
 
         // The count is recovered: two more 10-event revisions reach 105 and
         // drop exactly revisions 4 and 5 (not more, not fewer).
-        let s = RedbStore::open(&path, with_bound(100)).unwrap();
+        let s = with_bound(100).unwrap();
         assert_eq!(retained_history(&s).await, before);
         put_many(&s, "c0", 10).await;
         put_many(&s, "c1", 10).await;
@@ -127,7 +221,7 @@ mod redb_only {
         drop(s);
 
         // A lower bound applies from the next write on.
-        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        let s = with_bound(50).unwrap();
         assert_eq!(retained_history(&s).await.1.len(), 85);
         let rev = put(&s, "d", "1").await;
         let (oldest, events) = retained_history(&s).await;
@@ -136,10 +230,10 @@ mod redb_only {
         drop(s);
 
         // A transaction beyond the bound survives a reopen alone.
-        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        let s = with_bound(50).unwrap();
         let big = put_many(&s, "big", 300).await;
         s.close().unwrap();
-        let s = RedbStore::open(&path, with_bound(50)).unwrap();
+        let s = with_bound(50).unwrap();
         let (oldest, events) = retained_history(&s).await;
         assert_eq!((oldest, events.len()), (big, 300));
         let next = put(&s, "e", "1").await;
@@ -147,12 +241,11 @@ mod redb_only {
         assert_eq!(s.range(b"", b"", 0).await.unwrap().kvs.len(), 127 + 300);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reopened_leases_restart_with_a_full_ttl() {
+    pub async fn reopened_leases_restart_with_a_full_ttl<S: Durable>() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
+        let path = dir.path().join(S::NAME);
         let ttl = Duration::from_millis(1000);
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         let lease = s.lease_grant(ttl).await.unwrap();
         s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
             .await
@@ -162,7 +255,7 @@ mod redb_only {
         tokio::time::sleep(ttl / 2).await;
 
         // Past the original deadline, but the lease restarted at open.
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         assert_eq!(s.get(b"k").await.unwrap().unwrap().lease, lease);
         assert_eq!(s.lease_keep_alive(lease).await.unwrap(), ttl);
         // New ids never reuse an old one.
@@ -175,7 +268,7 @@ mod redb_only {
             (EventKind::Delete, "k".to_string())
         );
         drop(s);
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         assert_eq!(s.get(b"k").await.unwrap(), None);
         assert!(matches!(
             s.lease_keep_alive(lease).await,
@@ -183,71 +276,35 @@ mod redb_only {
         ));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reopen_right_after_drop_despite_a_live_lease() {
+    pub async fn reopen_right_after_drop_despite_a_live_lease<S: Durable>() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        let s = open(&path).unwrap();
+        let path = dir.path().join(S::NAME);
+        let s = open::<S>(&path).unwrap();
         let lease = s.lease_grant(Duration::from_secs(60)).await.unwrap();
         s.txn(Txn::new().then(Op::put_with_lease("k", "v", lease)))
             .await
             .unwrap();
         drop(s);
-        let s = open(&path).unwrap();
+        let s = open::<S>(&path).unwrap();
         assert_eq!(s.get(b"k").await.unwrap().unwrap().lease, lease);
     }
 
-    #[test]
-    fn opening_twice_is_locked() {
+    pub fn opening_twice_is_locked<S: Durable>() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        let first = open(&path).unwrap();
-        match open(&path) {
+        let path = dir.path().join(S::NAME);
+        let first = open::<S>(&path).unwrap();
+        match open::<S>(&path) {
             Err(StoreError::Locked { path: p, .. }) => assert_eq!(p, path.display().to_string()),
             other => panic!("expected Locked, got {other:?}"),
         }
         // Usable without a runtime, and released when closed.
         first.close().unwrap();
-        open(&path).unwrap();
+        open::<S>(&path).unwrap();
     }
 
-    #[test]
-    fn garbage_file_is_an_error_not_a_reset() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        assert!(open(&path).is_err());
-        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn corrupt_record_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        let s = open(&path).unwrap();
-        put(&s, "k", "v").await;
-        s.close().unwrap();
-        {
-            let db = ::redb::Database::create(&path).unwrap();
-            let wtx = db.begin_write().unwrap();
-            {
-                let table: ::redb::TableDefinition<&[u8], &[u8]> =
-                    ::redb::TableDefinition::new("kv");
-                let mut kv = wtx.open_table(table).unwrap();
-                kv.insert(&b"k"[..], &b"\x01short"[..]).unwrap();
-            }
-            wtx.commit().unwrap();
-        }
-        match open(&path) {
-            Err(StoreError::Corrupt(_)) => {}
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn group_commit_answers_each_txn_once_with_unique_revisions() {
+    pub async fn group_commit_answers_each_txn_once_with_unique_revisions<S: Durable>() {
         const TXNS: usize = 500;
-        let (s, _dir) = redb_store_sync(100_000, DEFAULT_HISTORY_EVENTS);
+        let (s, _dir) = fresh::<S>(100_000, DEFAULT_HISTORY_EVENTS);
         let mut tasks = Vec::new();
         for i in 0..TXNS {
             let s = s.clone();
@@ -292,9 +349,8 @@ mod redb_only {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn closed_store_refuses_writes() {
-        let (s, _dir) = redb_store_sync(1000, DEFAULT_HISTORY_EVENTS);
+    pub async fn closed_store_refuses_writes<S: Durable>() {
+        let (s, _dir) = fresh::<S>(1000, DEFAULT_HISTORY_EVENTS);
         let other = s.clone();
         put(&s, "a", "1").await;
         s.close().unwrap();
@@ -310,12 +366,11 @@ mod redb_only {
 
     /// The child half of `acknowledged_writes_survive_kill_9`: writes until
     /// killed, printing each acknowledged key. Does nothing when run alone.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn crash_child() {
+    pub async fn crash_child<S: Durable>() {
         let Ok(dir) = std::env::var(CRASH_DIR_ENV) else {
             return;
         };
-        let s = open(&std::path::Path::new(&dir).join("store.redb")).unwrap();
+        let s = open::<S>(&Path::new(&dir).join(S::NAME)).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         for w in 0..16 {
             let s = s.clone();
@@ -338,16 +393,10 @@ mod redb_only {
         }
     }
 
-    #[test]
-    fn acknowledged_writes_survive_kill_9() {
+    pub fn acknowledged_writes_survive_kill_9<S: Durable>(crash_child: &str) {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "redb_only::crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", crash_child, "--nocapture", "--test-threads=1"])
             .env(CRASH_DIR_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -374,7 +423,7 @@ mod redb_only {
             .build()
             .unwrap();
         rt.block_on(async {
-            let s = open(&dir.path().join("store.redb")).unwrap();
+            let s = open::<S>(&dir.path().join(S::NAME)).unwrap();
             for key in &acked {
                 assert!(
                     s.get(key.as_bytes()).await.unwrap().is_some(),
@@ -388,5 +437,48 @@ mod redb_only {
                 1 + all.kvs.len() as u64
             );
         });
+    }
+}
+
+// ---------------------------------------------------------------- redb only
+
+mod redb_only {
+    use super::*;
+
+    fn open(path: &std::path::Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open(path, RedbOptions::default())
+    }
+
+    #[test]
+    fn garbage_file_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        assert!(open(&path).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_record_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let s = open(&path).unwrap();
+        put(&s, "k", "v").await;
+        s.close().unwrap();
+        {
+            let db = ::redb::Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            {
+                let table: ::redb::TableDefinition<&[u8], &[u8]> =
+                    ::redb::TableDefinition::new("kv");
+                let mut kv = wtx.open_table(table).unwrap();
+                kv.insert(&b"k"[..], &b"\x01short"[..]).unwrap();
+            }
+            wtx.commit().unwrap();
+        }
+        match open(&path) {
+            Err(StoreError::Corrupt(_)) => {}
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 }
