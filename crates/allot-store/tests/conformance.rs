@@ -61,6 +61,9 @@ impl Durable for LogStore {
         let opts = LogOptions {
             history_revisions: revisions,
             history_events: events,
+            // Tiny, so that every test runs through snapshots and segment
+            // rotation (the kill -9 test too).
+            snapshot_bytes: 16 << 10,
             ..LogOptions::default()
         };
         LogStore::open(path, opts)
@@ -480,5 +483,197 @@ mod redb_only {
             Err(StoreError::Corrupt(_)) => {}
             other => panic!("expected Corrupt, got {other:?}"),
         }
+    }
+}
+
+// ---------------------------------------------------------------- log store only
+
+mod log_only {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn opts() -> LogOptions {
+        LogOptions {
+            snapshot_bytes: 4 << 10,
+            ..LogOptions::default()
+        }
+    }
+
+    /// The files of `dir` with this extension, in name order.
+    fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == ext))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn last_segment(dir: &Path) -> PathBuf {
+        files(dir, "wal").pop().unwrap()
+    }
+
+    fn append_bytes(path: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_garbage_tail_is_cut_off_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        for i in 0..5 {
+            put(&s, &format!("k{i}"), "v").await;
+        }
+        drop(s);
+        let segment = last_segment(dir.path());
+        let good_len = std::fs::metadata(&segment).unwrap().len();
+        for garbage in [vec![0x5a; 37], vec![0; 4096], vec![7, 0, 0]] {
+            append_bytes(&segment, &garbage);
+            let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+            let torn = s.recovery().torn_tail.clone().expect("a torn tail");
+            assert_eq!(
+                (torn.offset, torn.dropped),
+                (good_len, garbage.len() as u64)
+            );
+            assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
+            assert_eq!(s.current_revision().await.unwrap(), 6);
+            assert_eq!(s.range(b"", b"", 0).await.unwrap().kvs.len(), 5);
+            drop(s);
+        }
+        // Writes go on after the cut, and the next open finds nothing to cut.
+        let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!(put(&s, "after", "v").await, 7);
+        drop(s);
+        let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        assert_eq!(s.recovery().torn_tail, None);
+        assert_eq!(value(&s, "after").await.as_deref(), Some("v"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_cut_short_is_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        put(&s, "a", "1").await;
+        let before = std::fs::metadata(last_segment(dir.path())).unwrap().len();
+        s.txn(Txn::new().then(Op::put("b", "1")).then(Op::put("c", "1")))
+            .await
+            .unwrap();
+        drop(s);
+        let segment = last_segment(dir.path());
+        let full = std::fs::metadata(&segment).unwrap().len();
+        // Every cut inside the last record loses that record alone.
+        for cut in (before + 1..full).rev() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&segment)
+                .unwrap()
+                .set_len(cut)
+                .unwrap();
+            let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+            assert!(s.recovery().torn_tail.is_some(), "cut at {cut}");
+            assert_eq!(s.current_revision().await.unwrap(), 2, "cut at {cut}");
+            assert_eq!(value(&s, "a").await.as_deref(), Some("1"));
+            assert_eq!(value(&s, "b").await, None);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_record_before_the_tail_is_an_error_not_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        for i in 0..3 {
+            put(&s, &format!("k{i}"), "some value").await;
+        }
+        drop(s);
+        let segment = last_segment(dir.path());
+        let mut bytes = std::fs::read(&segment).unwrap();
+        // Inside the first record's payload (12-byte header, 8-byte frame).
+        bytes[12 + 8 + 3] ^= 0x40;
+        std::fs::write(&segment, &bytes).unwrap();
+        match LogStore::open(dir.path(), LogOptions::default()) {
+            Err(StoreError::Corrupt(detail)) => {
+                assert!(detail.contains("checksum mismatch"), "{detail}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // Nothing was cut.
+        assert_eq!(std::fs::read(&segment).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = LogStore::open(dir.path(), opts()).unwrap();
+            for i in 0..200 {
+                put(&s, &format!("key/{i:04}"), &"v".repeat(50)).await;
+            }
+            s.close().unwrap();
+        });
+        let snap = files(dir.path(), "snap").pop().expect("a snapshot");
+        let mut bytes = std::fs::read(&snap).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&snap, &bytes).unwrap();
+        assert!(matches!(
+            LogStore::open(dir.path(), opts()),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_replace_old_segments_and_reopen_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogOptions {
+            history_revisions: 50,
+            ..opts()
+        };
+        let s = LogStore::open(dir.path(), opts.clone()).unwrap();
+        let lease = s.lease_grant(Duration::from_secs(60)).await.unwrap();
+        // Concurrent writers, so snapshots run while batches commit.
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..100 {
+                    let key = format!("w{w}/{:03}", i % 40);
+                    let txn = Txn::new().then(Op::put_with_lease(&key, format!("{i}"), lease));
+                    s.txn(txn).await.unwrap();
+                    if i % 7 == 0 {
+                        s.txn(Txn::new().then(Op::delete(format!("w{w}/{:03}", (i + 5) % 40))))
+                            .await
+                            .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let before = s.range(b"", b"", 0).await.unwrap();
+        let revision = s.current_revision().await.unwrap();
+        let history = retained_history(&s).await;
+        s.close().unwrap();
+
+        assert_eq!(files(dir.path(), "snap").len(), 1);
+        let segments = files(dir.path(), "wal").len();
+        assert!(segments <= 3, "{segments} segments kept");
+        let s = LogStore::open(dir.path(), opts).unwrap();
+        assert!(s.recovery().snapshot_revision.is_some());
+        assert_eq!(s.current_revision().await.unwrap(), revision);
+        assert_eq!(s.range(b"", b"", 0).await.unwrap(), before);
+        assert_eq!(retained_history(&s).await, history);
+        // The lease and its keys came back.
+        s.lease_revoke(lease).await.unwrap();
+        assert!(s.range(b"", b"", 0).await.unwrap().kvs.is_empty());
+        assert_eq!(s.current_revision().await.unwrap(), revision + 1);
     }
 }
