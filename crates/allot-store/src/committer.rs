@@ -20,6 +20,7 @@
 //! trait, and expires leases.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -85,6 +86,8 @@ pub(crate) struct Shared {
     clock: Mutex<LeaseClock>,
     /// Committed revisions, sent by the committer after each commit.
     pub events: broadcast::Sender<Arc<Committed>>,
+    /// Batches committed (one fsync each), for benchmarks and metrics.
+    commits: AtomicU64,
 }
 
 impl Shared {
@@ -284,6 +287,7 @@ impl<S: Storage> Committer<S> {
         let result = self.storage.commit(|b| applier.apply_all(&batch, b));
         match result {
             Ok(outcomes) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 {
                     let mut clock = self.shared.clock();
                     for &(id, ttl, now) in &effects.granted {
@@ -594,6 +598,7 @@ impl CommitterHandle {
         let shared = Arc::new(Shared {
             clock: Mutex::new(clock),
             events,
+            commits: AtomicU64::new(0),
         });
         let (requests, rx) = mpsc::channel();
         let committer = Committer {
@@ -635,6 +640,11 @@ impl CommitterHandle {
         handle
             .join()
             .map_err(|_| StoreError::Backend("the committer thread panicked".into()))
+    }
+
+    /// Batches committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
     /// Queues a request now; the returned future only waits for the answer

@@ -223,6 +223,12 @@ impl LogStore {
         &self.inner.recovery
     }
 
+    /// Group commits made since the store was opened: each is one durable
+    /// commit (one fsync) shared by every write queued at the time.
+    pub fn commits(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
     /// Commits queued writes and stops the committer thread (waiting for a
     /// snapshot being written). Writes through other clones fail with
     /// [`StoreError::Unavailable`] afterwards; the directory is released

@@ -173,6 +173,12 @@ impl RedbStore {
         &self.inner.path
     }
 
+    /// Group commits made since the store was opened: each is one durable
+    /// commit (one fsync) shared by every write queued at the time.
+    pub fn commits(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
     /// Commits queued writes and stops the committer thread. Writes through
     /// other clones fail with [`StoreError::Unavailable`] afterwards; the file
     /// is released when the last clone is dropped. Blocking.

@@ -520,6 +520,23 @@ mod log_only {
         f.write_all(bytes).unwrap();
     }
 
+    /// `(start, end)` of each record of a segment (12-byte header, then
+    /// `u32 length, u32 CRC, payload` until a zero frame).
+    fn records(path: &Path) -> Vec<(usize, usize)> {
+        let bytes = std::fs::read(path).unwrap();
+        let mut out = Vec::new();
+        let mut pos = 12;
+        while pos + 8 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            out.push((pos, pos + 8 + len));
+            pos += 8 + len;
+        }
+        out
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_garbage_tail_is_cut_off_and_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -529,19 +546,22 @@ mod log_only {
         }
         drop(s);
         let segment = last_segment(dir.path());
-        let good_len = std::fs::metadata(&segment).unwrap().len();
-        for garbage in [vec![0x5a; 37], vec![0; 4096], vec![7, 0, 0]] {
+        let end = records(&segment).last().unwrap().1 as u64;
+        // After the preallocated zeros, then right after the last record.
+        for garbage in [
+            vec![0x5a; 37],
+            vec![7, 0, 0],
+            vec![1, 0, 0, 0, 9, 9, 9, 9, 1],
+        ] {
             append_bytes(&segment, &garbage);
             let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
             let torn = s.recovery().torn_tail.clone().expect("a torn tail");
-            assert_eq!(
-                (torn.offset, torn.dropped),
-                (good_len, garbage.len() as u64)
-            );
-            assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
+            assert_eq!(torn.offset, end);
+            assert!(torn.dropped >= garbage.len() as u64);
+            assert_eq!(std::fs::metadata(&segment).unwrap().len(), end);
             assert_eq!(s.current_revision().await.unwrap(), 6);
             assert_eq!(s.range(b"", b"", 0).await.unwrap().kvs.len(), 5);
-            drop(s);
+            s.close().unwrap();
         }
         // Writes go on after the cut, and the next open finds nothing to cut.
         let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
@@ -557,26 +577,31 @@ mod log_only {
         let dir = tempfile::tempdir().unwrap();
         let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
         put(&s, "a", "1").await;
-        let before = std::fs::metadata(last_segment(dir.path())).unwrap().len();
         s.txn(Txn::new().then(Op::put("b", "1")).then(Op::put("c", "1")))
             .await
             .unwrap();
         drop(s);
         let segment = last_segment(dir.path());
-        let full = std::fs::metadata(&segment).unwrap().len();
-        // Every cut inside the last record loses that record alone.
-        for cut in (before + 1..full).rev() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&segment)
-                .unwrap()
-                .set_len(cut)
-                .unwrap();
-            let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
-            assert!(s.recovery().torn_tail.is_some(), "cut at {cut}");
-            assert_eq!(s.current_revision().await.unwrap(), 2, "cut at {cut}");
-            assert_eq!(value(&s, "a").await.as_deref(), Some("1"));
-            assert_eq!(value(&s, "b").await, None);
+        let intact = std::fs::read(&segment).unwrap();
+        let (start, end) = *records(&segment).last().unwrap();
+        // A write cut at any byte, the file ending there (an append) or
+        // zeros after it (preallocated space), loses that record alone.
+        for cut in start + 1..end {
+            for zeros_after in [false, true] {
+                let mut bytes = intact.clone();
+                match zeros_after {
+                    true => bytes[cut..end].fill(0),
+                    false => bytes.truncate(cut),
+                }
+                std::fs::write(&segment, &bytes).unwrap();
+                let s = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+                let what = format!("cut at {cut}, zeros after: {zeros_after}");
+                assert!(s.recovery().torn_tail.is_some(), "{what}");
+                assert_eq!(s.current_revision().await.unwrap(), 2, "{what}");
+                assert_eq!(value(&s, "a").await.as_deref(), Some("1"));
+                assert_eq!(value(&s, "b").await, None);
+                s.close().unwrap();
+            }
         }
     }
 

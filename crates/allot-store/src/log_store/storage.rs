@@ -143,6 +143,10 @@ impl LogStorage {
     fn start_snapshot(&mut self) -> Result<(), StoreError> {
         let next = Segment::create(&self.dir, self.segment.seq + 1)?;
         let old = std::mem::replace(&mut self.segment, next);
+        if let Err(err) = old.trim() {
+            // Only disk space: the zeros read as the segment's end.
+            tracing::warn!(%err, "trimming a closed log segment failed");
+        }
         self.closed.push_back(Closed {
             seq: old.seq,
             last_revision: self.meta.revision,

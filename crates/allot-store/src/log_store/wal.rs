@@ -9,11 +9,21 @@
 //!
 //! (little-endian). A record is written with one positional write and made
 //! durable with one `fdatasync`; the next record is only written after that,
-//! so a crash can damage only the last record of the last segment. Reading
-//! tells that torn tail apart from damage elsewhere: a bad record (short
-//! header, zero or oversized length, CRC mismatch) whose claimed extent
-//! reaches the end of the file, or followed only by zero bytes, is a torn
-//! tail and is cut off; any other bad record is [`StoreError::Corrupt`].
+//! so a crash can damage only the last record of the last segment.
+//!
+//! The file is kept zero-filled [`PREALLOC`] bytes ahead of the last record
+//! (zeros written, not `fallocate`d: writing into an allocated-but-unwritten
+//! extent changes metadata too). Appending then rewrites blocks the file
+//! already has, so its `fdatasync` flushes data only, instead of also
+//! committing the new file size through the file system's journal on every
+//! commit. A zero frame followed by zeros to the end of the file is
+//! therefore the normal end of a segment.
+//!
+//! Reading tells a torn tail apart from damage elsewhere: a bad record
+//! (short frame, impossible length, CRC mismatch, or a zero frame with data
+//! after it) followed by no valid record is the torn last write and is cut
+//! off; a bad record with a valid one after it is [`StoreError::Corrupt`],
+//! as is any bad record in a segment other than the last.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -30,6 +40,10 @@ pub(super) const HEADER: u64 = 12;
 pub(super) const FRAME: usize = 8;
 /// Larger claimed lengths are damage, not records (no batch comes close).
 const MAX_RECORD: u64 = 1 << 31;
+/// How far ahead of the last record the file is kept zero-filled.
+const PREALLOC: u64 = 4 << 20;
+/// Zeros written per call while preallocating.
+const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// The file name of segment `seq`.
 pub(super) fn segment_name(seq: u64) -> String {
@@ -100,6 +114,8 @@ pub(super) struct Segment {
     file: File,
     /// Bytes of valid content: where the next record goes.
     len: u64,
+    /// The file's size: zeros from `len` up to it.
+    zeroed: u64,
 }
 
 impl Segment {
@@ -126,11 +142,12 @@ impl Segment {
             path,
             file,
             len: HEADER,
+            zeroed: HEADER,
         })
     }
 
-    /// Opens an existing segment whose valid content is `len` bytes, to
-    /// append after it.
+    /// Opens an existing segment whose valid content is `len` bytes (zeros
+    /// after it, as [`read_segment`] checked), to append after it.
     pub fn open(dir: &Path, seq: u64, len: u64) -> Result<Segment, StoreError> {
         let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
@@ -138,12 +155,37 @@ impl Segment {
             .write(true)
             .open(&path)
             .map_err(|e| io_error("opening", &path, e))?;
+        let zeroed = file
+            .metadata()
+            .map_err(|e| io_error("reading the size of", &path, e))?
+            .len()
+            .max(len);
         Ok(Segment {
             seq,
             path,
             file,
             len,
+            zeroed,
         })
+    }
+
+    /// Cuts the preallocated zeros off a segment no longer appended to.
+    pub fn trim(&self) -> Result<(), StoreError> {
+        self.file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| io_error("trimming", &self.path, e))
+    }
+
+    /// Zero-fills the file up to at least `end` plus [`PREALLOC`].
+    fn prealloc(&mut self, end: u64) -> std::io::Result<()> {
+        let target = end + PREALLOC;
+        while self.zeroed < target {
+            let n = (target - self.zeroed).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], self.zeroed)?;
+            self.zeroed += n as u64;
+        }
+        Ok(())
     }
 
     /// Bytes in the segment.
@@ -154,9 +196,14 @@ impl Segment {
     /// Appends a record and makes it durable (one write, one fdatasync).
     pub fn append(&mut self, record: &mut RecordBuf) -> Result<(), AppendError> {
         let bytes = record.seal().map_err(AppendError::Undone)?;
-        let written = self
-            .file
-            .write_all_at(bytes, self.len)
+        let end = self.len + bytes.len() as u64;
+        // Made durable by the same fdatasync as the record.
+        let zeroed = match end > self.zeroed {
+            true => self.prealloc(end),
+            false => Ok(()),
+        };
+        let written = zeroed
+            .and_then(|()| self.file.write_all_at(bytes, self.len))
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
@@ -173,7 +220,10 @@ impl Segment {
                     .set_len(self.len)
                     .and_then(|()| self.file.sync_all())
                 {
-                    Ok(()) => Err(AppendError::Undone(err)),
+                    Ok(()) => {
+                        self.zeroed = self.len;
+                        Err(AppendError::Undone(err))
+                    }
                     Err(cut) => Err(AppendError::Broken(StoreError::Backend(format!(
                         "{err}; cutting the record off failed too: {cut}"
                     )))),
@@ -235,31 +285,21 @@ pub(super) fn read_segment(
     let mut pos = HEADER as usize;
     while pos < bytes.len() {
         let rest = &bytes[pos..];
-        let problem = if rest.len() < FRAME {
-            Some("short record header")
-        } else {
-            let len = u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]));
-            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            let end = FRAME as u64 + len;
-            if len == 0 || len >= MAX_RECORD {
-                Some("impossible record length")
-            } else if end > rest.len() as u64 {
-                Some("record runs past the end of the file")
-            } else {
-                let payload = &rest[FRAME..end as usize];
-                if crc32fast::hash(payload) != crc {
-                    Some("checksum mismatch")
-                } else {
-                    record(payload)?;
-                    pos += end as usize;
-                    None
-                }
+        let problem = match frame(rest) {
+            Frame::End => break,
+            Frame::Bad(problem) => problem,
+            Frame::Record(payload) => {
+                record(payload)?;
+                pos += FRAME + payload.len();
+                continue;
             }
         };
-        let Some(problem) = problem else {
-            continue;
-        };
-        if last && torn_at(rest) {
+        // Only the last write can be torn, and nothing valid follows it.
+        // (A record has a non-zero frame, so it starts at or before the
+        // last non-zero byte.)
+        let last_data = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
+        let valid_after = (pos + 1..=last_data).any(|at| record_at(&bytes[at..]).is_some());
+        if last && !valid_after {
             tracing::warn!(
                 path = %path.display(),
                 offset = pos,
@@ -275,15 +315,52 @@ pub(super) fn read_segment(
     Ok((pos as u64, None))
 }
 
-/// True if a bad record at the start of `rest` can be the torn last write:
-/// it claims to reach the end of the file (or beyond), or everything from it
-/// on is zero (space the file system allocated but the write never filled).
-fn torn_at(rest: &[u8]) -> bool {
-    if rest.len() < FRAME || rest.iter().all(|&b| b == 0) {
-        return true;
+/// What starts at some offset of a segment.
+enum Frame<'a> {
+    /// A valid record, with this payload.
+    Record(&'a [u8]),
+    /// Zeros to the end of the file: the end of the segment.
+    End,
+    /// Not a valid record, for this reason.
+    Bad(&'static str),
+}
+
+fn frame(rest: &[u8]) -> Frame<'_> {
+    if rest.len() < FRAME {
+        return match rest.iter().all(|&b| b == 0) {
+            true => Frame::End,
+            false => Frame::Bad("short record frame"),
+        };
     }
     let len = u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]));
-    FRAME as u64 + len >= rest.len() as u64
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if len == 0 && crc == 0 {
+        return match rest.iter().all(|&b| b == 0) {
+            true => Frame::End,
+            false => Frame::Bad("zero record frame followed by data"),
+        };
+    }
+    if len == 0 || len >= MAX_RECORD {
+        return Frame::Bad("impossible record length");
+    }
+    let Some(payload) = rest.get(FRAME..FRAME + len as usize) else {
+        return Frame::Bad("record runs past the end of the file");
+    };
+    match crc32fast::hash(payload) == crc {
+        true => Frame::Record(payload),
+        false => Frame::Bad("checksum mismatch"),
+    }
+}
+
+/// The payload of a valid record starting at `rest[0]`, if one does.
+fn record_at(rest: &[u8]) -> Option<&[u8]> {
+    match rest.get(..FRAME).is_some_and(|f| f[..4] != [0; 4]) {
+        true => match frame(rest) {
+            Frame::Record(payload) => Some(payload),
+            _ => None,
+        },
+        false => None,
+    }
 }
 
 /// Cuts the file at `offset`, durably.
