@@ -43,7 +43,7 @@ const MAX_RECORD: u64 = 1 << 31;
 /// How far ahead of the last record the file is kept zero-filled.
 const PREALLOC: u64 = 4 << 20;
 /// Zeros written per call while preallocating.
-const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// The file name of segment `seq`.
 pub(super) fn segment_name(seq: u64) -> String {
