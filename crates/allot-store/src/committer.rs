@@ -570,7 +570,13 @@ fn respond_all(batch: Vec<Request>, err: impl Fn() -> StoreError) {
 
 /// The store side of a committer thread: queues the writes of the
 /// [`crate::Store`] calls, expires leases, and stops the thread.
+///
+/// Dropping it stops the thread (after committing what is queued), so a
+/// backend that holds it in its shared state stops writing when its last
+/// handle goes, before its later fields (a directory lock) are dropped.
 pub(crate) struct CommitterHandle {
+    /// What the store is, for log lines.
+    name: String,
     /// The error text once the committer is gone, made once.
     closed_message: Arc<str>,
     pub shared: Arc<Shared>,
@@ -581,13 +587,14 @@ pub(crate) struct CommitterHandle {
 
 impl CommitterHandle {
     /// Starts the committer thread over `storage`, whose committed state is
-    /// `state`. Persisted leases restart with a full TTL from now.
+    /// `state`. Persisted leases restart with a full TTL from now. `name`
+    /// (the store's path) goes into errors and log lines.
     pub fn start<S: Storage>(
         storage: S,
         state: CommitState,
         retention: Retention,
         max_batch: usize,
-        closed_message: String,
+        name: String,
     ) -> Result<Arc<CommitterHandle>, StoreError> {
         let mut clock = LeaseClock::default();
         let now = Instant::now();
@@ -616,7 +623,8 @@ impl CommitterHandle {
             .spawn(move || committer.run())
             .map_err(|e| StoreError::Backend(format!("starting the committer thread: {e}")))?;
         Ok(Arc::new(CommitterHandle {
-            closed_message: closed_message.into(),
+            closed_message: format!("store {name} is closed").into(),
+            name,
             shared,
             requests,
             thread: Mutex::new(Some(thread)),
@@ -741,6 +749,14 @@ impl CommitterHandle {
         self.expire_leases().await?;
         self.send(|reply| Request::Compact { revision, reply })
             .await
+    }
+}
+
+impl Drop for CommitterHandle {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            tracing::error!(%err, store = %self.name, "closing the store");
+        }
     }
 }
 

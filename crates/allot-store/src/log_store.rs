@@ -172,8 +172,9 @@ struct Inner {
     index: Arc<RwLock<Index>>,
     writer: Arc<CommitterHandle>,
     recovery: Recovery,
-    /// Held (locked) until the store is gone; released after the committer
-    /// stopped, as fields drop after [`Drop::drop`].
+    /// Held (locked) until the store is gone. Declared after `writer`:
+    /// fields drop in order, so the committer (and any snapshot thread) has
+    /// stopped writing before the lock is released.
     _lock: File,
 }
 
@@ -199,7 +200,7 @@ impl LogStore {
             state,
             Retention::new(opts.history_revisions, opts.history_events),
             opts.max_batch,
-            format!("store {} is closed", dir.display()),
+            dir.display().to_string(),
         )?;
         Ok(LogStore {
             inner: Arc::new(Inner {
@@ -235,14 +236,6 @@ impl LogStore {
     /// when the last clone is dropped. Blocking.
     pub fn close(self) -> Result<(), StoreError> {
         self.inner.writer.stop()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(err) = self.writer.stop() {
-            tracing::error!(%err, dir = %self.dir.display(), "closing the store");
-        }
     }
 }
 

@@ -161,7 +161,7 @@ impl RedbStore {
             state,
             Retention::new(opts.history_revisions, opts.history_events),
             opts.max_batch,
-            format!("store {} is closed", path.display()),
+            path.display().to_string(),
         )?;
         Ok(RedbStore {
             inner: Arc::new(Inner { path, db, writer }),
@@ -184,14 +184,6 @@ impl RedbStore {
     /// is released when the last clone is dropped. Blocking.
     pub fn close(self) -> Result<(), StoreError> {
         self.inner.writer.stop()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(err) = self.writer.stop() {
-            tracing::error!(%err, path = %self.path.display(), "closing the store");
-        }
     }
 }
 
