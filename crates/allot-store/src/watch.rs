@@ -176,16 +176,32 @@ pub(crate) trait History: Send + Sync + 'static {
     ) -> Result<Vec<Arc<Committed>>, StoreError>;
 }
 
-/// [`History::read`] over an in-memory ring of committed revisions
-/// (oldest first) whose history starts at `oldest`.
-pub(crate) fn read_ring(
-    ring: &VecDeque<Arc<Committed>>,
+/// An entry of an in-memory ring of retained history.
+pub(crate) trait Retained: Clone {
+    fn revision(&self) -> Revision;
+    fn event_count(&self) -> usize;
+}
+
+impl Retained for Arc<Committed> {
+    fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn event_count(&self) -> usize {
+        self.events.len()
+    }
+}
+
+/// The entries [`History::read`] asks for, from an in-memory ring of
+/// retained revisions (oldest first) whose history starts at `oldest`.
+pub(crate) fn read_ring<T: Retained>(
+    ring: &VecDeque<T>,
     oldest: Revision,
     from: Revision,
     to: Revision,
     max: usize,
     max_events: usize,
-) -> Result<Vec<Arc<Committed>>, StoreError> {
+) -> Result<Vec<T>, StoreError> {
     if from < oldest {
         return Err(StoreError::Compacted {
             requested: from,
@@ -194,14 +210,13 @@ pub(crate) fn read_ring(
     }
     let mut out = Vec::new();
     let mut events = 0;
-    let first = ring.partition_point(|c| c.revision < from);
-    for committed in ring.range(first..) {
-        if committed.revision > to || out.len() >= max || (!out.is_empty() && events >= max_events)
-        {
+    let first = ring.partition_point(|c| c.revision() < from);
+    for entry in ring.range(first..) {
+        if entry.revision() > to || out.len() >= max || (!out.is_empty() && events >= max_events) {
             break;
         }
-        events += committed.events.len();
-        out.push(committed.clone());
+        events += entry.event_count();
+        out.push(entry.clone());
     }
     Ok(out)
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::record;
+use super::record::{self, Body, Stored};
 use super::snapshot::{self, SnapshotMeta};
 use super::wal::{io_error, segment_name, sync_dir, AppendError, RecordBuf, Segment};
 use super::Index;
@@ -213,7 +213,7 @@ enum LeaseOp {
 /// What a batch staged, to apply once it is durable.
 struct Staged {
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
-    history: Vec<Arc<Committed>>,
+    history: Vec<Stored>,
     leases: Vec<LeaseOp>,
     meta: Option<Meta>,
 }
@@ -252,8 +252,8 @@ impl KvRead for View<'_> {
 struct LogBatch<'a> {
     view: View<'a>,
     /// The committed history.
-    history: &'a VecDeque<Arc<Committed>>,
-    pending: Vec<Arc<Committed>>,
+    history: &'a VecDeque<Stored>,
+    pending: Vec<Stored>,
     leases: Vec<LeaseOp>,
     meta: Option<Meta>,
     record: &'a mut Vec<u8>,
@@ -261,7 +261,7 @@ struct LogBatch<'a> {
 
 impl LogBatch<'_> {
     /// Retained and staged revisions in `[from, to)`.
-    fn revisions(&self, from: Revision, to: Revision) -> impl Iterator<Item = &Arc<Committed>> {
+    fn revisions(&self, from: Revision, to: Revision) -> impl Iterator<Item = &Stored> {
         let first = self.history.partition_point(|c| c.revision < from);
         self.history
             .range(first..)
@@ -288,8 +288,13 @@ impl Batch for LogBatch<'_> {
     }
 
     fn append_history(&mut self, committed: &Arc<Committed>) -> Result<(), StoreError> {
-        record::put_revision(self.record, committed);
-        self.pending.push(committed.clone());
+        let body = record::put_revision(self.record, committed);
+        let body = Body {
+            revision: committed.revision,
+            bytes: &self.record[body],
+        };
+        self.pending
+            .push(Stored::new(body, committed.events.len() as u64)?);
         Ok(())
     }
 
@@ -308,7 +313,7 @@ impl Batch for LogBatch<'_> {
     fn event_counts(&self, from: Revision, to: Revision) -> Result<EventCounts<'_>, StoreError> {
         let counts = self
             .revisions(from, to)
-            .map(|c| Ok((c.revision, c.events.len() as u64)));
+            .map(|c| Ok((c.revision, u64::from(c.events))));
         Ok(Box::new(counts))
     }
 
@@ -317,7 +322,7 @@ impl Batch for LogBatch<'_> {
         // travels in its counters); only counted here.
         Ok(self
             .revisions(from, before)
-            .map(|c| c.events.len() as u64)
+            .map(|c| u64::from(c.events))
             .sum())
     }
 
