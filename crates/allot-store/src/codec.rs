@@ -17,13 +17,30 @@ const KV_HEADER: usize = 1 + 4 * 8;
 
 /// Encodes a key's record (everything but the key, which is the table key).
 pub(crate) fn encode_kv(kv: &KeyValue) -> Vec<u8> {
-    let mut out = Vec::with_capacity(KV_HEADER + kv.value.len());
+    encode_record(
+        kv.create_revision,
+        kv.mod_revision,
+        kv.version,
+        kv.lease,
+        &kv.value,
+    )
+}
+
+/// [`encode_kv`] from the record's parts.
+pub(crate) fn encode_record(
+    create_revision: Revision,
+    mod_revision: Revision,
+    version: u64,
+    lease: u64,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(KV_HEADER + value.len());
     out.push(KV_FORMAT);
-    put_u64(&mut out, kv.create_revision);
-    put_u64(&mut out, kv.mod_revision);
-    put_u64(&mut out, kv.version);
-    put_u64(&mut out, kv.lease);
-    out.extend_from_slice(&kv.value);
+    put_u64(&mut out, create_revision);
+    put_u64(&mut out, mod_revision);
+    put_u64(&mut out, version);
+    put_u64(&mut out, lease);
+    out.extend_from_slice(value);
     out
 }
 

@@ -137,8 +137,7 @@ impl KvRead for BTreeMap<Vec<u8>, KeyValue> {
     }
 }
 
-/// The records of `kv` in `[start, end)` (`end` empty = unbounded).
-pub(crate) fn scan<'a>(
+fn scan<'a>(
     kv: &'a BTreeMap<Vec<u8>, KeyValue>,
     start: &[u8],
     end: &[u8],

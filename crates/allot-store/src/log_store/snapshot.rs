@@ -21,17 +21,16 @@
 //! fsynced and renamed, so a crash never leaves a half-written snapshot
 //! under a snapshot's name.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use super::keys::Keys;
 use super::wal::{io_error, sync_dir};
 use super::Index;
-use crate::codec::{decode_kv, encode_kv, put_u64, put_varint, Reader};
-use crate::{KeyValue, LeaseId, Revision, StoreError};
+use crate::codec::{decode_kv, put_u64, put_varint, Reader};
+use crate::{LeaseId, Revision, StoreError};
 
 const MAGIC: &[u8; 8] = b"ALLOTSNP";
 const FORMAT: u32 = 1;
@@ -93,27 +92,17 @@ pub(super) fn write(
             // Poisoning is ignored: the committer changes the index only in
             // whole batches, after their commit.
             let index = index.read().unwrap_or_else(PoisonError::into_inner);
-            let lower = match &after {
-                Some(key) => Bound::Excluded(key.as_slice()),
-                None => Bound::Unbounded,
+            let step = index.kv.encoded_after(after.as_deref(), KEYS_PER_STEP);
+            let Some(&(last, _)) = step.last() else {
+                break;
             };
-            let mut last = None;
-            for (key, kv) in index
-                .kv
-                .range::<[u8], _>((lower, Bound::Unbounded))
-                .take(KEYS_PER_STEP)
-            {
+            for (key, record) in &step {
                 put_varint(&mut buf, key.len() as u64);
                 buf.extend_from_slice(key);
-                let record = encode_kv(kv);
                 put_varint(&mut buf, record.len() as u64);
-                buf.extend_from_slice(&record);
-                last = Some(key);
+                buf.extend_from_slice(record);
             }
-            match last {
-                Some(key) => after = Some(key.clone()),
-                None => break,
-            }
+            after = Some(last.to_vec());
         }
         out.write_all(&buf).map_err(write_err)?;
     }
@@ -157,7 +146,7 @@ pub(super) fn remove_older(dir: &Path, segment: u64) -> Result<(), StoreError> {
 }
 
 /// Reads a snapshot: its meta and keys.
-pub(super) fn read(path: &Path) -> Result<(SnapshotMeta, BTreeMap<Vec<u8>, KeyValue>), StoreError> {
+pub(super) fn read(path: &Path) -> Result<(SnapshotMeta, Keys), StoreError> {
     let bytes = std::fs::read(path).map_err(|e| io_error("reading", path, e))?;
     let corrupt =
         |what: &str| StoreError::Corrupt(format!("snapshot {} is damaged: {what}", path.display()));
@@ -184,7 +173,7 @@ pub(super) fn read(path: &Path) -> Result<(SnapshotMeta, BTreeMap<Vec<u8>, KeyVa
     for _ in 0..leases_len {
         leases.push((r.u64()?, r.u64()?));
     }
-    let mut kv = BTreeMap::new();
+    let mut kv = Keys::default();
     loop {
         let key_len = r.len()?;
         if key_len == 0 {
@@ -192,8 +181,7 @@ pub(super) fn read(path: &Path) -> Result<(SnapshotMeta, BTreeMap<Vec<u8>, KeyVa
         }
         let key = r.take(key_len)?;
         let record_len = r.len()?;
-        let record = decode_kv(key, r.take(record_len)?)?;
-        kv.insert(key.to_vec(), record);
+        kv.insert(decode_kv(key, r.take(record_len)?)?);
     }
     if !r.at_end() {
         return Err(corrupt("trailing bytes"));

@@ -16,13 +16,13 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::keys::Keys;
 use super::record::{self, Body, Stored};
 use super::snapshot::{self, SnapshotMeta};
 use super::wal::{io_error, segment_name, sync_dir, AppendError, RecordBuf, Segment};
 use super::Index;
 use crate::apply::{in_range, KvRead};
 use crate::committer::{Batch, CommitState, EventCounts, Meta, Storage};
-use crate::memory::scan;
 use crate::watch::Committed;
 use crate::{KeyValue, LeaseId, Revision, StoreError};
 
@@ -70,8 +70,8 @@ impl LogStorage {
             .iter()
             .map(|(&id, &ms)| (id, Duration::from_millis(ms)));
         let mut state = CommitState::new(self.meta, leases);
-        for (key, kv) in &self.index().kv {
-            state.attach(key, kv.lease)?;
+        for (key, lease) in self.index().kv.leases() {
+            state.attach(key, lease)?;
         }
         state.checked()
     }
@@ -81,9 +81,9 @@ impl LogStorage {
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
         for (key, kv) in staged.overlay {
             match kv {
-                Some(kv) => index.kv.insert(key, kv),
+                Some(kv) => index.kv.insert(kv),
                 None => index.kv.remove(&key),
-            };
+            }
         }
         index.history.extend(staged.history);
         if let Some(meta) = staged.meta {
@@ -220,7 +220,7 @@ struct Staged {
 
 /// The committed keys plus the batch's own writes.
 struct View<'a> {
-    base: &'a BTreeMap<Vec<u8>, KeyValue>,
+    base: &'a Keys,
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
 }
 
@@ -228,24 +228,26 @@ impl KvRead for View<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         Ok(match self.overlay.get(key) {
             Some(staged) => staged.clone(),
-            None => self.base.get(key).cloned(),
+            None => self.base.get(key)?,
         })
     }
 
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
-        let mut merged: BTreeMap<&[u8], &KeyValue> = scan(self.base, start, end)
-            .map(|kv| (kv.key.as_slice(), kv))
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> = self
+            .base
+            .range(start, end)
+            .map(|kv| (kv.key.clone(), kv))
             .collect();
         for (key, staged) in &self.overlay {
             if !in_range(key, start, end) {
                 continue;
             }
             match staged {
-                Some(kv) => merged.insert(key, kv),
-                None => merged.remove(key.as_slice()),
+                Some(kv) => merged.insert(key.clone(), kv.clone()),
+                None => merged.remove(key),
             };
         }
-        Ok(merged.into_values().cloned().collect())
+        Ok(merged.into_values().collect())
     }
 }
 
