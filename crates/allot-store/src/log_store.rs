@@ -19,21 +19,22 @@
 //!   would write each event twice (key partition + history partition), and
 //!   the history partition would be churned by compaction; here the log
 //!   record *is* the history;
-//! - fjall's flush and compaction threads run beside the server on a
-//!   2-core machine, where the server is already CPU-bound at ~0.85 cores;
-//!   this store's only background work is a snapshot every
+//! - fjall's flush and compaction threads would run beside the server on a
+//!   2-core machine whose other core the server needs as soon as commits
+//!   stop waiting on fsync (it used ~0.85 core behind redb); this store's
+//!   only background work is a snapshot every
 //!   [`LogOptions::snapshot_bytes`] of log;
-//! - fjall makes a write readable before its journal is fsynced; we would
-//!   need our own overlay to hide non-durable writes from readers anyway
-//!   (the trait promises that an observed write is durable), i.e. most of
-//!   what is written here, plus a second copy of the index;
+//! - a fjall write batch goes to the memtable, readable, before
+//!   `persist(PersistMode::SyncData)` fsyncs the journal; we would need our
+//!   own overlay to hide non-durable writes from readers anyway (an
+//!   observed write must be durable), i.e. most of what is written here;
 //! - allot's data set (pools' blocks and claim records: ~1M keys of tens of
 //!   bytes, a few hundred MB at most) fits in memory, which the engine
 //!   already assumes for pool state.
 //!
 //! What is hand-written is therefore only what no crate does for us in this
-//! shape: record framing (CRC-32 from `crc32fast`), torn-tail recovery, and
-//! the snapshot file. Everything else is shared with the other backends:
+//! shape: record framing (CRC-32 from `crc32fast`), segment preallocation,
+//! torn-tail recovery, and the snapshot file. Everything else is shared with the other backends:
 //! the committer loop ([`crate::committer`]), transaction evaluation
 //! ([`crate::apply`]), leases, watch streams and the event encoding.
 //!
