@@ -147,7 +147,9 @@ pub struct Recovery {
 ///
 /// Cloning is cheap and every clone shares the same store. When the last
 /// clone is dropped (or [`LogStore::close`] is called), queued writes are
-/// committed, the committer thread stops and the directory is released.
+/// committed, the committer thread stops and the directory is released
+/// (the lock belongs to the committer, so it is never released while
+/// anything still writes).
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Inner>,
@@ -178,10 +180,6 @@ struct Inner {
     index: Arc<RwLock<Index>>,
     writer: Arc<CommitterHandle>,
     recovery: Recovery,
-    /// Held (locked) until the store is gone. Declared after `writer`:
-    /// fields drop in order, so the committer (and any snapshot thread) has
-    /// stopped writing before the lock is released.
-    _lock: File,
 }
 
 impl LogStore {
@@ -198,7 +196,7 @@ impl LogStore {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
         let lock = lock_dir(&dir)?;
-        let (storage, recovery) = recover(&dir, &opts)?;
+        let (storage, recovery) = recover(&dir, &opts, lock)?;
         let state = storage.state()?;
         let index = storage.index.clone();
         let writer = CommitterHandle::start(
@@ -214,7 +212,6 @@ impl LogStore {
                 index,
                 writer,
                 recovery,
-                _lock: lock,
             }),
         })
     }
@@ -237,9 +234,9 @@ impl LogStore {
     }
 
     /// Commits queued writes and stops the committer thread (waiting for a
-    /// snapshot being written). Writes through other clones fail with
-    /// [`StoreError::Unavailable`] afterwards; the directory is released
-    /// when the last clone is dropped. Blocking.
+    /// snapshot being written), which releases the directory. Writes through
+    /// other clones fail with [`StoreError::Unavailable`] afterwards; their
+    /// reads still see what was committed. Blocking.
     pub fn close(self) -> Result<(), StoreError> {
         self.inner.writer.stop()
     }
@@ -324,8 +321,13 @@ fn list(dir: &Path) -> Result<(Vec<u64>, Vec<u64>), StoreError> {
     Ok((segments, snapshots))
 }
 
-/// Rebuilds the store's state from the newest snapshot and the log.
-fn recover(dir: &Path, opts: &LogOptions) -> Result<(LogStorage, Recovery), StoreError> {
+/// Rebuilds the store's state from the newest snapshot and the log, in the
+/// directory `lock` holds.
+fn recover(
+    dir: &Path,
+    opts: &LogOptions,
+    lock: File,
+) -> Result<(LogStorage, Recovery), StoreError> {
     let (segments, snapshots) = list(dir)?;
     let mut recovery = Recovery::default();
     let mut meta = Meta::EMPTY;
@@ -478,6 +480,7 @@ fn recover(dir: &Path, opts: &LogOptions) -> Result<(LogStorage, Recovery), Stor
         snapshotting: None,
         broken: None,
         record: RecordBuf::new(),
+        _lock: lock,
     };
     Ok((storage, recovery))
 }

@@ -54,6 +54,9 @@ pub(super) struct LogStorage {
     pub broken: Option<String>,
     /// Reused for every record (its capacity grows to the largest batch).
     pub record: RecordBuf,
+    /// The data directory's lock: held as long as this writes (dropped
+    /// after [`Drop::drop`] joined the snapshot thread).
+    pub _lock: std::fs::File,
 }
 
 impl LogStorage {
@@ -200,7 +203,7 @@ impl LogStorage {
 
 impl Drop for LogStorage {
     fn drop(&mut self) {
-        // The data directory's lock must outlive every writer of it.
+        // Before `_lock` is released: nothing may write once it is.
         self.reap_snapshot();
     }
 }
