@@ -61,12 +61,12 @@ struct Slot {
     dirty: bool,
 }
 
-struct Overlay<'v, V: KvRead> {
+struct Overlay<'v, V: KvRead + ?Sized> {
     view: &'v V,
     slots: BTreeMap<Vec<u8>, Slot>,
 }
 
-impl<V: KvRead> Overlay<'_, V> {
+impl<V: KvRead + ?Sized> Overlay<'_, V> {
     fn slot(&mut self, key: &[u8]) -> Result<&mut Slot, StoreError> {
         if !self.slots.contains_key(key) {
             let current = self.view.get(key)?;
@@ -151,7 +151,7 @@ fn compare_holds(current: Option<&KeyValue>, target: &CompareTarget) -> bool {
 ///
 /// `lease_alive` answers whether a lease may receive keys; a put to a dead
 /// lease fails the whole call with [`StoreError::LeaseNotFound`].
-pub fn apply_txn<V: KvRead>(
+pub fn apply_txn<V: KvRead + ?Sized>(
     view: &V,
     txn: &Txn,
     current: Revision,

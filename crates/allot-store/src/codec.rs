@@ -17,13 +17,30 @@ const KV_HEADER: usize = 1 + 4 * 8;
 
 /// Encodes a key's record (everything but the key, which is the table key).
 pub(crate) fn encode_kv(kv: &KeyValue) -> Vec<u8> {
-    let mut out = Vec::with_capacity(KV_HEADER + kv.value.len());
+    encode_record(
+        kv.create_revision,
+        kv.mod_revision,
+        kv.version,
+        kv.lease,
+        &kv.value,
+    )
+}
+
+/// [`encode_kv`] from the record's parts.
+pub(crate) fn encode_record(
+    create_revision: Revision,
+    mod_revision: Revision,
+    version: u64,
+    lease: u64,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(KV_HEADER + value.len());
     out.push(KV_FORMAT);
-    put_u64(&mut out, kv.create_revision);
-    put_u64(&mut out, kv.mod_revision);
-    put_u64(&mut out, kv.version);
-    put_u64(&mut out, kv.lease);
-    out.extend_from_slice(&kv.value);
+    put_u64(&mut out, create_revision);
+    put_u64(&mut out, mod_revision);
+    put_u64(&mut out, version);
+    put_u64(&mut out, lease);
+    out.extend_from_slice(value);
     out
 }
 
@@ -299,7 +316,7 @@ pub(crate) fn encode_events_v1(events: &[Event]) -> Vec<u8> {
 }
 
 /// LEB128: seven bits a byte, least significant first.
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -307,7 +324,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -316,14 +333,15 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-struct Reader<'a> {
+/// A cursor over encoded bytes whose every failure is [`StoreError::Corrupt`].
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+    pub(crate) fn new(bytes: &'a [u8], what: &'static str) -> Self {
         Self {
             bytes,
             pos: 0,
@@ -331,11 +349,11 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn corrupt(&self, detail: &str) -> StoreError {
+    pub(crate) fn corrupt(&self, detail: &str) -> StoreError {
         StoreError::Corrupt(format!("{}: {detail} at byte {}", self.what, self.pos))
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
         let end = self
             .pos
             .checked_add(n)
@@ -346,22 +364,22 @@ impl<'a> Reader<'a> {
         Ok(slice)
     }
 
-    fn u8(&mut self) -> Result<u8, StoreError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, StoreError> {
         Ok(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Result<u32, StoreError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, StoreError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, StoreError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, StoreError> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
 
-    fn varint(&mut self) -> Result<u64, StoreError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, StoreError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -378,7 +396,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length: a varint that must fit in what is left of the input.
-    fn len(&mut self) -> Result<usize, StoreError> {
+    pub(crate) fn len(&mut self) -> Result<usize, StoreError> {
         let v = self.varint()?;
         usize::try_from(v)
             .ok()
@@ -386,11 +404,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| self.corrupt(&format!("length {v} past the end")))
     }
 
-    fn at_end(&self) -> bool {
+    pub(crate) fn at_end(&self) -> bool {
         self.pos == self.bytes.len()
     }
 
-    fn rest(&mut self) -> &'a [u8] {
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
         let rest = &self.bytes[self.pos..];
         self.pos = self.bytes.len();
         rest

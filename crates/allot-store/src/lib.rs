@@ -8,8 +8,10 @@
 //! resume after a disconnect without loss.
 //!
 //! Backends (this crate: [`MemoryStore`] for tests and simulation,
-//! [`RedbStore`] as the embedded default) may batch work internally (the redb
-//! backend shares one fsync between concurrent transactions: group commit),
+//! [`RedbStore`] as the embedded default, [`LogStore`] a log-structured
+//! embedded one: one sequential append per commit) may batch work internally
+//! (the durable ones share one fsync between concurrent transactions: group
+//! commit),
 //! but never weaken these semantics. The conformance suite
 //! (`conformance`, behind the feature of that name) runs unchanged against
 //! every backend, including those in other crates; [`backend`] holds the
@@ -35,10 +37,12 @@
 
 mod apply;
 mod codec;
+mod committer;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
 mod lease;
+mod log_store;
 mod memory;
 mod redb_store;
 mod types;
@@ -55,6 +59,7 @@ pub use error::StoreError;
 pub mod backend {
     pub use crate::apply::{apply_txn, delete_keys_txn, in_range, Applied, Change, KvRead};
 }
+pub use log_store::{LogOptions, LogStore, Recovery, TornTail};
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 pub use types::*;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::apply::{apply_txn, delete_keys_txn, Applied, KvRead};
 use crate::lease::{ExpiryTask, LeaseClock, LeaseHost};
 use crate::watch::{
-    start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
+    read_ring, start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
     DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
@@ -278,26 +278,7 @@ impl History for Inner {
         max_events: usize,
     ) -> Result<Vec<Arc<Committed>>, StoreError> {
         let state = self.lock();
-        if from < state.oldest {
-            return Err(StoreError::Compacted {
-                requested: from,
-                oldest: state.oldest,
-            });
-        }
-        let first = state.history.partition_point(|c| c.revision < from);
-        let mut out = Vec::new();
-        let mut events = 0;
-        for committed in state.history.range(first..) {
-            if committed.revision > to
-                || out.len() >= max
-                || (!out.is_empty() && events >= max_events)
-            {
-                break;
-            }
-            events += committed.events.len();
-            out.push(committed.clone());
-        }
-        Ok(out)
+        read_ring(&state.history, state.oldest, from, to, max, max_events)
     }
 }
 

@@ -29,11 +29,10 @@
 //! migrated to format 2 when opened, in one write transaction that rewrites
 //! its retained history.
 
-mod committer;
+mod storage;
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,20 +40,18 @@ use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
-use tokio::sync::{broadcast, oneshot};
-use tokio::time::Instant;
 
 use crate::apply::{apply_txn, KvRead};
 use crate::codec::{decode_event_chunk, decode_events_v1, decode_kv, encode_event_chunks};
-use crate::lease::{ExpiryTask, LeaseClock, LeaseHost};
+use crate::committer::CommitterHandle;
 use crate::watch::{
-    start_revision, watch_stream, Committed, History, Retention, BROADCAST_CAPACITY,
-    DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
+    subscribe_and_watch, Committed, History, Retention, DEFAULT_HISTORY_EVENTS,
+    DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
     KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
 };
-use committer::{CommitState, Committer, Request};
+use storage::RedbStorage;
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -129,32 +126,10 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-/// State shared between the async handles and the committer thread.
-pub(crate) struct Shared {
-    /// Deadlines of committed leases. The committer adds and removes leases
-    /// after their commit; keep-alives only move deadlines.
-    clock: Mutex<LeaseClock>,
-    /// Committed revisions, sent by the committer after each commit.
-    events: broadcast::Sender<Arc<Committed>>,
-}
-
-impl Shared {
-    fn clock(&self) -> MutexGuard<'_, LeaseClock> {
-        // The clock is a plain map updated in single steps; a panic elsewhere
-        // cannot leave it half-changed.
-        self.clock.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 struct Inner {
     path: PathBuf,
-    /// The error text once the committer is gone, made once.
-    closed_message: Arc<str>,
     db: Arc<Database>,
-    shared: Arc<Shared>,
-    requests: mpsc::Sender<Request>,
-    committer: Mutex<Option<JoinHandle<()>>>,
-    expiry: ExpiryTask,
+    writer: Arc<CommitterHandle>,
 }
 
 impl RedbStore {
@@ -178,41 +153,18 @@ impl RedbStore {
         builder.set_check_integrity_on_open(opts.check_integrity);
         let db = builder.create(&path).map_err(|e| open_error(&path, e))?;
         init_schema(&db)?;
-        let state = CommitState::load(&db)?;
-        let mut clock = LeaseClock::default();
-        let now = Instant::now();
-        for (id, ttl) in state.lease_ttls() {
-            clock.insert(id, ttl, now);
-        }
-        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let shared = Arc::new(Shared {
-            clock: Mutex::new(clock),
-            events,
-        });
         let db = Arc::new(db);
-        let (requests, rx) = mpsc::channel();
-        let committer = Committer::new(
-            db.clone(),
-            shared.clone(),
+        let storage = RedbStorage::new(db.clone());
+        let state = storage.load_state()?;
+        let writer = CommitterHandle::start(
+            storage,
             state,
-            rx,
             Retention::new(opts.history_revisions, opts.history_events),
-            opts.max_batch.max(1),
-        );
-        let handle = std::thread::Builder::new()
-            .name("allot-store-commit".into())
-            .spawn(move || committer.run())
-            .map_err(|e| StoreError::Backend(format!("starting the committer thread: {e}")))?;
+            opts.max_batch,
+            path.display().to_string(),
+        )?;
         Ok(RedbStore {
-            inner: Arc::new(Inner {
-                closed_message: format!("store {} is closed", path.display()).into(),
-                path,
-                db,
-                shared,
-                requests,
-                committer: Mutex::new(Some(handle)),
-                expiry: ExpiryTask::default(),
-            }),
+            inner: Arc::new(Inner { path, db, writer }),
         })
     }
 
@@ -221,111 +173,23 @@ impl RedbStore {
         &self.inner.path
     }
 
+    /// Group commits made since the store was opened: each is one durable
+    /// commit (one fsync) shared by every write queued at the time.
+    pub fn commits(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
     /// Commits queued writes and stops the committer thread. Writes through
     /// other clones fail with [`StoreError::Unavailable`] afterwards; the file
     /// is released when the last clone is dropped. Blocking.
     pub fn close(self) -> Result<(), StoreError> {
-        self.inner.stop()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(err) = self.stop() {
-            tracing::error!(%err, path = %self.path.display(), "closing the store");
-        }
+        self.inner.writer.stop()
     }
 }
 
 impl Inner {
-    fn stop(&self) -> Result<(), StoreError> {
-        let handle = self
-            .committer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(handle) = handle else {
-            return Ok(());
-        };
-        // Queued requests come before this one and are committed first.
-        let _ = self.requests.send(Request::Shutdown);
-        handle
-            .join()
-            .map_err(|_| StoreError::Backend("the committer thread panicked".into()))
-    }
-
-    /// Queues a request now; the returned future only waits for the answer
-    /// and holds no reference to the store.
-    fn send<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
-    ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static
-    where
-        T: Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.requests.send(make(tx)).is_ok();
-        let closed = self.closed_message.clone();
-        async move {
-            let closed = || Err(StoreError::Unavailable(closed.to_string()));
-            match sent {
-                true => rx.await.unwrap_or_else(|_| closed()),
-                false => closed(),
-            }
-        }
-    }
-
-    /// Starts expiring the leases that are due, through the committer like
-    /// any write; `None` if none is due.
-    fn start_expiry(
-        &self,
-    ) -> Option<impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static> {
-        let now = Instant::now();
-        let due = {
-            let clock = self.shared.clock();
-            if !clock.has_due(now) {
-                return None;
-            }
-            clock.due(now)
-        };
-        Some(self.send(move |reply| Request::Revoke {
-            ids: due,
-            expired_at: Some(now),
-            reply,
-        }))
-    }
-
-    /// Expires the leases that are due before a call proceeds.
-    async fn expire_leases(&self) -> Result<(), StoreError> {
-        match self.start_expiry() {
-            Some(done) => done.await,
-            None => Ok(()),
-        }
-    }
-
     fn read(&self) -> Result<ReadTransaction, StoreError> {
         Ok(self.db.begin_read()?)
-    }
-}
-
-impl LeaseHost for Inner {
-    fn next_deadline(&self) -> Option<Instant> {
-        self.shared.clock().next_deadline()
-    }
-
-    fn expire_due(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let started = self.start_expiry();
-        async move {
-            if let Some(done) = started {
-                if let Err(err) = done.await {
-                    tracing::warn!(%err, "expiring leases failed");
-                }
-            }
-        }
-    }
-
-    fn expiry(&self) -> &ExpiryTask {
-        &self.expiry
     }
 }
 
@@ -397,9 +261,9 @@ impl History for Inner {
 }
 
 /// A [`KvRead`] over a `kv` table of a read or write transaction.
-pub(crate) struct TableView<'t, T>(pub &'t T);
+pub(crate) struct TableView<T>(pub T);
 
-impl<T: ReadableTable<&'static [u8], &'static [u8]>> KvRead for TableView<'_, T> {
+impl<T: ReadableTable<&'static [u8], &'static [u8]>> KvRead for TableView<T> {
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         match self.0.get(key)? {
             Some(bytes) => Ok(Some(decode_kv(key, bytes.value())?)),
@@ -408,7 +272,7 @@ impl<T: ReadableTable<&'static [u8], &'static [u8]>> KvRead for TableView<'_, T>
     }
 
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
-        scan_table(self.0, start, end, usize::MAX).map(|(kvs, _)| kvs)
+        scan_table(&self.0, start, end, usize::MAX).map(|(kvs, _)| kvs)
     }
 }
 
@@ -551,9 +415,9 @@ from_redb_error!(
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        self.inner.expire_leases().await?;
+        self.inner.writer.expire_leases().await?;
         let rtx = self.inner.read()?;
-        TableView(&rtx.open_table(KV)?).get(key)
+        TableView(rtx.open_table(KV)?).get(key)
     }
 
     async fn range(
@@ -562,7 +426,7 @@ impl Store for RedbStore {
         end: &[u8],
         limit: usize,
     ) -> Result<RangeResult, StoreError> {
-        self.inner.expire_leases().await?;
+        self.inner.writer.expire_leases().await?;
         let rtx = self.inner.read()?;
         let (_, revision) = read_bounds(&rtx)?;
         let limit = if limit == 0 { usize::MAX } else { limit };
@@ -575,82 +439,42 @@ impl Store for RedbStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        self.inner.expire_leases().await?;
+        self.inner.writer.expire_leases().await?;
         if txn.is_read_only() {
             // A snapshot is a serializable point for a transaction that
             // writes nothing: no need to queue behind writers.
             let rtx = self.inner.read()?;
             let (_, revision) = read_bounds(&rtx)?;
-            let kv = rtx.open_table(KV)?;
-            return Ok(apply_txn(&TableView(&kv), &txn, revision, |_| true)?.response);
+            let kv = TableView(rtx.open_table(KV)?);
+            return Ok(apply_txn(&kv, &txn, revision, |_| true)?.response);
         }
-        let now = Instant::now();
-        self.inner
-            .send(|reply| Request::Txn { txn, now, reply })
-            .await
+        self.inner.writer.txn(txn).await
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        self.inner.expire_leases().await?;
+        self.inner.writer.expire_leases().await?;
         Ok(read_bounds(&self.inner.read()?)?.1)
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        if ttl.is_zero() {
-            return Err(StoreError::Invalid("lease TTL must be positive".into()));
-        }
-        self.inner.expire_leases().await?;
-        let now = Instant::now();
-        let id = self
-            .inner
-            .send(|reply| Request::Grant { ttl, now, reply })
-            .await?;
-        ExpiryTask::ensure_running(&self.inner);
-        Ok(id)
+        self.inner.writer.lease_grant(ttl).await
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.inner.expire_leases().await?;
-        self.inner
-            .shared
-            .clock()
-            .renew(lease, Instant::now())
-            .ok_or(StoreError::LeaseNotFound(lease))
+        self.inner.writer.lease_keep_alive(lease).await
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.expire_leases().await?;
-        self.inner
-            .send(|reply| Request::Revoke {
-                ids: vec![lease],
-                expired_at: None,
-                reply,
-            })
-            .await
+        self.inner.writer.lease_revoke(lease).await
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.expire_leases().await?;
-        // Subscribe before reading the current revision: a revision committed
-        // in between is then both in the log and in the channel, and the
-        // stream skips the duplicate; the other order could lose it.
-        let rx = self.inner.shared.events.subscribe();
-        let (oldest, current) = self.inner.bounds()?;
-        let start = start_revision(from, oldest, current)?;
-        Ok(watch_stream(
-            Arc::downgrade(&self.inner),
-            rx,
-            prefix,
-            start,
-            current,
-        ))
+        self.inner.writer.expire_leases().await?;
+        subscribe_and_watch(&self.inner, &self.inner.writer.shared.events, prefix, from)
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.expire_leases().await?;
-        self.inner
-            .send(|reply| Request::Compact { revision, reply })
-            .await
+        self.inner.writer.compact(revision).await
     }
 }
 

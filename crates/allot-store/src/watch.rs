@@ -176,6 +176,74 @@ pub(crate) trait History: Send + Sync + 'static {
     ) -> Result<Vec<Arc<Committed>>, StoreError>;
 }
 
+/// An entry of an in-memory ring of retained history.
+pub(crate) trait Retained: Clone {
+    fn revision(&self) -> Revision;
+    fn event_count(&self) -> usize;
+}
+
+impl Retained for Arc<Committed> {
+    fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn event_count(&self) -> usize {
+        self.events.len()
+    }
+}
+
+/// The entries [`History::read`] asks for, from an in-memory ring of
+/// retained revisions (oldest first) whose history starts at `oldest`.
+pub(crate) fn read_ring<T: Retained>(
+    ring: &VecDeque<T>,
+    oldest: Revision,
+    from: Revision,
+    to: Revision,
+    max: usize,
+    max_events: usize,
+) -> Result<Vec<T>, StoreError> {
+    if from < oldest {
+        return Err(StoreError::Compacted {
+            requested: from,
+            oldest,
+        });
+    }
+    let mut out = Vec::new();
+    let mut events = 0;
+    let first = ring.partition_point(|c| c.revision() < from);
+    for entry in ring.range(first..) {
+        if entry.revision() > to || out.len() >= max || (!out.is_empty() && events >= max_events) {
+            break;
+        }
+        events += entry.event_count();
+        out.push(entry.clone());
+    }
+    Ok(out)
+}
+
+/// [`crate::Store::watch`] for a backend that broadcasts on `events` after
+/// each commit.
+pub(crate) fn subscribe_and_watch<H: History>(
+    source: &Arc<H>,
+    events: &broadcast::Sender<Arc<Committed>>,
+    prefix: &[u8],
+    from: Revision,
+) -> Result<WatchStream, StoreError> {
+    // Subscribe before reading the current revision: a revision committed
+    // in between is then both in the log and in the channel, and the
+    // stream skips the duplicate; the other order could lose it.
+    let rx = events.subscribe();
+    let (oldest, current) = source.bounds()?;
+    let start = start_revision(from, oldest, current)?;
+    Ok(watch_stream(
+        Arc::downgrade(source),
+        rx,
+        prefix,
+        start,
+        current,
+    ))
+}
+
 /// Checks `from` against the history bounds and returns the first revision
 /// to deliver.
 pub(crate) fn start_revision(

@@ -1,5 +1,7 @@
-//! Durable claim throughput and latency of the engine on redb (every commit
-//! fsynced: default `RedbOptions`), in a fresh temporary directory.
+//! Durable claim throughput and latency of the engine on each embedded
+//! backend — redb (default `RedbOptions`) and the log store (default
+//! `LogOptions`), every commit fsynced — in a fresh temporary directory.
+//! Both parts run once per backend (`ALLOT_BENCH_STORES`).
 //!
 //! 1. Keyed claims: N concurrent submitters (tokio tasks) each loop
 //!    `allocate(pool, AllocRequest::key(unique))` on a range pool 1..=2^40
@@ -23,14 +25,16 @@
 //! - `ALLOT_BENCH_BULK_COUNT` [100]: values per bulk request;
 //! - `ALLOT_BENCH_ROUNDS` [10]: alternating rounds the bulk requests are split into;
 //! - `ALLOT_BENCH_WORKERS` [number of CPUs]: tokio worker threads;
-//! - `ALLOT_BENCH_DIR` [system temp dir]: where the temporary directory is made.
+//! - `ALLOT_BENCH_DIR` [system temp dir]: where the temporary directory is made;
+//! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order;
+//! - `ALLOT_BENCH_PARTS` [keyed,bulk]: which parts run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allot::{AllocRequest, Allot, PoolKind, PoolSpec};
-use allot_store::{RedbOptions, RedbStore};
+use allot_store::{LogOptions, LogStore, RedbOptions, RedbStore};
 
 /// Upper bound of the range pools (2^40).
 const POOL_HI: u64 = 1 << 40;
@@ -51,6 +55,43 @@ struct Config {
     rounds: usize,
     workers: usize,
     dir: Option<String>,
+    stores: Vec<Backend>,
+    keyed: bool,
+    bulk: bool,
+}
+
+/// An embedded backend under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Redb,
+    Log,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Redb => "redb",
+            Backend::Log => "log",
+        }
+    }
+
+    /// Where a store called `name` lives in `dir` (a file for redb, a
+    /// directory for the log store).
+    fn path(self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        match self {
+            Backend::Redb => dir.join(format!("{name}.redb")),
+            Backend::Log => dir.join(format!("{name}.log")),
+        }
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -88,6 +129,20 @@ impl Config {
             rounds: env_or("ALLOT_BENCH_ROUNDS", 10usize).max(1),
             workers: env_or("ALLOT_BENCH_WORKERS", cpus).max(1),
             dir: std::env::var("ALLOT_BENCH_DIR").ok(),
+            stores: env_list("ALLOT_BENCH_STORES", "redb,log")
+                .iter()
+                .map(|s| match s.as_str() {
+                    "redb" => Backend::Redb,
+                    "log" => Backend::Log,
+                    other => panic!("ALLOT_BENCH_STORES: unknown backend {other:?} (redb, log)"),
+                })
+                .collect(),
+            keyed: env_list("ALLOT_BENCH_PARTS", "keyed,bulk")
+                .iter()
+                .any(|p| p == "keyed"),
+            bulk: env_list("ALLOT_BENCH_PARTS", "keyed,bulk")
+                .iter()
+                .any(|p| p == "bulk"),
         };
         assert!(cfg.secs > 0.0, "ALLOT_BENCH_SECS must be positive");
         assert!(
@@ -140,14 +195,30 @@ fn range_spec() -> PoolSpec {
     PoolSpec::new(PoolKind::Range { lo: 1, hi: POOL_HI })
 }
 
-fn open_engine(path: &std::path::Path) -> Allot {
-    let store = RedbStore::open(path, RedbOptions::default())
-        .unwrap_or_else(|e| panic!("opening redb store {}: {e}", path.display()));
-    Allot::new(Arc::new(store))
+fn open_engine(backend: Backend, path: &std::path::Path) -> Allot {
+    let opened = |e: allot_store::StoreError| -> ! {
+        panic!("opening {} store {}: {e}", backend.name(), path.display())
+    };
+    match backend {
+        Backend::Redb => Allot::new(Arc::new(
+            RedbStore::open(path, RedbOptions::default()).unwrap_or_else(|e| opened(e)),
+        )),
+        Backend::Log => Allot::new(Arc::new(
+            LogStore::open(path, LogOptions::default()).unwrap_or_else(|e| opened(e)),
+        )),
+    }
 }
 
+/// The size of a store: its file, or the files of its directory.
 fn file_mib(path: &std::path::Path) -> f64 {
-    std::fs::metadata(path).map_or(0.0, |m| m.len() as f64 / (1024.0 * 1024.0))
+    let bytes = match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
+    };
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 struct KeyedResult {
@@ -315,7 +386,8 @@ fn main() {
             .expect("creating a temporary directory"),
     };
 
-    println!("allot claims benchmark (durable redb: default RedbOptions, fsync per commit)");
+    println!("allot claims benchmark (durable: default options, fsync per commit)");
+    println!("  stores                 {:?}", cfg.stores);
     println!("configuration:");
     println!("  directory              {}", tmp.path().display());
     println!("  tokio worker threads   {}", cfg.workers);
@@ -333,135 +405,165 @@ fn main() {
     );
     println!();
 
-    rt.block_on(async {
-        // ---- 1. keyed claims --------------------------------------------
-        let keyed_path = tmp.path().join("keyed.redb");
-        let allot = open_engine(&keyed_path);
-        let mut results = Vec::new();
-        for &n in &cfg.concurrency {
-            println!(
-                "keyed: {n} submitter(s), {} s warm-up + {} s ...",
-                cfg.warmup_secs, cfg.secs
-            );
-            results.push(keyed_level(&allot, &cfg, n).await);
-        }
-        allot.close().await;
+    for &backend in &cfg.stores {
+        println!("==== store: {} ====", backend.name());
+        rt.block_on(run(backend, &cfg, tmp.path()));
         println!();
-        println!("1. durable keyed claims (AllocRequest::key), redb file {:.1} MiB", file_mib(&keyed_path));
-        println!(
-            "{:>11} | {:>9} | {:>9} | {:>8} | {:>8} | {:>8} | {:>8} | {:>12} | {:>6}",
-            "submitters",
-            "claims",
-            "claims/s",
-            "mean ms",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "claims/batch",
-            "errors"
-        );
-        println!("{}", "-".repeat(103));
-        for r in &results {
-            println!(
-                "{:>11} | {:>9} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>12.1} | {:>6}",
-                r.concurrency,
-                r.claims,
-                r.claims as f64 / r.window.as_secs_f64(),
-                ms(r.lat.mean()),
-                ms(r.lat.pct(50.0)),
-                ms(r.lat.pct(99.0)),
-                ms(r.lat.max()),
-                r.total as f64 / r.revisions.max(1) as f64,
-                r.errors
-            );
-        }
-        println!(
-            "claims/batch: claims per store revision over the level incl. warm-up (one engine group commit = one fsync each)"
-        );
-        println!();
+    }
+}
 
-        // ---- 2. bulk claims, empty vs filled ------------------------------
-        let empty_path = tmp.path().join("bulk-empty.redb");
-        let full_path = tmp.path().join("bulk-filled.redb");
-        let empty = open_engine(&empty_path);
-        let full = open_engine(&full_path);
-        println!("bulk: filling {} with {} claims ...", full_path.display(), cfg.fill);
-        let fill_time = fill(&full, &cfg).await;
+/// Both parts of the benchmark on one backend.
+async fn run(backend: Backend, cfg: &Config, dir: &std::path::Path) {
+    if cfg.keyed {
+        keyed(backend, cfg, dir).await;
+    }
+    if cfg.bulk {
+        bulk(backend, cfg, dir).await;
+    }
+}
+
+async fn keyed(backend: Backend, cfg: &Config, dir: &std::path::Path) {
+    // ---- 1. keyed claims --------------------------------------------
+    let keyed_path = backend.path(dir, "keyed");
+    let allot = open_engine(backend, &keyed_path);
+    let mut results = Vec::new();
+    for &n in &cfg.concurrency {
         println!(
-            "bulk: fill done: {} claims in {:.1} s ({:.0} claims/s), file {:.1} MiB",
-            cfg.fill,
-            fill_time.as_secs_f64(),
-            cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
-            file_mib(&full_path)
+            "keyed: {n} submitter(s), {} s warm-up + {} s ...",
+            cfg.warmup_secs, cfg.secs
         );
-        for a in [&empty, &full] {
-            a.create_pool("bulk", range_spec(), BTreeMap::new())
-                .await
-                .expect("create bulk pool");
-            bulk_round(a, "bulk", cfg.bulk_count, BULK_WARMUP).await;
+        results.push(keyed_level(&allot, cfg, n).await);
+    }
+    allot.close().await;
+    println!();
+    println!(
+        "1. durable keyed claims (AllocRequest::key), {} store {:.1} MiB",
+        backend.name(),
+        file_mib(&keyed_path)
+    );
+    println!(
+        "{:>11} | {:>9} | {:>9} | {:>8} | {:>8} | {:>8} | {:>8} | {:>12} | {:>6}",
+        "submitters",
+        "claims",
+        "claims/s",
+        "mean ms",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "claims/batch",
+        "errors"
+    );
+    println!("{}", "-".repeat(103));
+    for r in &results {
+        println!(
+            "{:>11} | {:>9} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>12.1} | {:>6}",
+            r.concurrency,
+            r.claims,
+            r.claims as f64 / r.window.as_secs_f64(),
+            ms(r.lat.mean()),
+            ms(r.lat.pct(50.0)),
+            ms(r.lat.pct(99.0)),
+            ms(r.lat.max()),
+            r.total as f64 / r.revisions.max(1) as f64,
+            r.errors
+        );
+    }
+    println!(
+        "claims/batch: claims per store revision over the level incl. warm-up (one engine group commit = one fsync each)"
+    );
+    println!();
+}
+
+async fn bulk(backend: Backend, cfg: &Config, dir: &std::path::Path) {
+    // ---- 2. bulk claims, empty vs filled ------------------------------
+    let empty_path = backend.path(dir, "bulk-empty");
+    let full_path = backend.path(dir, "bulk-filled");
+    let empty = open_engine(backend, &empty_path);
+    let full = open_engine(backend, &full_path);
+    println!(
+        "bulk: filling {} with {} claims ...",
+        full_path.display(),
+        cfg.fill
+    );
+    let fill_time = fill(&full, cfg).await;
+    println!(
+        "bulk: fill done: {} claims in {:.1} s ({:.0} claims/s), file {:.1} MiB",
+        cfg.fill,
+        fill_time.as_secs_f64(),
+        cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
+        file_mib(&full_path)
+    );
+    for a in [&empty, &full] {
+        a.create_pool("bulk", range_spec(), BTreeMap::new())
+            .await
+            .expect("create bulk pool");
+        bulk_round(a, "bulk", cfg.bulk_count, BULK_WARMUP).await;
+    }
+    let mut lat_empty = Vec::with_capacity(cfg.bulk_reqs);
+    let mut lat_full = Vec::with_capacity(cfg.bulk_reqs);
+    let per_round = cfg.bulk_reqs.div_ceil(cfg.rounds);
+    let mut left = cfg.bulk_reqs;
+    let mut round = 0;
+    while left > 0 {
+        let n = left.min(per_round);
+        // Alternate which store goes first, too.
+        let order: [(&Allot, &mut Vec<Duration>); 2] = if round % 2 == 0 {
+            [(&empty, &mut lat_empty), (&full, &mut lat_full)]
+        } else {
+            [(&full, &mut lat_full), (&empty, &mut lat_empty)]
+        };
+        for (a, lat) in order {
+            lat.extend(bulk_round(a, "bulk", cfg.bulk_count, n).await);
         }
-        let mut lat_empty = Vec::with_capacity(cfg.bulk_reqs);
-        let mut lat_full = Vec::with_capacity(cfg.bulk_reqs);
-        let per_round = cfg.bulk_reqs.div_ceil(cfg.rounds);
-        let mut left = cfg.bulk_reqs;
-        let mut round = 0;
-        while left > 0 {
-            let n = left.min(per_round);
-            // Alternate which store goes first, too.
-            let order: [(&Allot, &mut Vec<Duration>); 2] = if round % 2 == 0 {
-                [(&empty, &mut lat_empty), (&full, &mut lat_full)]
-            } else {
-                [(&full, &mut lat_full), (&empty, &mut lat_empty)]
-            };
-            for (a, lat) in order {
-                lat.extend(bulk_round(a, "bulk", cfg.bulk_count, n).await);
-            }
-            left -= n;
-            round += 1;
-        }
-        let (e_mib, f_mib) = (file_mib(&empty_path), file_mib(&full_path));
-        empty.close().await;
-        full.close().await;
-        let e = Latencies::new(lat_empty);
-        let f = Latencies::new(lat_full);
-        println!();
+        left -= n;
+        round += 1;
+    }
+    let (e_mib, f_mib) = (file_mib(&empty_path), file_mib(&full_path));
+    empty.close().await;
+    full.close().await;
+    let e = Latencies::new(lat_empty);
+    let f = Latencies::new(lat_full);
+    println!();
+    println!(
+        "2. one request claiming {} values (AllocRequest::many({})), {} sequential requests per store",
+        cfg.bulk_count, cfg.bulk_count, cfg.bulk_reqs
+    );
+    println!(
+        "{:>26} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>9}",
+        "store", "mean ms", "p50 ms", "p99 ms", "max ms", "req/s", "file MiB"
+    );
+    println!("{}", "-".repeat(90));
+    for (label, l, mib) in [
+        ("empty".to_string(), &e, e_mib),
+        (format!("with {} other claims", cfg.fill), &f, f_mib),
+    ] {
         println!(
-            "2. one request claiming {} values (AllocRequest::many({})), {} sequential requests per store",
-            cfg.bulk_count, cfg.bulk_count, cfg.bulk_reqs
+            "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.0} | {:>9.1}",
+            label,
+            ms(l.mean()),
+            ms(l.pct(50.0)),
+            ms(l.pct(99.0)),
+            ms(l.max()),
+            1.0 / l.mean().as_secs_f64().max(1e-12),
+            mib
         );
-        println!(
-            "{:>26} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>9}",
-            "store", "mean ms", "p50 ms", "p99 ms", "max ms", "req/s", "file MiB"
-        );
-        println!("{}", "-".repeat(90));
-        for (label, l, mib) in [
-            ("empty".to_string(), &e, e_mib),
-            (format!("with {} other claims", cfg.fill), &f, f_mib),
-        ] {
-            println!(
-                "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.0} | {:>9.1}",
-                label,
-                ms(l.mean()),
-                ms(l.pct(50.0)),
-                ms(l.pct(99.0)),
-                ms(l.max()),
-                1.0 / l.mean().as_secs_f64().max(1e-12),
-                mib
-            );
-        }
-        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
-        let r_mean = ratio(f.mean(), e.mean());
-        let r_p50 = ratio(f.pct(50.0), e.pct(50.0));
-        let r_p99 = ratio(f.pct(99.0), e.pct(99.0));
-        println!(
-            "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} |",
-            "ratio filled/empty", r_mean, r_p50, r_p99
-        );
-        println!(
-            "target (design): filled within 10% of empty -> mean ratio {:.3} {}",
-            r_mean,
-            if r_mean <= 1.10 { "MET" } else { "NOT MET" }
-        );
-        println!("fill time: {:.1} s for {} claims", fill_time.as_secs_f64(), cfg.fill);
-    });
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+    let r_mean = ratio(f.mean(), e.mean());
+    let r_p50 = ratio(f.pct(50.0), e.pct(50.0));
+    let r_p99 = ratio(f.pct(99.0), e.pct(99.0));
+    println!(
+        "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} |",
+        "ratio filled/empty", r_mean, r_p50, r_p99
+    );
+    println!(
+        "target (design): filled within 10% of empty -> mean ratio {:.3} {}",
+        r_mean,
+        if r_mean <= 1.10 { "MET" } else { "NOT MET" }
+    );
+    println!(
+        "fill time: {:.1} s for {} claims",
+        fill_time.as_secs_f64(),
+        cfg.fill
+    );
 }
