@@ -7,6 +7,7 @@
 //! | `--store` | backend |
 //! |---|---|
 //! | `redb` (default) | the embedded store, one file in the data dir |
+//! | `log` | the embedded log-structured store (write-ahead log + snapshots) in the data dir |
 //! | `postgres://user@host:port/db[?schema=NAME]` | a PostgreSQL database (`postgresql://` too) |
 //! | `etcd://host:port[,host:port...][/NAMESPACE]` | an etcd cluster (keys under NAMESPACE, default `allot/`) |
 //!
@@ -28,5 +29,5 @@
 mod open;
 mod url;
 
-pub use open::{Backend, OpenError, REDB_FILE};
+pub use open::{Backend, OpenError, LOG_DIR, REDB_FILE};
 pub use url::StoreUrl;

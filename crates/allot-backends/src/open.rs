@@ -3,14 +3,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use allot_store::{RedbOptions, RedbStore, Store, StoreError};
+use allot_store::{LogOptions, LogStore, RedbOptions, RedbStore, Store, StoreError};
 use allot_store_etcd::{EtcdOptions, EtcdStore};
 use allot_store_postgres::{PostgresOptions, PostgresStore};
 
 use crate::StoreUrl;
 
-/// File name of the embedded database inside the data dir.
+/// File name of the embedded redb database inside the data dir.
 pub const REDB_FILE: &str = "allot.redb";
+/// Directory of the embedded log-structured store inside the data dir.
+pub const LOG_DIR: &str = "allot-log";
 
 /// Why a store could not be opened or closed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,7 @@ pub struct Backend {
 #[derive(Clone, Debug)]
 enum Kind {
     Redb(RedbStore),
+    Log(LogStore),
     Postgres(PostgresStore),
     Etcd(EtcdStore),
 }
@@ -67,23 +70,28 @@ impl Backend {
             source,
         };
         match url {
-            StoreUrl::Redb => {
+            StoreUrl::Redb | StoreUrl::Log => {
                 std::fs::create_dir_all(data_dir).map_err(|source| OpenError::DataDir {
                     path: data_dir.to_path_buf(),
                     source,
                 })?;
-                let path = data_dir.join(REDB_FILE);
+                let redb = *url == StoreUrl::Redb;
+                let path = data_dir.join(if redb { REDB_FILE } else { LOG_DIR });
                 let open_path = path.clone();
-                // Opening may replay or migrate the file: keep it off the
-                // runtime's worker threads.
+                // Opening may replay or migrate: keep it off the runtime's
+                // worker threads.
                 let opened = tokio::task::spawn_blocking(move || {
-                    RedbStore::open(&open_path, RedbOptions::default())
+                    if redb {
+                        RedbStore::open(&open_path, RedbOptions::default()).map(Kind::Redb)
+                    } else {
+                        LogStore::open(&open_path, LogOptions::default()).map(Kind::Log)
+                    }
                 })
                 .await
                 .map_err(|e| failed(StoreError::Backend(format!("opening: {e}"))))?;
                 match opened {
-                    Ok(store) => Ok(Backend {
-                        kind: Kind::Redb(store),
+                    Ok(kind) => Ok(Backend {
+                        kind,
                         label: path.display().to_string(),
                     }),
                     Err(StoreError::Locked { .. }) => Err(OpenError::Locked(data_dir.into())),
@@ -135,6 +143,7 @@ impl Backend {
     pub fn store(&self) -> Arc<dyn Store> {
         match &self.kind {
             Kind::Redb(s) => Arc::new(s.clone()),
+            Kind::Log(s) => Arc::new(s.clone()),
             Kind::Postgres(s) => Arc::new(s.clone()),
             Kind::Etcd(s) => Arc::new(s.clone()),
         }
@@ -144,7 +153,7 @@ impl Backend {
     /// etcd), so an engine on it should follow their writes
     /// (`allot::Allot::follow_other_writers`).
     pub fn is_shared(&self) -> bool {
-        !matches!(self.kind, Kind::Redb(_))
+        !matches!(self.kind, Kind::Redb(_) | Kind::Log(_))
     }
 
     /// Where the state lives (the database file, or the store URL with any
@@ -156,20 +165,23 @@ impl Backend {
     /// Commits what is queued and lets go of the store (for redb: the file
     /// lock). Close the engine first, so nothing is queued behind this.
     pub async fn close(self) -> Result<(), OpenError> {
-        match self.kind {
-            Kind::Redb(store) => {
-                let path = store.path().display().to_string();
-                let closed = tokio::task::spawn_blocking(move || store.close())
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("closing: {e}")));
-                closed.and_then(|r| r).map_err(|source| OpenError::Store {
-                    store: path,
-                    source,
-                })
-            }
-            // Dropping the last handle commits what is queued; the engine,
-            // closed first, waits for its answers, so nothing is.
-            Kind::Postgres(_) | Kind::Etcd(_) => Ok(()),
-        }
+        // Both embedded stores close on a blocking thread: the final
+        // commit and the release of the lock wait for the disk.
+        let (label, close): (String, Box<dyn FnOnce() -> Result<(), StoreError> + Send>) =
+            match self.kind {
+                Kind::Redb(store) => (self.label, Box::new(move || store.close())),
+                Kind::Log(store) => (self.label, Box::new(move || store.close())),
+                // Dropping the last handle commits what is queued; the
+                // engine, closed first, waits for its answers, so nothing is.
+                Kind::Postgres(_) | Kind::Etcd(_) => return Ok(()),
+            };
+        tokio::task::spawn_blocking(close)
+            .await
+            .map_err(|e| StoreError::Backend(format!("closing: {e}")))
+            .and_then(|r| r)
+            .map_err(|source| OpenError::Store {
+                store: label,
+                source,
+            })
     }
 }

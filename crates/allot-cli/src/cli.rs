@@ -87,7 +87,9 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
 
-    /// Where state lives: `redb` (the embedded store in --data-dir),
+    /// Where state lives: `redb` (the embedded store in --data-dir), `log`
+    /// (the embedded log-structured store in --data-dir: faster commits,
+    /// every key in memory),
     /// `postgres://USER@HOST:PORT/DB[?schema=NAME]` or
     /// `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`. Several `allot serve`
     /// processes and local commands may share a PostgreSQL or etcd store.

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use allot::Allot;
-use allot_backends::{Backend, OpenError, StoreUrl, REDB_FILE};
+use allot_backends::{Backend, OpenError, StoreUrl, LOG_DIR, REDB_FILE};
 use anyhow::{bail, Result};
 
 /// File name of the embedded database inside the data dir.
@@ -22,7 +22,12 @@ impl Session {
     /// Opens the store. For the embedded store, unless `create`, a data dir
     /// without a database is an error and nothing is created.
     pub async fn open(url: &StoreUrl, data_dir: &Path, create: bool) -> Result<Session> {
-        if *url == StoreUrl::Redb && !create && !data_dir.join(DB_FILE).exists() {
+        let embedded = match url {
+            StoreUrl::Redb => Some(DB_FILE),
+            StoreUrl::Log => Some(LOG_DIR),
+            _ => None,
+        };
+        if embedded.is_some_and(|name| !create && !data_dir.join(name).exists()) {
             bail!(
                 "no allot data in {}: create a pool first, or point --data-dir / ALLOT_DATA_DIR at it",
                 data_dir.display()
