@@ -163,6 +163,19 @@ pub enum Command {
     #[command(subcommand, after_help = RESYNC_EXAMPLES)]
     Resync(ResyncCommand),
 
+    /// List the live members: name, incarnation, address, age and the
+    /// blocks each owns.
+    #[command(
+        after_help = "Examples:\n  allot members\n  allot members --server http://127.0.0.1:7070 --output json"
+    )]
+    Members,
+
+    /// Which member owns the block holding a value of a member-blocks pool.
+    #[command(
+        after_help = "Examples:\n  allot owner teid 305419896\n  allot owner teid 305419896 --server http://127.0.0.1:7070 --output json"
+    )]
+    Owner(OwnerArgs),
+
     /// Print every change as it happens (needs --server): one line per
     /// event, or one JSON object per line with --output json.
     #[command(after_help = WATCH_EXAMPLES)]
@@ -178,6 +191,15 @@ Examples:
   allot watch --server http://127.0.0.1:7070             # changes from now on
   allot watch --server http://127.0.0.1:7070 --from 1    # everything the server still remembers
   allot watch --output json | jq -c 'select(.type == \"claims\")'";
+
+/// Arguments of `allot owner`.
+#[derive(Debug, Args)]
+pub struct OwnerArgs {
+    /// Pool name (a pool created with --member-blocks).
+    pub pool: String,
+    /// The value whose owner is wanted.
+    pub value: String,
+}
 
 /// Arguments of `allot watch`.
 #[derive(Debug, Args)]

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use allot::{Change, Claim, ClaimPage, Event, EventClaim, PoolInfo, ResyncReport};
+use allot::{
+    Change, Claim, ClaimPage, Event, EventClaim, MemberInfo, OwnerInfo, PoolInfo, ResyncReport,
+};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -32,6 +34,10 @@ pub enum Report {
     ResyncBegun(ResyncReport),
     /// What a closed pass released.
     ResyncEnded(ResyncReport),
+    /// The live members.
+    Members(Vec<MemberInfo>),
+    /// The owner of a value's block.
+    Owner(OwnerInfo),
 }
 
 /// JSON shape of `alloc`: the values alone for simple scripts, the full
@@ -77,6 +83,8 @@ impl Report {
             Report::Released(c) | Report::Lookup(c) => json(w, c),
             Report::Claims { page, .. } => json(w, page),
             Report::ResyncBegun(r) | Report::ResyncEnded(r) => json(w, r),
+            Report::Members(list) => json(w, list),
+            Report::Owner(o) => json(w, o),
         }
     }
 
@@ -98,6 +106,8 @@ impl Report {
             Report::Claims { pool, page } => claims_table(w, pool, page),
             Report::ResyncBegun(r) => resync_begun(w, r),
             Report::ResyncEnded(r) => resync_ended(w, r),
+            Report::Members(list) => members_table(w, list),
+            Report::Owner(o) => owner_details(w, o),
         }
     }
 }
@@ -222,6 +232,13 @@ fn pool_details(w: &mut impl Write, p: &PoolInfo) -> std::io::Result<()> {
     lines
         .iter()
         .try_for_each(|(k, v)| writeln!(w, "{:<12} {v}", format!("{k}:")))?;
+    if let Some(d) = spec.member_blocks {
+        writeln!(
+            w,
+            "{:<12} {d} (members allocate from blocks they own)",
+            "members:"
+        )?;
+    }
     if let Some(parent) = &p.record.parent {
         writeln!(
             w,
@@ -365,6 +382,60 @@ fn event_claims(claims: &[EventClaim]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn members_table(w: &mut impl Write, list: &[MemberInfo]) -> std::io::Result<()> {
+    if list.is_empty() {
+        return writeln!(w, "no members");
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            let r = &m.record;
+            vec![
+                r.name.clone(),
+                r.incarnation.to_string(),
+                or_dash(r.address.as_deref()).to_string(),
+                or_dash(r.zone.as_deref()).to_string(),
+                age(now_ms.saturating_sub(r.joined_ms)),
+                m.blocks.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        w,
+        &["NAME", "INCARNATION", "ADDRESS", "ZONE", "AGE", "BLOCKS"],
+        &rows,
+    )
+}
+
+/// `1h02m`, `3m05s`, `12s`.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn owner_details(w: &mut impl Write, o: &OwnerInfo) -> std::io::Result<()> {
+    writeln!(w, "member:      {}", o.member)?;
+    writeln!(w, "incarnation: {}", o.incarnation)?;
+    writeln!(w, "address:     {}", or_dash(o.address.as_deref()))?;
+    writeln!(w, "block:       {} (epoch {})", o.block, o.epoch)?;
+    writeln!(
+        w,
+        "state:       {}",
+        if o.live {
+            "live"
+        } else {
+            "orphan (the owner's lease expired; a live member takes it over)"
+        }
+    )
 }
 
 #[cfg(test)]

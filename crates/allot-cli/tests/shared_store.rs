@@ -454,3 +454,88 @@ async fn local_commands_on_etcd() {
     let etcd = allot_store_etcd::testing::start_server().await;
     local_commands_scenario(&etcd).await;
 }
+
+/// Members and owners, through local commands on the shared store and
+/// through a server on it: a member pod embeds the engine on the same store.
+async fn members_scenario(store: &dyn StoreServer) {
+    let dir = TempDir::new().unwrap();
+    let url = store.url();
+    let run = |args: &[&str]| {
+        common::output(common::allot(dir.path()).args(["--store", &url]).args(args))
+    };
+    let out = run(&[
+        "pool",
+        "create",
+        "teid",
+        "--range",
+        "0-65535",
+        "--block-size",
+        "256",
+        "--member-blocks",
+        "block",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = run(&["pool", "show", "teid"]);
+    assert!(out.stdout.contains("members:     block"), "{}", out.stdout);
+    let out = run(&["alloc", "teid"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("through a member"), "{}", out.stderr);
+
+    let backend = allot_backends::Backend::open(&url.parse().unwrap(), dir.path())
+        .await
+        .unwrap();
+    let engine = allot::Allot::new(backend.store());
+    let options = allot::MemberOptions {
+        address: Some("10.9.9.9:2152".into()),
+        ..allot::MemberOptions::default()
+    };
+    let m = engine.join("upf-1", options).await.unwrap();
+    let v = m.allocate("teid").await.unwrap();
+
+    let out = run(&["members"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines = common::lines(&out.stdout);
+    assert!(lines[0].starts_with("NAME"), "{}", out.stdout);
+    assert!(
+        lines[1].starts_with("upf-1") && lines[1].contains("10.9.9.9:2152"),
+        "{}",
+        out.stdout
+    );
+    let out = run(&["owner", "teid", &v.value, "--output", "json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let owner: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(owner["member"], "upf-1");
+    assert_eq!(owner["epoch"], v.epoch);
+    let out = run(&["owner", "teid", "65535"]);
+    if v.block != 255 {
+        assert_eq!(out.code, 1);
+        assert!(out.stderr.contains("no member owns"), "{}", out.stderr);
+    }
+
+    // The same through a server: byte for byte.
+    let client = reqwest::Client::new();
+    let s = serve_on(&dir, &url, &client).await;
+    let local = run(&["owner", "teid", &v.value]);
+    let remote = run(&["--server", &s.base, "owner", "teid", &v.value]);
+    assert_eq!(local, remote);
+    let remote = run(&["--server", &s.base, "members", "--output", "json"]);
+    let list: Value = serde_json::from_str(&remote.stdout).unwrap();
+    assert_eq!(list[0]["name"], "upf-1");
+    assert_eq!(list[0]["blocks"], 1);
+    s.stop();
+    m.leave().await.unwrap();
+    engine.close().await;
+    backend.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_postgres() {
+    let pg = start_postgres().await;
+    members_scenario(&pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_etcd() {
+    let etcd = allot_store_etcd::testing::start_server().await;
+    members_scenario(&etcd).await;
+}

@@ -36,8 +36,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use allot::{
-    AllocRequest, Change, Claim, ClaimPage, Event, EventClaim, ParentRef, PoolInfo, PoolKind,
-    PoolSpec, ResyncReport, Strategy, Target,
+    AllocRequest, Change, Claim, ClaimPage, Durability, Event, EventClaim, MemberInfo, OwnerInfo,
+    ParentRef, PoolInfo, PoolKind, PoolSpec, ResyncReport, Strategy, Target,
 };
 use futures::stream::BoxStream;
 use reqwest::{Method, RequestBuilder, Url};
@@ -182,6 +182,27 @@ impl Client {
             .send(self.request(Method::GET, &["pools"])?.query(&filter))
             .await?;
         Ok(list.pools)
+    }
+
+    /// The live members, with the blocks each owns.
+    pub async fn members(&self) -> Result<Vec<MemberInfo>> {
+        #[derive(Deserialize)]
+        struct MemberList {
+            members: Vec<MemberInfo>,
+        }
+        let list: MemberList = self.send(self.request(Method::GET, &["members"])?).await?;
+        Ok(list.members)
+    }
+
+    /// Which member owns the block holding `value` of member-blocks pool
+    /// `pool` (the server answers from its owner map, without a store
+    /// round trip).
+    pub async fn owner(&self, pool: &str, value: &str) -> Result<OwnerInfo> {
+        self.send(
+            self.request(Method::GET, &["pools", pool, "owner"])?
+                .query(&[("value", value)]),
+        )
+        .await
     }
 
     /// Deletes a pool and everything in it; refused while values are

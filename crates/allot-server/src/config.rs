@@ -17,13 +17,18 @@
 //! reserved = ["1000-1099"]
 //! strategy = "next"
 //! labels = { team = "net" }
+//!
+//! [[pools]]
+//! name = "teid"
+//! kind = { type = "range", lo = 1, hi = 4294967295 }
+//! member_blocks = "block"              # members allocate from blocks they own
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use allot::{Allot, PoolKind, PoolSpec, Strategy};
+use allot::{Allot, Durability, PoolKind, PoolSpec, Strategy};
 use allot_backends::StoreUrl;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -64,6 +69,11 @@ pub struct PoolDecl {
     /// Values per storage block, a power of two (default 65536).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<u64>,
+    /// Hand values out from blocks members own, with this durability
+    /// (`sync`: every allocation stored; `block`: only ownership).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::openapi::DurabilityDoc>)]
+    pub member_blocks: Option<Durability>,
     /// Descriptive labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -87,6 +97,7 @@ impl PoolDecl {
         if let Some(b) = self.block_size {
             spec.block_size = b;
         }
+        spec.member_blocks = self.member_blocks;
         spec.validate().map_err(|e| one_line(&e.to_string()))?;
         // The engine's own checks, made here too so that a set of config
         // pools is refused whole before any of them is created.
@@ -370,6 +381,7 @@ mod tests {
             strategy: None,
             quarantine_secs: None,
             block_size: None,
+            member_blocks: None,
             labels: BTreeMap::new(),
         }
     }

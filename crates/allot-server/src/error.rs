@@ -84,9 +84,8 @@ impl From<allot::Error> for ApiError {
         let status = match code {
             "invalid_argument" => StatusCode::BAD_REQUEST,
             "pool_not_found" | "not_found" => StatusCode::NOT_FOUND,
-            "conflict" | "exhausted" | "pool_exists" | "pool_not_empty" | "contention" => {
-                StatusCode::CONFLICT
-            }
+            "conflict" | "exhausted" | "pool_exists" | "pool_not_empty" | "contention"
+            | "fenced" => StatusCode::CONFLICT,
             "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -37,6 +37,7 @@ mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod members;
 mod metrics;
 mod openapi;
 pub mod routes;
@@ -159,6 +160,8 @@ fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
         .routes(routes!(routes::resync_begin))
         .routes(routes!(routes::resync_end))
         .routes(routes!(routes::watch))
+        .routes(routes!(members::list_members))
+        .routes(routes!(members::owner))
         .routes(routes!(metrics::metrics))
         .route_layer(middleware::from_fn_with_state(auth, auth::require_token));
     let open = OpenApiRouter::new()

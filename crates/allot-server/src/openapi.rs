@@ -36,6 +36,7 @@ use crate::AppState;
         (name = "claims", description = "Allocate, release, look up and list claims"),
         (name = "resync", description = "Mark and sweep"),
         (name = "events", description = "The change stream (Server-Sent Events)"),
+        (name = "members", description = "Members and the owners of blocks"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]
@@ -194,6 +195,60 @@ pub(crate) struct PoolSpecDoc {
     quarantine_secs: u64,
     /// Units per storage block (a power of two).
     block_size: u64,
+    /// Present for a pool whose values members hand out from blocks they
+    /// own: how much of it is stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member_blocks: Option<DurabilityDoc>,
+}
+
+/// How much of a member-owned block is stored.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = Durability)]
+pub(crate) enum DurabilityDoc {
+    /// Every allocation committed before it is answered.
+    Sync,
+    /// Only block ownership; a new owner asks the application (scan).
+    Block,
+}
+
+/// A live member.
+#[derive(Serialize, ToSchema)]
+#[schema(as = MemberInfo)]
+pub(crate) struct MemberInfoDoc {
+    name: String,
+    /// Grows by one on every join under this name.
+    incarnation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    attributes: BTreeMap<String, String>,
+    /// Join time, ms since the Unix epoch.
+    joined_ms: u64,
+    /// Lease TTL in ms.
+    ttl_ms: u64,
+    /// Blocks it owns.
+    blocks: u64,
+}
+
+/// The owner of the block holding a value.
+#[derive(Serialize, ToSchema)]
+#[schema(as = OwnerInfo)]
+pub(crate) struct OwnerInfoDoc {
+    pool: String,
+    /// The block holding the value.
+    block: u64,
+    member: String,
+    incarnation: u64,
+    /// Grows on every change of the block's owner: the fencing token.
+    epoch: u64,
+    /// The owner's address while it is live.
+    address: Option<String>,
+    /// False once the owner's lease expired: the block is an orphan until a
+    /// live member takes it over.
+    live: bool,
 }
 
 /// Counters of a pool, in units (may exceed 2^64 - 1 for `size`, `free`).

@@ -118,6 +118,11 @@ pub struct CreatePoolBody {
     /// Values per storage block, a power of two (default 65536).
     #[serde(default)]
     pub block_size: Option<u64>,
+    /// Hand values out from blocks members own, with this durability
+    /// (`sync`: every allocation stored; `block`: only ownership).
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::DurabilityDoc>)]
+    pub member_blocks: Option<allot::Durability>,
     /// Descriptive labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -139,6 +144,7 @@ impl CreatePoolBody {
             strategy: self.strategy,
             quarantine_secs: self.quarantine_secs,
             block_size: self.block_size,
+            member_blocks: self.member_blocks,
             labels: self.labels,
         };
         (decl, self.parent)

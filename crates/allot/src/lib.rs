@@ -54,7 +54,8 @@ pub use error::{Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
 pub use member_blocks::OwnedValue;
 pub use members::{
-    BlockOwner, BlockScan, Member, MemberOptions, MemberRecord, ScanFn, DEFAULT_MEMBER_TTL,
+    BlockOwner, BlockScan, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,
+    DEFAULT_MEMBER_TTL,
 };
 pub use model::*;
 pub use owners::{OwnerInfo, OwnerMap};

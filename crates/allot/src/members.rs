@@ -46,6 +46,14 @@ pub struct MemberRecord {
     pub ttl_ms: u64,
 }
 
+/// A live member with the number of blocks it owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    #[serde(flatten)]
+    pub record: MemberRecord,
+    pub blocks: u64,
+}
+
 /// The owner of one block, as stored under `o/{pool}/{block}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockOwner {
@@ -347,24 +355,31 @@ impl Allot {
         Ok(Member { inner })
     }
 
-    /// The live members (read from the store).
-    pub async fn list_members(&self) -> Result<Vec<(MemberRecord, u64)>> {
+    /// The live members, by name, with the blocks each owns (from this
+    /// engine's owner map, started on first use and kept current by
+    /// watches).
+    pub async fn list_members(&self) -> Result<Vec<MemberInfo>> {
         let map = self.owner_map().await?;
         let held = map.blocks_held();
         Ok(map
             .members()
             .into_iter()
-            .map(|m| {
-                let n = held.get(&m.name).copied().unwrap_or(0);
-                (m, n)
+            .map(|record| MemberInfo {
+                blocks: held.get(&record.name).copied().unwrap_or(0),
+                record,
             })
             .collect())
     }
 
-    /// The owner of the block holding `value` in `pool` (from this engine's
-    /// owner map, started on first use and kept current by watches).
-    pub async fn owner(&self, pool: &str, value: &str) -> Result<Option<crate::OwnerInfo>> {
-        self.owner_map().await?.owner(pool, value)
+    /// The owner of the block holding `value` in `pool`; [`Error::NotFound`]
+    /// when no member owns that block (from the owner map, as
+    /// [`Allot::list_members`]).
+    pub async fn owner(&self, pool: &str, value: &str) -> Result<crate::OwnerInfo> {
+        self.owner_map().await?.owner(pool, value)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no member owns the block of value {value} in pool '{pool}'"
+            ))
+        })
     }
 
     /// This engine's owner map, started on first use.

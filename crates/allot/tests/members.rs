@@ -82,8 +82,8 @@ async fn join_leave_incarnations_and_listing() {
     let map = allot.owner_map().await.unwrap();
     eventually("both listed", TTL, || map.members().len() == 2).await;
     let members = allot.list_members().await.unwrap();
-    assert_eq!(members[0].0.name, "amf-0");
-    assert_eq!(members[0].0.address.as_deref(), Some("10.0.0.1"));
+    assert_eq!(members[0].record.name, "amf-0");
+    assert_eq!(members[0].record.address.as_deref(), Some("10.0.0.1"));
 
     // Alive well past the TTL: the keep-alive works.
     tokio::time::sleep(TTL * 5).await;

@@ -52,6 +52,10 @@ pub enum Action {
     ResyncBegin { pool: String, owner: Option<String> },
     /// `resync end`.
     ResyncEnd { pool: String, owner: Option<String> },
+    /// `members`.
+    Members,
+    /// `owner`.
+    Owner { pool: String, value: String },
     /// `watch`: changes from this revision on (0: from now).
     Watch { from: u64 },
 }
@@ -101,6 +105,11 @@ pub fn prepare(command: Command) -> Result<Action> {
         Command::Resync(ResyncCommand::End(a)) => Action::ResyncEnd {
             pool: checked_pool(a.pool)?,
             owner: a.owner,
+        },
+        Command::Members => Action::Members,
+        Command::Owner(args) => Action::Owner {
+            pool: checked_pool(args.pool)?,
+            value: args.value,
         },
         Command::Watch(args) => Action::Watch {
             from: args.from.unwrap_or(0),
@@ -161,6 +170,8 @@ pub async fn execute(allot: &Allot, action: Action) -> Result<Report> {
         Action::ResyncEnd { pool, owner } => {
             Report::ResyncEnded(allot.resync_end(&pool, owner.as_deref()).await?)
         }
+        Action::Members => Report::Members(allot.list_members().await?),
+        Action::Owner { pool, value } => Report::Owner(allot.owner(&pool, &value).await?),
         // The caller streams instead (crate::remote); a local watch would
         // hold the data dir's lock for as long as it runs.
         Action::Watch { .. } => bail!(WATCH_NEEDS_SERVER),
@@ -212,6 +223,8 @@ pub async fn execute_remote(client: &Client, action: Action) -> Result<Report> {
         Action::ResyncEnd { pool, owner } => {
             Report::ResyncEnded(client.resync_end(&pool, owner.as_deref()).await?)
         }
+        Action::Members => Report::Members(client.members().await?),
+        Action::Owner { pool, value } => Report::Owner(client.owner(&pool, &value).await?),
         Action::Watch { .. } => bail!("`watch` streams; it is not a one-shot command"),
     })
 }
