@@ -462,7 +462,7 @@ mod tests {
     fn every_operation_has_an_id_for_metrics() {
         let doc = openapi();
         let ids = operation_ids(&doc);
-        assert_eq!(ids.len(), 15);
+        assert_eq!(ids.len(), 17);
         assert_eq!(
             ids[&(Method::POST, "/v1/pools/{pool}/allocate".to_string())],
             "allocate"
