@@ -101,10 +101,17 @@ impl Backend {
                     }),
                 }
             }
-            StoreUrl::Postgres { url: pg, schema } => {
+            StoreUrl::Postgres {
+                url: pg,
+                schema,
+                pool_size,
+            } => {
                 let mut options = PostgresOptions::default();
                 if let Some(schema) = schema {
                     options.schema = schema.clone();
+                }
+                if let Some(n) = pool_size {
+                    options.pool_size = *n;
                 }
                 PostgresStore::connect(pg, options)
                     .await

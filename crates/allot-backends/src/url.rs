@@ -33,6 +33,9 @@ pub enum StoreUrl {
         /// The PostgreSQL schema holding allot's tables (`?schema=`), so
         /// several deployments can share one database.
         schema: Option<String>,
+        /// Connections this process keeps at most (`?pool_size=`, default
+        /// 16): many small processes on one server need few each.
+        pool_size: Option<usize>,
     },
     /// An etcd cluster.
     Etcd {
@@ -46,7 +49,7 @@ pub enum StoreUrl {
 }
 
 const FORMS: &str = "use `redb` or `log` (embedded stores in the data dir), \
-                     `postgres://USER@HOST:PORT/DB[?schema=NAME]` or \
+                     `postgres://USER@HOST:PORT/DB[?schema=NAME][&pool_size=N]` or \
                      `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`";
 
 impl FromStr for StoreUrl {
@@ -84,10 +87,15 @@ fn parse_postgres(whole: &str, rest: &str) -> Result<StoreUrl, String> {
         None => (whole, ""),
     };
     let mut schema = None;
+    let mut pool_size = None;
     let mut kept = Vec::new();
     for param in query.split('&').filter(|p| !p.is_empty()) {
         match param.split_once('=') {
             Some(("schema", name)) if !name.is_empty() => schema = Some(name.to_string()),
+            Some(("pool_size", n)) => match n.parse::<usize>() {
+                Ok(n) if n > 0 => pool_size = Some(n),
+                _ => return Err(format!("`pool_size={n}` is not a positive number")),
+            },
             Some(("schema", _)) | None if param.starts_with("schema") => {
                 return Err("`schema=` needs a name".into())
             }
@@ -99,7 +107,11 @@ fn parse_postgres(whole: &str, rest: &str) -> Result<StoreUrl, String> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok(StoreUrl::Postgres { url, schema })
+    Ok(StoreUrl::Postgres {
+        url,
+        schema,
+        pool_size,
+    })
 }
 
 fn parse_etcd(rest: &str) -> Result<StoreUrl, String> {
@@ -139,11 +151,19 @@ impl fmt::Display for StoreUrl {
         match self {
             StoreUrl::Redb => f.write_str("redb"),
             StoreUrl::Log => f.write_str("log"),
-            StoreUrl::Postgres { url, schema } => {
+            StoreUrl::Postgres {
+                url,
+                schema,
+                pool_size,
+            } => {
                 f.write_str(&mask_password(url))?;
+                let mut sep = if url.contains('?') { '&' } else { '?' };
                 if let Some(schema) = schema {
-                    let sep = if url.contains('?') { '&' } else { '?' };
                     write!(f, "{sep}schema={schema}")?;
+                    sep = '&';
+                }
+                if let Some(n) = pool_size {
+                    write!(f, "{sep}pool_size={n}")?;
                 }
                 Ok(())
             }
@@ -200,13 +220,15 @@ mod tests {
             StoreUrl::Postgres {
                 url: "postgresql://u@h/db?sslmode=disable&connect_timeout=3".into(),
                 schema: Some("a1".into()),
+                pool_size: None,
             }
         );
         assert_eq!(
             parse("postgres://h"),
             StoreUrl::Postgres {
                 url: "postgres://h".into(),
-                schema: None
+                schema: None,
+                pool_size: None,
             }
         );
     }
@@ -250,6 +272,7 @@ mod tests {
             "etcd://:2379",
             "postgres://",
             "postgres://h/db?schema=",
+            "postgres://h/db?pool_size=0",
             "redb:///tmp/x",
         ] {
             let err = bad.parse::<StoreUrl>().unwrap_err().to_string();

@@ -38,6 +38,7 @@ async fn members_and_owners_over_rest() {
         c.store = StoreUrl::Postgres {
             url: url.clone(),
             schema: None,
+            pool_size: None,
         }
     })
     .await;

@@ -308,15 +308,17 @@ async fn acquire(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Result<()> {
 }
 
 /// Tries to become the owner of block `idx`, whose owner record is at
-/// `rev` (0: none) with `epoch`. For an orphan, `scan` says how to learn the
-/// values in use. Returns whether we got it.
+/// `rev` (0: none) with `epoch`. For an orphan, `orphan` is the compare
+/// proving its owner gone (in the store, not only in our map), and the
+/// values in use come from the stored bitmap or the scan. Returns whether
+/// we got it.
 async fn take(
     inner: &Arc<MemberInner>,
     mp: &Arc<MemberPool>,
     idx: u64,
     rev: Revision,
     epoch: u64,
-    orphan: Option<()>,
+    orphan: Option<Compare>,
 ) -> Result<bool> {
     let store = &inner.allot.inner.store;
     let okey = keys::owner(&mp.name, idx);
@@ -327,19 +329,21 @@ async fn take(
         epoch: epoch + 1,
         since_ms: inner.now_ms(),
     };
-    let resp = store
-        .txn(
-            Txn::new()
-                .when(inner.guard())
-                .when(Compare::mod_revision(
-                    keys::pool(&mp.name),
-                    mp.meta.record_rev,
-                ))
-                .when(Compare::mod_revision(&okey, rev))
-                .then(Op::put(&okey, encode_json(&record)))
-                .then(Op::get(&bkey)),
-        )
-        .await?;
+    let is_orphan = orphan.is_some();
+    let mut txn = Txn::new()
+        .when(inner.guard())
+        .when(Compare::mod_revision(
+            keys::pool(&mp.name),
+            mp.meta.record_rev,
+        ))
+        .when(Compare::mod_revision(&okey, rev));
+    if let Some(gone) = orphan {
+        txn = txn.when(gone);
+    }
+    let txn = txn
+        .then(Op::put(&okey, encode_json(&record)))
+        .then(Op::get(&bkey));
+    let resp = store.txn(txn).await?;
     if !resp.succeeded {
         return Ok(false);
     }
@@ -354,7 +358,7 @@ async fn take(
         mp.meta.space.size(),
         &mp.meta.reserved,
     );
-    let block = match (mp.durability, orphan) {
+    let block = match (mp.durability, is_orphan) {
         // The stored bitmap is the truth.
         (Durability::Sync, _) => match &stored {
             Some(b) => OwnedBlock::from_block(idx, bs, size, reserved, b),
@@ -362,10 +366,10 @@ async fn take(
         }
         .map_err(|e| Error::from_core(&mp.name, e)),
         // A free block in `block` durability was given back empty.
-        (Durability::Block, None) => {
+        (Durability::Block, false) => {
             OwnedBlock::new(idx, bs, size, reserved).map_err(|e| Error::from_core(&mp.name, e))
         }
-        (Durability::Block, Some(())) => scan_block(inner, mp, idx, epoch + 1),
+        (Durability::Block, true) => scan_block(inner, mp, idx, epoch + 1),
     };
     let block = match block {
         Ok(b) => b,
@@ -620,13 +624,19 @@ async fn tend(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Result<()> {
     if can_scan {
         let mut orphans = inner.owners.orphans(&mp.name);
         orphans.shuffle(&mut rand::rng());
-        for (idx, owner, rev) in orphans {
+        let now = Instant::now();
+        for orphan in orphans {
+            if orphan.not_before.is_some_and(|t| t > now) {
+                continue;
+            }
             inner.fence.check()?;
-            if take(inner, mp, idx, rev, owner.epoch, Some(())).await? {
+            let gone = Compare::mod_revision(keys::member(&orphan.member), orphan.member_rev);
+            let (idx, epoch) = (orphan.block, orphan.owner.epoch);
+            if take(inner, mp, idx, orphan.rev, epoch, Some(gone)).await? {
                 tracing::info!(
                     pool = %mp.name,
                     block = idx,
-                    from = owner.member.as_deref().unwrap_or(""),
+                    from = %orphan.member,
                     "took over an orphan block"
                 );
             }

@@ -300,6 +300,16 @@ impl Allot {
             joined_ms: self.inner.clock.now_ms(),
             ttl_ms: options.ttl.as_millis() as u64,
         };
+        // A previous incarnation may still run somewhere (cut off, or
+        // restarted elsewhere before its lease ran out): revoke its lease so
+        // it fences itself within one TTL, the wait the others observe
+        // before taking its blocks.
+        if let Some(old) = store.get(&keys::member(name)).await? {
+            match store.lease_revoke(old.lease).await {
+                Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let ikey = keys::incarnation(name);
         let join_rev = loop {
             let last = store.get(&ikey).await?;

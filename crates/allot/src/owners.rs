@@ -69,10 +69,28 @@ impl PoolMeta {
     }
 }
 
+/// A block whose owner is gone, as the map sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Orphan {
+    pub(crate) block: u64,
+    pub(crate) owner: BlockOwner,
+    /// Revision of the owner record.
+    pub(crate) rev: Revision,
+    /// The owner's name and the revision of its member record now (0:
+    /// none): a takeover compares it, so a map that is merely behind (the
+    /// owner joined a moment ago) cannot take a live member's block.
+    pub(crate) member: String,
+    pub(crate) member_rev: Revision,
+    /// Not to be taken before this (the owner's name joined again).
+    pub(crate) not_before: Option<tokio::time::Instant>,
+}
+
 #[derive(Default)]
 struct State {
     pools: HashMap<String, PoolMeta>,
-    members: HashMap<String, (MemberRecord, Revision)>,
+    /// Live members: record, its mod revision, and when this map first saw
+    /// that incarnation.
+    members: HashMap<String, (MemberRecord, Revision, tokio::time::Instant)>,
     /// Per pool: block → (owner record, its mod revision).
     owners: HashMap<String, BTreeMap<u64, (BlockOwner, Revision)>>,
 }
@@ -83,7 +101,7 @@ impl State {
             Some(m) => self
                 .members
                 .get(m)
-                .is_some_and(|(rec, _)| rec.incarnation == owner.incarnation),
+                .is_some_and(|(rec, _, _)| rec.incarnation == owner.incarnation),
             None => false,
         }
     }
@@ -172,7 +190,7 @@ impl OwnerMap {
     /// The live members, by name.
     pub fn members(&self) -> Vec<MemberRecord> {
         let s = read(&self.shared.state);
-        let mut out: Vec<MemberRecord> = s.members.values().map(|(r, _)| r.clone()).collect();
+        let mut out: Vec<MemberRecord> = s.members.values().map(|(r, _, _)| r.clone()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -207,17 +225,41 @@ impl OwnerMap {
         read(&self.shared.state).pools.get(pool).cloned()
     }
 
-    /// Blocks of `pool` whose owner is gone: (block, record, mod revision).
-    pub(crate) fn orphans(&self, pool: &str) -> Vec<(u64, BlockOwner, Revision)> {
+    /// Blocks of `pool` whose owner is gone, with what a takeover must
+    /// compare and when it may happen.
+    pub(crate) fn orphans(&self, pool: &str) -> Vec<Orphan> {
         let s = read(&self.shared.state);
         let Some(owners) = s.owners.get(pool) else {
             return Vec::new();
         };
-        owners
-            .iter()
-            .filter(|(_, (o, _))| o.member.is_some() && !s.is_live(o))
-            .map(|(&b, (o, rev))| (b, o.clone(), *rev))
-            .collect()
+        let mut out = Vec::new();
+        for (&block, (owner, rev)) in owners {
+            let Some(name) = &owner.member else { continue };
+            if s.is_live(owner) {
+                continue;
+            }
+            let (member_rev, not_before) = match s.members.get(name) {
+                // The lease expired, or the member left (fencing itself
+                // first): nothing of it can still act.
+                None => (0, None),
+                // Joined again under a new incarnation, maybe elsewhere
+                // while the old process still runs: the join revoked the
+                // old lease, so the old process stops within one TTL of it.
+                Some((rec, mrev, seen)) => (
+                    *mrev,
+                    Some(*seen + std::time::Duration::from_millis(rec.ttl_ms)),
+                ),
+            };
+            out.push(Orphan {
+                block,
+                owner: owner.clone(),
+                rev: *rev,
+                member: name.clone(),
+                member_rev,
+                not_before,
+            });
+        }
+        out
     }
 
     /// Up to `n` blocks of `pool` nobody owns, lowest first: (block, the
@@ -275,7 +317,9 @@ fn owner_info(s: &State, pool: &str, block: u64) -> Option<OwnerInfo> {
     let member = owner.member.clone()?;
     let live = s.is_live(owner);
     let address = if live {
-        s.members.get(&member).and_then(|(r, _)| r.address.clone())
+        s.members
+            .get(&member)
+            .and_then(|(r, _, _)| r.address.clone())
     } else {
         None
     };
@@ -412,7 +456,11 @@ fn apply(s: &mut State, kind: EventKind, key: &[u8], value: &[u8], rev: Revision
         if put {
             match decode_json::<MemberRecord>("member record", value) {
                 Ok(r) => {
-                    s.members.insert(name.to_string(), (r, rev));
+                    let seen = match s.members.get(name) {
+                        Some((old, _, seen)) if old.incarnation == r.incarnation => *seen,
+                        _ => tokio::time::Instant::now(),
+                    };
+                    s.members.insert(name.to_string(), (r, rev, seen));
                 }
                 Err(e) => tracing::warn!("{e}"),
             }

@@ -297,16 +297,12 @@ async fn sync_mode_takeover_and_restart_under_the_same_name() {
     assert!(handed.insert(b.allocate("seid").await.unwrap().value));
     assert!(handed.insert(a2.allocate("seid").await.unwrap().value));
     let map = allot.owner_map().await.unwrap();
-    eventually(
-        "the old incarnation's blocks are taken",
-        Duration::from_secs(1),
-        || {
-            a_blocks.iter().all(|x| {
-                map.block_owner("seid", *x)
-                    .is_some_and(|o| o.live && (o.member != "smf-a" || o.incarnation == 2))
-            })
-        },
-    )
+    eventually("the old incarnation's blocks are taken", TTL * 3, || {
+        a_blocks.iter().all(|x| {
+            map.block_owner("seid", *x)
+                .is_some_and(|o| o.live && (o.member != "smf-a" || o.incarnation == 2))
+        })
+    })
     .await;
     // Everything else: never one of the 150 values handed out before.
     loop {
@@ -535,4 +531,70 @@ async fn owner_lookup_and_empty_blocks_go_back() {
         }
     }
     assert!(seen_epoch.unwrap() > first.epoch);
+}
+
+/// A pod restarted elsewhere under the same name while the old process
+/// still runs: the join revokes the old lease, the old process fences
+/// itself, and only then are its blocks taken over.
+#[tokio::test(start_paused = true)]
+async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
+    let store = Arc::new(MemoryStore::new());
+    let allot = Allot::new(store.clone());
+    allot
+        .create_pool(
+            "ngap",
+            spec(1023, 64, Durability::Block),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let in_use = Arc::new(InUse::default());
+    let opts = || MemberOptions {
+        scan: Some(in_use.scan()),
+        ..options("x")
+    };
+    let old = Allot::new(store.clone())
+        .join("amf-z", opts())
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        in_use.record(&old.allocate("ngap").await.unwrap().value, "old");
+    }
+    let old_blocks: Vec<u64> = old
+        .owned_blocks("ngap")
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    let new = Allot::new(store.clone())
+        .join("amf-z", opts())
+        .await
+        .unwrap();
+    assert_eq!(new.incarnation(), 2);
+    assert!(new.allocate("ngap").await.is_ok_and(|v| {
+        in_use.record(&v.value, "new");
+        true
+    }));
+    let map = allot.owner_map().await.unwrap();
+    let start = Instant::now();
+    let mut fenced_at = None;
+    loop {
+        if fenced_at.is_none() {
+            match old.allocate("ngap").await {
+                Ok(v) => in_use.record(&v.value, "old"),
+                Err(Error::Fenced(_)) => fenced_at = Some(Instant::now()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let taken = old_blocks.iter().all(|b| {
+            map.block_owner("ngap", *b)
+                .is_some_and(|o| o.incarnation == 2 || o.member != "amf-z")
+        });
+        if taken {
+            let fenced = fenced_at.expect("blocks taken while the old process still allocated");
+            assert!(fenced <= Instant::now());
+            break;
+        }
+        assert!(start.elapsed() < TTL * 4, "old blocks never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
