@@ -49,10 +49,10 @@ pub use allot_core::{
 use allot_core::{Block, PoolState, Run};
 
 use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
-pub use member_blocks::OwnedValue;
+pub use member_blocks::{OwnedOffset, OwnedValue, PoolAllocator};
 pub use members::{
     BlockOwner, BlockScan, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,
     DEFAULT_MEMBER_TTL,

@@ -58,6 +58,11 @@ struct Owned {
     blocks: BTreeMap<u64, Held>,
     /// The block allocation tries first.
     current: Option<u64>,
+    /// Blocks with a free value, and how many values are free in all:
+    /// kept as blocks change so the hot path never walks every block (a
+    /// member fills blocks and keeps the full ones).
+    with_free: BTreeSet<u64>,
+    free: u64,
     /// Blocks changed since the last commit (sync durability).
     dirty: BTreeSet<u64>,
     /// Allocations and releases so far; a commit covers all up to its own.
@@ -66,28 +71,78 @@ struct Owned {
 
 impl Owned {
     fn free(&self) -> u64 {
-        self.blocks.values().map(|h| h.block.free()).sum()
+        self.free
     }
 
-    /// Next free value: the current block first, then any other.
+    /// Whether fewer than `low_water` values are free.
+    fn is_low(&self, low_water: u64) -> bool {
+        self.free < low_water
+    }
+
+    fn insert_block(&mut self, idx: u64, held: Held) {
+        let free = held.block.free();
+        if let Some(old) = self.blocks.insert(idx, held) {
+            self.free -= old.block.free();
+        }
+        self.free += free;
+        if free > 0 {
+            self.with_free.insert(idx);
+        } else {
+            self.with_free.remove(&idx);
+        }
+    }
+
+    fn remove_block(&mut self, idx: u64) -> Option<Held> {
+        let held = self.blocks.remove(&idx)?;
+        self.free -= held.block.free();
+        self.with_free.remove(&idx);
+        self.dirty.remove(&idx);
+        if self.current == Some(idx) {
+            self.current = None;
+        }
+        Some(held)
+    }
+
+    /// Frees `offset` of block `idx`; whether the block is now empty.
+    fn release(
+        &mut self,
+        idx: u64,
+        offset: u64,
+    ) -> std::result::Result<bool, allot_core::CoreError> {
+        let Some(held) = self.blocks.get_mut(&idx) else {
+            return Err(allot_core::CoreError::NotAllocated(format!(
+                "offset {offset}"
+            )));
+        };
+        held.block.release(offset)?;
+        let empty = held.block.allocated() == 0;
+        if empty {
+            held.empty_since = Some(Instant::now());
+        }
+        self.free += 1;
+        self.with_free.insert(idx);
+        Ok(empty)
+    }
+
+    /// Next free value: the current block first, then any other with one.
     #[inline]
     fn allocate(&mut self) -> Option<(u64, u64, u64)> {
-        if let Some(idx) = self.current {
-            if let Some(held) = self.blocks.get_mut(&idx) {
-                if let Some(off) = held.block.allocate() {
-                    held.empty_since = None;
-                    return Some((off, idx, held.epoch));
-                }
-            }
-        }
-        for (&idx, held) in self.blocks.iter_mut() {
-            if let Some(off) = held.block.allocate() {
-                held.empty_since = None;
+        let idx = match self.current {
+            Some(idx) if self.with_free.contains(&idx) => idx,
+            _ => {
+                let idx = *self.with_free.first()?;
                 self.current = Some(idx);
-                return Some((off, idx, held.epoch));
+                idx
             }
+        };
+        let held = self.blocks.get_mut(&idx)?;
+        let off = held.block.allocate()?;
+        held.empty_since = None;
+        self.free -= 1;
+        if held.block.free() == 0 {
+            self.with_free.remove(&idx);
         }
-        None
+        Some((off, idx, held.epoch))
     }
 }
 
@@ -117,7 +172,74 @@ impl MemberPool {
     }
 }
 
+/// A value taken on the fast path: its offset in the pool (format it with
+/// [`PoolAllocator::format`]), block and fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedOffset {
+    pub offset: u64,
+    pub block: u64,
+    pub epoch: u64,
+}
+
+/// A member's handle on one `block`-durability pool for the hot path:
+/// [`PoolAllocator::try_allocate`] takes a value from the owned blocks
+/// without awaiting anything (a clock read, an uncontended lock and a bit
+/// scan). When the owned blocks run dry it returns `None`; the async
+/// [`Member::allocate`] then takes the next block (normally taken in the
+/// background before that happens).
+#[derive(Clone)]
+pub struct PoolAllocator {
+    member: Member,
+    pool: Arc<MemberPool>,
+}
+
+impl PoolAllocator {
+    /// The next value from an owned block, if one is free now.
+    #[inline]
+    pub fn try_allocate(&self) -> Result<Option<OwnedOffset>> {
+        self.member.inner.fence.check()?;
+        let mp = &self.pool;
+        if mp.closed.load(Ordering::Acquire) {
+            return Err(Error::PoolNotFound(mp.name.clone()));
+        }
+        let (taken, low) = {
+            let mut owned = lock(&mp.owned);
+            let taken = owned.allocate();
+            (taken, owned.is_low(mp.low_water()))
+        };
+        if low {
+            self.member.prefetch(mp);
+        }
+        Ok(taken.map(|(offset, block, epoch)| OwnedOffset {
+            offset,
+            block,
+            epoch,
+        }))
+    }
+
+    /// The value at `offset`, as the pool writes it.
+    pub fn format(&self, offset: u64) -> String {
+        self.pool.meta.space.format_offset(offset)
+    }
+}
+
 impl Member {
+    /// The hot-path handle on `pool`, which must have `block` durability
+    /// (in `sync` every value waits for a commit: use
+    /// [`Member::allocate`]).
+    pub async fn allocator(&self, pool: &str) -> Result<PoolAllocator> {
+        let mp = self.pool(pool).await?;
+        if mp.durability != Durability::Block {
+            return Err(Error::InvalidInput(format!(
+                "pool '{pool}' stores every allocation (sync durability): use Member::allocate"
+            )));
+        }
+        Ok(PoolAllocator {
+            member: self.clone(),
+            pool: mp,
+        })
+    }
+
     /// Allocates one value of `pool` from a block this member owns, taking a
     /// block first if it owns none with a free value. In `block` durability
     /// nothing is written per value; in `sync` the block's bitmap is
@@ -138,7 +260,7 @@ impl Member {
                         owned.seq += 1;
                     }
                 }
-                (taken, owned.free() < mp.low_water(), owned.seq)
+                (taken, owned.is_low(mp.low_water()), owned.seq)
             };
             if low {
                 self.prefetch(&mp);
@@ -172,18 +294,15 @@ impl Member {
         let idx = run.offset / mp.meta.spec.block_size;
         let seq = {
             let mut owned = lock(&mp.owned);
-            let held = owned.blocks.get_mut(&idx).ok_or_else(|| {
-                Error::Conflict(format!(
+            if !owned.blocks.contains_key(&idx) {
+                return Err(Error::Conflict(format!(
                     "value {value} of pool '{pool}' is in block {idx}, which member '{}' does not own",
                     self.name()
-                ))
-            })?;
-            held.block
-                .release(run.offset)
-                .map_err(|e| Error::from_core(pool, e))?;
-            if held.block.allocated() == 0 {
-                held.empty_since = Some(Instant::now());
+                )));
             }
+            owned
+                .release(idx, run.offset)
+                .map_err(|e| Error::from_core(pool, e))?;
             if mp.durability == Durability::Sync {
                 owned.dirty.insert(idx);
                 owned.seq += 1;
@@ -255,7 +374,7 @@ impl Member {
             return; // one is on its way
         }
         let (inner, mp) = (self.inner.clone(), mp.clone());
-        tokio::spawn(async move {
+        self.inner.runtime.spawn(async move {
             if let Err(e) = acquire(&inner, &mp).await {
                 tracing::debug!(pool = %mp.name, "taking the next block: {e}");
             }
@@ -382,7 +501,7 @@ async fn take(
     };
     let mut owned = lock(&mp.owned);
     let empty = block.allocated() == 0;
-    owned.blocks.insert(
+    owned.insert_block(
         idx,
         Held {
             block,
@@ -525,11 +644,7 @@ async fn drop_lost_blocks(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Res
             .await?;
         if kv.is_none_or(|kv| kv.mod_revision != rev) {
             tracing::warn!(pool = %mp.name, block = idx, "block taken over by another member");
-            let mut owned = lock(&mp.owned);
-            owned.blocks.remove(&idx);
-            if owned.current == Some(idx) {
-                owned.current = None;
-            }
+            lock(&mp.owned).remove_block(idx);
         }
     }
     Ok(())
@@ -560,11 +675,7 @@ async fn give_back(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, idx: u64) -> 
             _ => return Ok(false),
         }
         // Nothing can be allocated from it while it goes back.
-        owned.blocks.remove(&idx);
-        owned.dirty.remove(&idx);
-        if owned.current == Some(idx) {
-            owned.current = None;
-        }
+        owned.remove_block(idx);
     }
     let resp = inner
         .allot

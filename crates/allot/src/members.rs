@@ -18,7 +18,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use allot_store::{Compare, LeaseId, Op, Revision, StoreError, Txn};
 
@@ -133,29 +132,33 @@ impl std::fmt::Debug for MemberOptions {
     }
 }
 
-/// The member's own judgement of its lease.
+/// The member's own judgement of its lease, on the engine's monotonic
+/// clock.
 pub(crate) struct Fence {
-    base: Instant,
-    /// Nanoseconds after `base` until which the lease is trusted.
+    clock: Arc<dyn crate::Clock>,
+    /// Clock reading until which the lease is trusted.
     until_ns: AtomicU64,
     /// The lease is gone for sure (expired, revoked, or the member left).
     lost: AtomicBool,
 }
 
 impl Fence {
-    fn new(base: Instant) -> Self {
+    fn new(clock: Arc<dyn crate::Clock>) -> Self {
         Fence {
-            base,
+            clock,
             until_ns: AtomicU64::new(0),
             lost: AtomicBool::new(false),
         }
     }
 
-    /// Trust the lease until `sent + ttl - margin`.
-    fn extend(&self, sent: Instant, trusted_for: Duration) {
-        let until = (sent + trusted_for).saturating_duration_since(self.base);
-        self.until_ns
-            .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
+    fn now_ns(&self) -> u64 {
+        self.clock.mono_ns()
+    }
+
+    /// Trust the lease until `sent_ns + trusted_for`.
+    fn extend(&self, sent_ns: u64, trusted_for: Duration) {
+        let until = sent_ns.saturating_add(trusted_for.as_nanos() as u64);
+        self.until_ns.fetch_max(until, Ordering::AcqRel);
     }
 
     /// Fails once the lease may have expired.
@@ -166,8 +169,7 @@ impl Fence {
                 "this member's lease is gone; join again".into(),
             ));
         }
-        let now = self.base.elapsed().as_nanos() as u64;
-        if now >= self.until_ns.load(Ordering::Acquire) {
+        if self.now_ns() >= self.until_ns.load(Ordering::Acquire) {
             return Err(Error::Fenced(
                 "this member's lease may have expired (no keep-alive got through in time); \
                  it allocates again once one does"
@@ -192,6 +194,10 @@ pub(crate) struct MemberInner {
     pub(crate) owners: OwnerMap,
     pub(crate) options: MemberOptions,
     pub(crate) pools: std::sync::Mutex<HashMap<String, Arc<MemberPool>>>,
+    /// The runtime the member joined on: background work (taking the next
+    /// block) is spawned there even when a value is taken from a thread
+    /// outside it (the hot path is synchronous).
+    pub(crate) runtime: tokio::runtime::Handle,
     /// Dropped with the member, which ends its background tasks.
     _stop: tokio::sync::watch::Sender<()>,
     stop_rx: tokio::sync::watch::Receiver<()>,
@@ -288,8 +294,8 @@ impl Allot {
         }
         let store = self.inner.store.clone();
         let owners = self.owner_map().await?;
-        let base = Instant::now();
-        let sent = Instant::now();
+        let fence = Fence::new(self.inner.clock.clone());
+        let sent = fence.now_ns();
         let lease = store.lease_grant(options.ttl).await?;
         let mut record = MemberRecord {
             name: name.to_string(),
@@ -342,7 +348,6 @@ impl Allot {
             }
             // Another process joined under this name at the same moment.
         };
-        let fence = Fence::new(base);
         fence.extend(sent, options.ttl - margin);
         let (stop, stop_rx) = tokio::sync::watch::channel(());
         let inner = Arc::new(MemberInner {
@@ -354,6 +359,7 @@ impl Allot {
             owners,
             options,
             pools: std::sync::Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
             _stop: stop,
             stop_rx,
         });
@@ -463,8 +469,8 @@ async fn keep_alive(weak: Weak<MemberInner>, stopped: impl std::future::Future<O
         let trusted = ttl - margin(&inner.options);
         let store = inner.allot.inner.store.clone();
         let lease = inner.lease;
+        let sent = inner.fence.now_ns();
         drop(inner);
-        let sent = Instant::now();
         let renewed = tokio::select! {
             () = &mut stopped => return,
             r = tokio::time::timeout(ttl / 3, store.lease_keep_alive(lease)) => r,

@@ -22,6 +22,12 @@ use allot_store::{
 
 const TTL: Duration = Duration::from_secs(2);
 
+/// An engine on tokio's clock, so the paused clock drives leases, fencing
+/// and expiry alike.
+fn engine(store: Arc<dyn Store>) -> Allot {
+    Allot::with_clock(store, Arc::new(allot::TokioClock::new()))
+}
+
 fn spec(hi: u64, block_size: u64, durability: Durability) -> PoolSpec {
     let mut spec = PoolSpec::new(PoolKind::Range { lo: 0, hi });
     spec.block_size = block_size;
@@ -75,7 +81,7 @@ async fn eventually<F: Fn() -> bool>(what: &str, within: Duration, check: F) {
 
 #[tokio::test(start_paused = true)]
 async fn join_leave_incarnations_and_listing() {
-    let allot = Allot::new(Arc::new(MemoryStore::new()));
+    let allot = engine(Arc::new(MemoryStore::new()));
     let a = allot.join("amf-0", options("10.0.0.1")).await.unwrap();
     let b = allot.join("amf-1", options("10.0.0.2")).await.unwrap();
     assert_eq!((a.incarnation(), b.incarnation()), (1, 1));
@@ -122,7 +128,7 @@ async fn join_leave_incarnations_and_listing() {
 
 #[tokio::test(start_paused = true)]
 async fn member_pools_and_shared_pools_do_not_mix() {
-    let allot = Allot::new(Arc::new(MemoryStore::new()));
+    let allot = engine(Arc::new(MemoryStore::new()));
     allot
         .create_pool(
             "teid",
@@ -175,7 +181,7 @@ async fn member_pools_and_shared_pools_do_not_mix() {
 #[tokio::test(start_paused = true)]
 async fn block_mode_takeover_uses_the_scan_and_never_hands_out_twice() {
     let store = Arc::new(MemoryStore::new());
-    let allot = Allot::new(store.clone());
+    let allot = engine(store.clone());
     allot
         .create_pool(
             "teid",
@@ -188,7 +194,7 @@ async fn block_mode_takeover_uses_the_scan_and_never_hands_out_twice() {
     let mut members = Vec::new();
     for i in 0..4 {
         // One engine per member, as in separate processes.
-        let engine = Allot::new(store.clone());
+        let engine = engine(store.clone());
         let opts = MemberOptions {
             scan: Some(in_use.scan()),
             ..options(&format!("10.0.0.{i}"))
@@ -268,16 +274,16 @@ async fn block_mode_takeover_uses_the_scan_and_never_hands_out_twice() {
 #[tokio::test(start_paused = true)]
 async fn sync_mode_takeover_and_restart_under_the_same_name() {
     let store = Arc::new(MemoryStore::new());
-    let allot = Allot::new(store.clone());
+    let allot = engine(store.clone());
     allot
         .create_pool("seid", spec(1023, 64, Durability::Sync), Default::default())
         .await
         .unwrap();
-    let a = Allot::new(store.clone())
+    let a = engine(store.clone())
         .join("smf-a", options("a"))
         .await
         .unwrap();
-    let b = Allot::new(store.clone())
+    let b = engine(store.clone())
         .join("smf-b", options("b"))
         .await
         .unwrap();
@@ -288,7 +294,7 @@ async fn sync_mode_takeover_and_restart_under_the_same_name() {
     let a_blocks: BTreeSet<u64> = a.owned_blocks("seid").into_iter().map(|(x, _)| x).collect();
     drop(a);
     // Restarted under the same name, before the old lease runs out.
-    let a2 = Allot::new(store.clone())
+    let a2 = engine(store.clone())
         .join("smf-a", options("a"))
         .await
         .unwrap();
@@ -392,13 +398,13 @@ impl Store for Partition {
 async fn a_partitioned_member_fences_itself_before_takeover() {
     let store = Arc::new(MemoryStore::new());
     let cut = Arc::new(AtomicBool::new(false));
-    let allot = Allot::new(store.clone());
+    let allot = engine(store.clone());
     allot
         .create_pool("ngap", spec(511, 64, Durability::Block), Default::default())
         .await
         .unwrap();
     let in_use = Arc::new(InUse::default());
-    let cut_off = Allot::new(Arc::new(Partition {
+    let cut_off = engine(Arc::new(Partition {
         inner: store.clone(),
         cut: cut.clone(),
     }));
@@ -407,7 +413,7 @@ async fn a_partitioned_member_fences_itself_before_takeover() {
         ..options(addr)
     };
     let p = cut_off.join("amf-p", opts("p")).await.unwrap();
-    let q = Allot::new(store.clone())
+    let q = engine(store.clone())
         .join("amf-q", opts("q"))
         .await
         .unwrap();
@@ -464,7 +470,7 @@ async fn a_partitioned_member_fences_itself_before_takeover() {
 #[tokio::test(start_paused = true)]
 async fn owner_lookup_and_empty_blocks_go_back() {
     let store = Arc::new(MemoryStore::new());
-    let allot = Allot::new(store.clone());
+    let allot = engine(store.clone());
     allot
         .create_pool(
             "tmsi",
@@ -477,14 +483,14 @@ async fn owner_lookup_and_empty_blocks_go_back() {
         return_after: Duration::from_millis(500),
         ..options("10.1.1.1:38412")
     };
-    let m = Allot::new(store.clone()).join("amf-7", opts).await.unwrap();
+    let m = engine(store.clone()).join("amf-7", opts).await.unwrap();
     // Fill the first block and start a second.
     let mut values = Vec::new();
     for _ in 0..260 {
         values.push(m.allocate("tmsi").await.unwrap());
     }
     // An observer that never allocates (demux mode).
-    let observer = Allot::new(store.clone()).owner_map().await.unwrap();
+    let observer = engine(store.clone()).owner_map().await.unwrap();
     let first = &values[0];
     let owner = observer.owner("tmsi", &first.value).unwrap().unwrap();
     assert_eq!(owner.member, "amf-7");
@@ -515,7 +521,7 @@ async fn owner_lookup_and_empty_blocks_go_back() {
         .iter()
         .all(|(b, _)| *b != first.block));
     // Taken again later, its epoch keeps growing.
-    let other = Allot::new(store.clone())
+    let other = engine(store.clone())
         .join("amf-8", options("b"))
         .await
         .unwrap();
@@ -539,7 +545,7 @@ async fn owner_lookup_and_empty_blocks_go_back() {
 #[tokio::test(start_paused = true)]
 async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
     let store = Arc::new(MemoryStore::new());
-    let allot = Allot::new(store.clone());
+    let allot = engine(store.clone());
     allot
         .create_pool(
             "ngap",
@@ -553,10 +559,7 @@ async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
         scan: Some(in_use.scan()),
         ..options("x")
     };
-    let old = Allot::new(store.clone())
-        .join("amf-z", opts())
-        .await
-        .unwrap();
+    let old = engine(store.clone()).join("amf-z", opts()).await.unwrap();
     for _ in 0..10 {
         in_use.record(&old.allocate("ngap").await.unwrap().value, "old");
     }
@@ -565,10 +568,7 @@ async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
         .into_iter()
         .map(|(b, _)| b)
         .collect();
-    let new = Allot::new(store.clone())
-        .join("amf-z", opts())
-        .await
-        .unwrap();
+    let new = engine(store.clone()).join("amf-z", opts()).await.unwrap();
     assert_eq!(new.incarnation(), 2);
     assert!(new.allocate("ngap").await.is_ok_and(|v| {
         in_use.record(&v.value, "new");
