@@ -362,6 +362,23 @@ fn change_text(c: &Change) -> String {
             "{pool}: resync ended{}, released {released}",
             for_owner(owner)
         ),
+        Change::MemberUp {
+            member,
+            incarnation,
+            address,
+        } => format!(
+            "member {member}: up (incarnation {incarnation}{})",
+            address
+                .as_ref()
+                .map_or(String::new(), |a| format!(", address {a}"))
+        ),
+        Change::MemberDown {
+            member,
+            incarnation,
+        } => format!(
+            "member {member}: down{}",
+            incarnation.map_or(String::new(), |i| format!(" (incarnation {i})"))
+        ),
     }
 }
 

@@ -379,4 +379,20 @@ pub(crate) enum EventDoc {
         owner: Option<String>,
         released: u64,
     },
+    /// A member joined (a new incarnation of its name).
+    MemberUp {
+        revision: u64,
+        member: String,
+        incarnation: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
+    /// A member's lease ended (it left, or expired); the incarnation when
+    /// the stream saw it join.
+    MemberDown {
+        revision: u64,
+        member: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        incarnation: Option<u64>,
+    },
 }

@@ -25,6 +25,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/pools/{pool}/resync/begin"),
     ("post", "/v1/pools/{pool}/resync/end"),
     ("get", "/v1/watch"),
+    ("get", "/v1/members"),
+    ("get", "/v1/pools/{pool}/owner"),
     ("get", "/openapi.json"),
     ("get", "/healthz"),
     ("get", "/readyz"),

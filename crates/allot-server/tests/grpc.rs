@@ -537,6 +537,8 @@ fn summary(e: &pb::Event) -> String {
         ),
         Change::ResyncBegun(r) => format!("begun {} {:?}", r.pool, r.owner),
         Change::ResyncEnded(r) => format!("ended {} {:?} {}", r.pool, r.owner, r.released),
+        Change::MemberUp(m) => format!("member up {} {}", m.member, m.incarnation),
+        Change::MemberDown(m) => format!("member down {} {:?}", m.member, m.incarnation),
     }
 }
 

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use allot_store::{EventKind as StoreEventKind, Revision, StoreError};
 
 use crate::error::{Error, Result};
+use std::collections::HashMap;
+
+use crate::members::MemberRecord;
 use crate::{decode_json, keys, Allot};
 
 /// One claimed or released value, as carried by events (no metadata: events
@@ -51,6 +54,21 @@ pub enum Change {
         owner: Option<String>,
         released: u64,
     },
+    /// A member joined (a new incarnation of its name).
+    MemberUp {
+        member: String,
+        incarnation: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
+    /// A member's lease ended: it left, or expired (its blocks are orphans
+    /// until live members take them over). The incarnation is known when
+    /// the stream saw it join.
+    MemberDown {
+        member: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incarnation: Option<u64>,
+    },
 }
 
 /// A change with the store revision it happened at.
@@ -82,22 +100,57 @@ impl Allot {
         &self,
         from: Revision,
     ) -> Result<futures::stream::BoxStream<'static, Result<Event>>> {
-        let inner = self.store().watch(keys::EVENTS_PREFIX, from).await?;
+        // One watch over the whole keyspace, so pool changes and member
+        // changes come in one revision order; everything else is skipped.
+        let inner = self.store().watch(b"", from).await?;
+        let mut incarnations: HashMap<String, u64> = HashMap::new();
         Ok(inner
-            .filter_map(|item| async move {
-                match item {
-                    Ok(ev) if ev.kind == StoreEventKind::Put => Some(
-                        decode_json::<Change>("change record", &ev.kv.value).map(|change| Event {
-                            revision: ev.kv.mod_revision,
-                            change,
-                        }),
-                    ),
-                    Ok(_) => None, // change records are never deleted; nothing to report
+            .filter_map(move |item| {
+                let event = match item {
+                    Ok(ev) => to_event(&ev, &mut incarnations),
                     Err(e) => Some(Err(Error::Store(e))),
-                }
+                };
+                std::future::ready(event)
             })
             .boxed())
     }
+}
+
+/// The change a store event stands for, if any: a pool's change record, or
+/// a member record appearing or going.
+fn to_event(
+    ev: &allot_store::Event,
+    incarnations: &mut HashMap<String, u64>,
+) -> Option<Result<Event>> {
+    let key = &ev.kv.key;
+    let revision = ev.kv.mod_revision;
+    let put = ev.kind == StoreEventKind::Put;
+    if key.starts_with(keys::EVENTS_PREFIX) {
+        // Change records are never deleted; nothing to report then.
+        return put.then(|| {
+            decode_json::<Change>("change record", &ev.kv.value)
+                .map(|change| Event { revision, change })
+        });
+    }
+    let name = std::str::from_utf8(key.strip_prefix(keys::MEMBERS_PREFIX)?).ok()?;
+    let change = if put {
+        let record: MemberRecord = match decode_json("member record", &ev.kv.value) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        incarnations.insert(name.to_string(), record.incarnation);
+        Change::MemberUp {
+            member: record.name,
+            incarnation: record.incarnation,
+            address: record.address,
+        }
+    } else {
+        Change::MemberDown {
+            member: name.to_string(),
+            incarnation: incarnations.remove(name),
+        }
+    };
+    Some(Ok(Event { revision, change }))
 }
 
 /// Whether a watch failed because the requested history is gone.

@@ -63,6 +63,15 @@ fn summary(e: &Event) -> String {
         ),
         Change::ResyncBegun { .. } => "resync begun".into(),
         Change::ResyncEnded { released, .. } => format!("resync ended, {released} released"),
+        Change::MemberUp {
+            member,
+            incarnation,
+            ..
+        } => format!("member up {member} {incarnation}"),
+        Change::MemberDown {
+            member,
+            incarnation,
+        } => format!("member down {member} {incarnation:?}"),
     }
 }
 
@@ -139,4 +148,33 @@ async fn change_stream_on_redb() {
         RedbStore::open(dir.path().join("allot.redb"), RedbOptions::default()).unwrap(),
     ))
     .await;
+}
+
+/// Members joining and going show up in the same stream, in revision order.
+#[tokio::test(start_paused = true)]
+async fn member_up_and_down_events() {
+    let store: Arc<dyn Store> = Arc::new(allot_store::MemoryStore::new());
+    let allot = Allot::with_clock(store, Arc::new(allot::TokioClock::new()));
+    let mut events = allot.watch(0).await.unwrap();
+    let options = allot::MemberOptions {
+        address: Some("10.0.0.7".into()),
+        ..allot::MemberOptions::default()
+    };
+    let m = allot.join("amf-7", options.clone()).await.unwrap();
+    m.leave().await.unwrap();
+    let crashed = allot.join("amf-7", options).await.unwrap();
+    drop(crashed); // no leave: the lease runs out
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(summary(&next(&mut events).await));
+    }
+    assert_eq!(
+        seen,
+        [
+            "member up amf-7 1",
+            "member down amf-7 Some(1)",
+            "member up amf-7 2",
+            "member down amf-7 Some(2)",
+        ]
+    );
 }

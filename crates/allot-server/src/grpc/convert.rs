@@ -296,6 +296,22 @@ pub(crate) fn event_to_pb(e: allot::Event) -> pb::Event {
             owner,
             released,
         }),
+        Change::MemberUp {
+            member,
+            incarnation,
+            address,
+        } => C::MemberUp(pb::MemberUp {
+            member,
+            incarnation,
+            address,
+        }),
+        Change::MemberDown {
+            member,
+            incarnation,
+        } => C::MemberDown(pb::MemberDown {
+            member,
+            incarnation,
+        }),
     };
     pb::Event {
         revision: e.revision,
