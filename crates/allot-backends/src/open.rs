@@ -113,16 +113,11 @@ impl Backend {
                 if let Some(n) = pool_size {
                     options.pool_size = *n;
                 }
-                PostgresStore::connect(pg, options)
-                    .await
-                    .map(|store| Backend {
-                        kind: Kind::Postgres(store),
-                        label: url.to_string(),
-                    })
-                    .map_err(|source| match source {
-                        StoreError::Invalid(why) => OpenError::Invalid(format!("{url}: {why}")),
-                        source => failed(source),
-                    })
+                connected(
+                    url,
+                    PostgresStore::connect(pg, options).await,
+                    Kind::Postgres,
+                )
             }
             StoreUrl::Etcd {
                 endpoints,
@@ -132,16 +127,11 @@ impl Backend {
                 if let Some(namespace) = namespace {
                     options.namespace = namespace.clone();
                 }
-                EtcdStore::connect(endpoints, options)
-                    .await
-                    .map(|store| Backend {
-                        kind: Kind::Etcd(store),
-                        label: url.to_string(),
-                    })
-                    .map_err(|source| match source {
-                        StoreError::Invalid(why) => OpenError::Invalid(format!("{url}: {why}")),
-                        source => failed(source),
-                    })
+                connected(
+                    url,
+                    EtcdStore::connect(endpoints, options).await,
+                    Kind::Etcd,
+                )
             }
         }
     }
@@ -190,5 +180,25 @@ impl Backend {
                 store: label,
                 source,
             })
+    }
+}
+
+/// A shared store's connection result as a [`Backend`]: bad options are the
+/// caller's mistake ([`OpenError::Invalid`]), anything else the store's.
+fn connected<S>(
+    url: &StoreUrl,
+    result: Result<S, StoreError>,
+    kind: impl FnOnce(S) -> Kind,
+) -> Result<Backend, OpenError> {
+    match result {
+        Ok(store) => Ok(Backend {
+            kind: kind(store),
+            label: url.to_string(),
+        }),
+        Err(StoreError::Invalid(why)) => Err(OpenError::Invalid(format!("{url}: {why}"))),
+        Err(source) => Err(OpenError::Store {
+            store: url.to_string(),
+            source,
+        }),
     }
 }
