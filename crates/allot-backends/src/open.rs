@@ -61,16 +61,19 @@ enum Kind {
 
 impl Backend {
     /// Opens the store `url` names. The embedded store lives in `data_dir`
-    /// (created if missing); the other backends ignore it.
+    /// (created if missing; [`StoreUrl::Auto`] picks the one there, see
+    /// [`StoreUrl::resolve`]); the other backends ignore it.
     ///
     /// Must be called within a tokio runtime.
     pub async fn open(url: &StoreUrl, data_dir: &Path) -> Result<Backend, OpenError> {
+        let url = &url.resolve(data_dir);
         let failed = |source| OpenError::Store {
             store: url.to_string(),
             source,
         };
         match url {
-            StoreUrl::Redb | StoreUrl::Log => {
+            // `resolve` turned `Auto` into one of the two.
+            StoreUrl::Auto | StoreUrl::Redb | StoreUrl::Log => {
                 std::fs::create_dir_all(data_dir).map_err(|source| OpenError::DataDir {
                     path: data_dir.to_path_buf(),
                     source,

@@ -1,6 +1,7 @@
 //! Parsing `--store` values.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 use crate::OpenError;
@@ -10,6 +11,7 @@ use crate::OpenError;
 /// ```
 /// use allot_backends::StoreUrl;
 /// assert_eq!("redb".parse::<StoreUrl>().unwrap(), StoreUrl::Redb);
+/// assert_eq!("".parse::<StoreUrl>().unwrap(), StoreUrl::Auto);
 /// let pg: StoreUrl = "postgres://allot:secret@db:5432/allot?schema=edge".parse().unwrap();
 /// // The password never reaches logs or error messages.
 /// assert_eq!(pg.to_string(), "postgres://allot:***@db:5432/allot?schema=edge");
@@ -19,8 +21,12 @@ use crate::OpenError;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum StoreUrl {
-    /// The embedded store: one redb file in the data dir.
+    /// The embedded store the data dir already holds: redb if it has a
+    /// redb database (data made before the log store became the default),
+    /// else the log store. See [`StoreUrl::resolve`].
     #[default]
+    Auto,
+    /// The embedded B-tree store: one redb file in the data dir.
     Redb,
     /// The embedded log-structured store: a write-ahead log with snapshots
     /// in the data dir, every key in memory (faster commits than redb).
@@ -48,7 +54,7 @@ pub enum StoreUrl {
     },
 }
 
-const FORMS: &str = "use `redb` or `log` (embedded stores in the data dir), \
+const FORMS: &str = "use `auto`, `redb` or `log` (embedded stores in the data dir), \
                      `postgres://USER@HOST:PORT/DB[?schema=NAME][&pool_size=N]` or \
                      `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`";
 
@@ -58,7 +64,10 @@ impl FromStr for StoreUrl {
     fn from_str(s: &str) -> Result<Self, OpenError> {
         let s = s.trim();
         let bad = |why: &str| OpenError::Invalid(format!("--store {s:?}: {why}; {FORMS}"));
-        if s.is_empty() || s == "redb" {
+        if s.is_empty() || s == "auto" {
+            return Ok(StoreUrl::Auto);
+        }
+        if s == "redb" {
             return Ok(StoreUrl::Redb);
         }
         if s == "log" {
@@ -70,10 +79,24 @@ impl FromStr for StoreUrl {
         match scheme.to_ascii_lowercase().as_str() {
             "postgres" | "postgresql" => parse_postgres(s, rest).map_err(|why| bad(&why)),
             "etcd" => parse_etcd(rest).map_err(|why| bad(&why)),
-            "redb" | "log" => Err(bad(
-                "the embedded stores live in the data dir: use `--store redb|log --data-dir DIR`",
+            "auto" | "redb" | "log" => Err(bad(
+                "the embedded stores live in the data dir: use `--store auto|redb|log --data-dir DIR`",
             )),
             other => Err(bad(&format!("unknown store scheme {other}://"))),
+        }
+    }
+}
+
+impl StoreUrl {
+    /// The embedded store [`StoreUrl::Auto`] stands for in `data_dir`:
+    /// redb if `DATA_DIR/allot.redb` exists, so that existing data dirs
+    /// keep working, else the log store, the faster of the two (see
+    /// ARCHITECTURE.md). Any other value is returned as it is.
+    pub fn resolve(&self, data_dir: &Path) -> StoreUrl {
+        match self {
+            StoreUrl::Auto if data_dir.join(crate::REDB_FILE).exists() => StoreUrl::Redb,
+            StoreUrl::Auto => StoreUrl::Log,
+            other => other.clone(),
         }
     }
 }
@@ -149,6 +172,7 @@ impl fmt::Display for StoreUrl {
     /// The URL with any password masked, fit for logs and messages.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            StoreUrl::Auto => f.write_str("auto"),
             StoreUrl::Redb => f.write_str("redb"),
             StoreUrl::Log => f.write_str("log"),
             StoreUrl::Postgres {
@@ -206,11 +230,29 @@ mod tests {
     }
 
     #[test]
-    fn redb_is_the_default() {
-        assert_eq!(parse(""), StoreUrl::Redb);
+    fn auto_is_the_default() {
+        assert_eq!(parse(""), StoreUrl::Auto);
+        assert_eq!(parse(" auto "), StoreUrl::Auto);
         assert_eq!(parse(" redb "), StoreUrl::Redb);
         assert_eq!(parse("log"), StoreUrl::Log);
-        assert_eq!(StoreUrl::default(), StoreUrl::Redb);
+        assert_eq!(StoreUrl::default(), StoreUrl::Auto);
+        assert_eq!(StoreUrl::Auto.to_string(), "auto");
+    }
+
+    #[test]
+    fn auto_keeps_an_existing_redb_data_dir_and_takes_the_log_store_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(StoreUrl::Auto.resolve(dir.path()), StoreUrl::Log);
+        // A log store already there (or nothing at all): the log store.
+        std::fs::create_dir(dir.path().join(crate::LOG_DIR)).unwrap();
+        assert_eq!(StoreUrl::Auto.resolve(dir.path()), StoreUrl::Log);
+        std::fs::write(dir.path().join(crate::REDB_FILE), b"").unwrap();
+        assert_eq!(StoreUrl::Auto.resolve(dir.path()), StoreUrl::Redb);
+        // Explicit choices are kept whatever the data dir holds.
+        assert_eq!(StoreUrl::Log.resolve(dir.path()), StoreUrl::Log);
+        let missing = dir.path().join("missing");
+        assert_eq!(StoreUrl::Redb.resolve(&missing), StoreUrl::Redb);
+        assert_eq!(StoreUrl::Auto.resolve(&missing), StoreUrl::Log);
     }
 
     #[test]

@@ -72,12 +72,13 @@ Examples:
     long_about = "allot hands out unique values (integers, IP addresses, prefixes, set members) from named pools.\n\
                   Claims survive restarts, a claim bound to a key returns the same value when repeated, and \
                   a mark-and-sweep resync releases what a client no longer holds.\n\
-                  Commands work on a local data dir (one redb file), on a shared PostgreSQL or etcd store \
+                  Commands work on a local data dir (the embedded store), on a shared PostgreSQL or etcd store \
                   (--store), or through an `allot serve` with --server (ALLOT_SERVER), with the same output.",
     after_help = TOP_EXAMPLES
 )]
 pub struct Cli {
-    /// Directory holding the database (DATA_DIR/allot.redb).
+    /// Directory holding the embedded store (DATA_DIR/allot-log, or
+    /// DATA_DIR/allot.redb for data dirs made with redb).
     #[arg(
         long,
         global = true,
@@ -87,9 +88,10 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
 
-    /// Where state lives: `redb` (the embedded store in --data-dir), `log`
-    /// (the embedded log-structured store in --data-dir: faster commits,
-    /// every key in memory),
+    /// Where state lives: `auto` (the embedded store in --data-dir: redb if
+    /// it holds DATA_DIR/allot.redb, else the log-structured store), `log`
+    /// (the embedded log-structured store: faster commits, every key in
+    /// memory), `redb` (the embedded B-tree store, one file),
     /// `postgres://USER@HOST:PORT/DB[?schema=NAME]` or
     /// `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`. Several `allot serve`
     /// processes and local commands may share a PostgreSQL or etcd store.
@@ -97,7 +99,7 @@ pub struct Cli {
         long,
         global = true,
         env = "ALLOT_STORE",
-        default_value = "redb",
+        default_value = "auto",
         value_name = "URL",
         hide_env_values = true
     )]

@@ -22,6 +22,7 @@ impl Session {
     /// Opens the store. For the embedded store, unless `create`, a data dir
     /// without a database is an error and nothing is created.
     pub async fn open(url: &StoreUrl, data_dir: &Path, create: bool) -> Result<Session> {
+        let url = &url.resolve(data_dir);
         let embedded = match url {
             StoreUrl::Redb => Some(DB_FILE),
             StoreUrl::Log => Some(LOG_DIR),

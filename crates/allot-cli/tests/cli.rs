@@ -587,9 +587,10 @@ fn every_help_has_examples() {
 fn locked_data_dir_is_reported() {
     let env = Env::fixture();
     let before = env.snapshot();
-    let db = env.data().join("allot.redb");
+    // The fixture's data dir was made with the default store: the log store.
+    let db = env.data().join("allot-log");
     let held =
-        allot_store::RedbStore::open(&db, allot_store::RedbOptions::default()).expect("open db");
+        allot_store::LogStore::open(&db, allot_store::LogOptions::default()).expect("open db");
     let line = env.fail(&["alloc", "vlans"]);
     assert!(line.contains("in use by another allot process"), "{line}");
     drop(held);

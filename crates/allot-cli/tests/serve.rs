@@ -22,13 +22,13 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert!(!data.exists());
     let s = serve(dir.path(), &["--data-dir", d], &[], &[]);
     assert!(
-        s.line.contains(&format!("(store: {d}/allot.redb)")),
+        s.line.contains(&format!("(store: {d}/allot-log)")),
         "{}",
         s.line
     );
     assert!(
-        data.join("allot.redb").exists(),
-        "serve creates the data dir"
+        data.join("allot-log").exists(),
+        "serve creates the data dir, with the log store (the default for a new one)"
     );
     let client = reqwest::Client::new();
     s.ready(&client).await;
@@ -177,7 +177,7 @@ async fn config_file_pools_precedence_and_refusals() {
     let line = refused(p, &[], &["--store", "mysql://db/allot"]);
     assert!(
         line.starts_with(
-            "error: --store \"mysql://db/allot\": unknown store scheme mysql://; use `redb`"
+            "error: --store \"mysql://db/allot\": unknown store scheme mysql://; use `auto`"
         ),
         "{line}"
     );

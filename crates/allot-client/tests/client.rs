@@ -291,8 +291,9 @@ async fn watch_resumes_across_restarts_and_reports_compaction() {
     // History compacted while the watcher is away: the stream reports it
     // and ends instead of silently skipping changes.
     srv.stop().await;
-    let db = dir.path().join(allot_server::DB_FILE);
-    let store = allot_store::RedbStore::open(&db, allot_store::RedbOptions::default()).unwrap();
+    // A new data dir gets the log store.
+    let db = dir.path().join(allot_server::LOG_DIR);
+    let store = allot_store::LogStore::open(&db, allot_store::LogOptions::default()).unwrap();
     let engine = allot::Allot::new(std::sync::Arc::new(store.clone()));
     // Two revisions, so compacting up to the current one drops the first
     // the watcher still needs.

@@ -7,7 +7,7 @@
 //! ```toml
 //! listen = "127.0.0.1:7070"
 //! data_dir = "/var/lib/allot"          # relative paths: to the file's directory
-//! store = "redb"                       # or "postgres://allot@db/allot", "etcd://h1:2379,h2:2379"
+//! store = "auto"                       # or "log", "redb", "postgres://allot@db/allot", "etcd://h1:2379,h2:2379"
 //! token_file = "/etc/allot/token"
 //! max_body_bytes = 1048576
 //!

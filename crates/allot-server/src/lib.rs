@@ -1,5 +1,5 @@
-//! allot's REST service: the engine over HTTP/JSON on the embedded redb
-//! store, with an OpenAPI document, health and readiness probes, Prometheus
+//! allot's REST service: the engine over HTTP/JSON on the embedded store
+//! (or a shared PostgreSQL or etcd store), with an OpenAPI document, health and readiness probes, Prometheus
 //! metrics and optional bearer-token authentication.
 //!
 //! Routes (JSON everywhere; errors are `{"error": {"code", "message"}}`):
@@ -66,14 +66,17 @@ pub use error::{ApiError, ServerError};
 /// File name of the embedded database inside the data dir (the same the
 /// CLI uses).
 pub const DB_FILE: &str = allot_backends::REDB_FILE;
+/// Directory of the embedded log-structured store inside the data dir,
+/// the store a new data dir gets.
+pub const LOG_DIR: &str = allot_backends::LOG_DIR;
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on, `HOST:PORT` (port 0 picks a free one).
     pub listen: String,
-    /// Directory holding `allot.redb` with the embedded store; created if
-    /// missing.
+    /// Directory holding the embedded store (`allot-log`, or `allot.redb`
+    /// for data dirs made with redb); created if missing.
     pub data_dir: PathBuf,
     /// Where state lives: the embedded store (default) or a shared
     /// PostgreSQL or etcd store, which several servers may use at once.
@@ -95,7 +98,7 @@ impl Config {
         Config {
             listen: config::DEFAULT_LISTEN.to_string(),
             data_dir: data_dir.into(),
-            store: StoreUrl::Redb,
+            store: StoreUrl::Auto,
             token: None,
             max_body_bytes: config::DEFAULT_MAX_BODY_BYTES,
             pools: Vec::new(),

@@ -9,7 +9,7 @@
 //! pool disappears instead of lingering.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -17,11 +17,21 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::error::{ApiError, OutcomeCode};
 use crate::AppState;
+
+/// One operation's name and its series for successful requests, resolved
+/// at its first success (not up front, so that /metrics lists only series
+/// that counted something), which keeps the label hashing and the
+/// registry's lock off the path of every successful request.
+struct Operation {
+    name: String,
+    ok: OnceLock<(IntCounter, Histogram)>,
+}
 
 /// The server's metrics.
 pub(crate) struct Metrics {
@@ -32,8 +42,10 @@ pub(crate) struct Metrics {
     pool_allocated: GaugeVec,
     pool_free: GaugeVec,
     pool_utilization: GaugeVec,
-    /// Operation names by (method, route), from the OpenAPI operation ids.
-    operations: HashMap<(Method, String), String>,
+    /// Operations by route and method, from the OpenAPI operation ids:
+    /// looked up by the matched route as a `&str`, so that counting a
+    /// request allocates nothing.
+    operations: HashMap<String, Vec<(Method, Operation)>>,
     /// One scrape at a time: each rebuilds the pool gauges.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -77,6 +89,14 @@ impl Metrics {
         for g in [&pool_size, &pool_allocated, &pool_free, &pool_utilization] {
             registry.register(Box::new(g.clone()))?;
         }
+        let mut by_route: HashMap<String, Vec<(Method, Operation)>> = HashMap::new();
+        for ((method, route), name) in operations {
+            let op = Operation {
+                name,
+                ok: OnceLock::new(),
+            };
+            by_route.entry(route).or_default().push((method, op));
+        }
         Ok(Metrics {
             registry,
             requests,
@@ -85,9 +105,30 @@ impl Metrics {
             pool_allocated,
             pool_free,
             pool_utilization,
-            operations,
+            operations: by_route,
             scrape: tokio::sync::Mutex::new(()),
         })
+    }
+
+    fn operation(&self, method: &Method, route: &str) -> Option<&Operation> {
+        let ops = self.operations.get(route)?;
+        ops.iter().find(|(m, _)| m == method).map(|(_, op)| op)
+    }
+
+    /// [`Metrics::observe`] for a known operation.
+    fn observe_operation(&self, op: &Operation, code: &str, seconds: f64) {
+        if code != "ok" {
+            return self.observe(&op.name, code, seconds);
+        }
+        let (requests, latency) = op.ok.get_or_init(|| {
+            let labels = [op.name.as_str(), "ok"];
+            (
+                self.requests.with_label_values(&labels),
+                self.latency.with_label_values(&labels),
+            )
+        });
+        requests.inc();
+        latency.observe(seconds);
     }
 
     pub(crate) fn observe(&self, operation: &str, code: &str, seconds: f64) {
@@ -100,17 +141,14 @@ impl Metrics {
 
 /// Middleware (on matched routes): counts and times every request.
 pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let operation = s
-        .metrics
-        .operations
-        .get(&(req.method().clone(), route.clone()))
-        .cloned()
-        .unwrap_or_else(|| format!("{} {route}", req.method()));
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
+    let known = s.metrics.operation(req.method(), route.unwrap_or_default());
+    // Routes without an operation id (none today) are named by method and
+    // route; only they pay for formatting the name.
+    let unnamed = match known {
+        Some(_) => None,
+        None => Some(format!("{} {}", req.method(), route.unwrap_or_default())),
+    };
     let start = Instant::now();
     let resp = next.run(req).await;
     let elapsed = start.elapsed();
@@ -119,7 +157,18 @@ pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -
         None if resp.status().is_success() => "ok",
         None => "other",
     };
-    s.metrics.observe(&operation, code, elapsed.as_secs_f64());
+    let seconds = elapsed.as_secs_f64();
+    let operation = match (known, &unnamed) {
+        (Some(op), _) => {
+            s.metrics.observe_operation(op, code, seconds);
+            op.name.as_str()
+        }
+        (None, name) => {
+            let name = name.as_deref().unwrap_or_default();
+            s.metrics.observe(name, code, seconds);
+            name
+        }
+    };
     tracing::debug!(
         operation,
         code,

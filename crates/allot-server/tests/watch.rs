@@ -304,8 +304,9 @@ async fn compacted_history_is_410_and_bad_revisions_are_400() {
     srv.stop().await.unwrap();
 
     // Compact the history away through the store itself.
-    let db = config.data_dir.join(allot_server::DB_FILE);
-    let store = allot_store::RedbStore::open(&db, allot_store::RedbOptions::default()).unwrap();
+    // A new data dir gets the log store.
+    let db = config.data_dir.join(allot_server::LOG_DIR);
+    let store = allot_store::LogStore::open(&db, allot_store::LogOptions::default()).unwrap();
     let engine = allot::Allot::new(std::sync::Arc::new(store.clone()));
     let current = engine.store().current_revision().await.unwrap();
     engine.store().compact(current).await.unwrap();

@@ -19,6 +19,37 @@ pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError>;
     /// Every key in `[start, end)` (`end` empty = unbounded), in key order.
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// Whether the key's record satisfies `target` (see [`compare_holds`]).
+    /// A backend holding records in memory overrides it to compare in
+    /// place instead of copying the record (a whole block's value) out.
+    fn holds(&self, key: &[u8], target: &CompareTarget) -> Result<bool, StoreError> {
+        Ok(compare_holds(self.get(key)?.as_ref(), target))
+    }
+
+    /// The key's bookkeeping without its value: all a write needs to know
+    /// of the record it replaces. Overridden like [`KvRead::holds`].
+    fn head(&self, key: &[u8]) -> Result<Option<Head>, StoreError> {
+        Ok(self.get(key)?.as_ref().map(Head::of))
+    }
+}
+
+/// What a write needs of the record it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub create_revision: Revision,
+    pub version: u64,
+    pub lease: LeaseId,
+}
+
+impl Head {
+    pub fn of(kv: &KeyValue) -> Head {
+        Head {
+            create_revision: kv.create_revision,
+            version: kv.version,
+            lease: kv.lease,
+        }
+    }
 }
 
 /// The final state of one key a transaction wrote.
@@ -55,8 +86,13 @@ pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
 }
 
+/// A key this transaction writes.
 struct Slot {
     prev_lease: LeaseId,
+    /// The key's bookkeeping as the transaction sees it (None: absent).
+    head: Option<Head>,
+    /// What the transaction wrote (None: deleted); meaningful once dirty,
+    /// until then the view's record is current.
     current: Option<KeyValue>,
     dirty: bool,
 }
@@ -69,13 +105,14 @@ struct Overlay<'v, V: KvRead + ?Sized> {
 impl<V: KvRead + ?Sized> Overlay<'_, V> {
     fn slot(&mut self, key: &[u8]) -> Result<&mut Slot, StoreError> {
         if !self.slots.contains_key(key) {
-            let current = self.view.get(key)?;
-            let prev_lease = current.as_ref().map_or(0, |kv| kv.lease);
+            // The value it replaces is never read: only its bookkeeping.
+            let head = self.view.head(key)?;
             self.slots.insert(
                 key.to_vec(),
                 Slot {
-                    prev_lease,
-                    current,
+                    prev_lease: head.map_or(0, |h| h.lease),
+                    head,
+                    current: None,
                     dirty: false,
                 },
             );
@@ -87,10 +124,17 @@ impl<V: KvRead + ?Sized> Overlay<'_, V> {
     }
 
     fn current(&mut self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        if let Some(slot) = self.slots.get(key) {
-            return Ok(slot.current.clone());
+        match self.slots.get(key) {
+            Some(slot) if slot.dirty => Ok(slot.current.clone()),
+            _ => self.view.get(key),
         }
-        self.view.get(key)
+    }
+
+    fn holds(&self, key: &[u8], target: &CompareTarget) -> Result<bool, StoreError> {
+        match self.slots.get(key) {
+            Some(slot) if slot.dirty => Ok(compare_holds(slot.current.as_ref(), target)),
+            _ => self.view.holds(key, target),
+        }
     }
 
     /// Keys in the range that currently exist, as seen by this transaction.
@@ -102,7 +146,7 @@ impl<V: KvRead + ?Sized> Overlay<'_, V> {
             .map(|kv| (kv.key, true))
             .collect();
         for (key, slot) in &self.slots {
-            if in_range(key, start, end) {
+            if slot.dirty && in_range(key, start, end) {
                 keys.insert(key.clone(), slot.current.is_some());
             }
         }
@@ -119,9 +163,10 @@ impl<V: KvRead + ?Sized> Overlay<'_, V> {
         events: &mut Vec<Event>,
     ) -> Result<u64, StoreError> {
         let slot = self.slot(key)?;
-        if slot.current.take().is_none() {
+        if slot.head.take().is_none() {
             return Ok(0);
         }
+        slot.current = None;
         slot.dirty = true;
         events.push(Event {
             kind: EventKind::Delete,
@@ -138,7 +183,8 @@ impl<V: KvRead + ?Sized> Overlay<'_, V> {
     }
 }
 
-fn compare_holds(current: Option<&KeyValue>, target: &CompareTarget) -> bool {
+/// Whether a record (None: absent) satisfies a compare.
+pub fn compare_holds(current: Option<&KeyValue>, target: &CompareTarget) -> bool {
     match target {
         CompareTarget::Version(v) => current.map_or(0, |kv| kv.version) == *v,
         CompareTarget::ModRevision(r) => current.map_or(0, |kv| kv.mod_revision) == *r,
@@ -163,8 +209,7 @@ pub fn apply_txn<V: KvRead + ?Sized>(
     };
     let mut succeeded = true;
     for cmp in &txn.compare {
-        let kv = overlay.current(&cmp.key)?;
-        if !compare_holds(kv.as_ref(), &cmp.target) {
+        if !overlay.holds(&cmp.key, &cmp.target)? {
             succeeded = false;
             break;
         }
@@ -187,14 +232,20 @@ pub fn apply_txn<V: KvRead + ?Sized>(
                     return Err(StoreError::LeaseNotFound(*lease));
                 }
                 let slot = overlay.slot(key)?;
+                let head = Head {
+                    create_revision: slot.head.map_or(rev, |h| h.create_revision),
+                    version: slot.head.map_or(0, |h| h.version) + 1,
+                    lease: *lease,
+                };
                 let kv = KeyValue {
                     key: key.clone(),
                     value: value.clone(),
-                    create_revision: slot.current.as_ref().map_or(rev, |kv| kv.create_revision),
+                    create_revision: head.create_revision,
                     mod_revision: rev,
-                    version: slot.current.as_ref().map_or(0, |kv| kv.version) + 1,
+                    version: head.version,
                     lease: *lease,
                 };
+                slot.head = Some(head);
                 slot.current = Some(kv.clone());
                 slot.dirty = true;
                 events.push(Event {

@@ -57,7 +57,7 @@ pub use error::StoreError;
 /// view of its committed keys and persists the resulting
 /// [`backend::Applied::changes`] and events.
 pub mod backend {
-    pub use crate::apply::{apply_txn, delete_keys_txn, in_range, Applied, Change, KvRead};
+    pub use crate::apply::{apply_txn, delete_keys_txn, in_range, Applied, Change, Head, KvRead};
 }
 pub use log_store::{LogOptions, LogStore, Recovery, TornTail};
 pub use memory::MemoryStore;

@@ -84,6 +84,18 @@ pub(crate) enum Outcome {
     Skipped,
 }
 
+/// Requests waiting for a batch, and whether a task is already on its way
+/// to take them.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// A drive task has been spawned and has not taken the queue yet: the
+    /// requests queued meanwhile ride with it, so a request spawns a task
+    /// only when nobody will otherwise pick it up (one spawn, permit and
+    /// lock round per batch rather than per request).
+    drainer: bool,
+}
+
 struct Pending {
     op: PendingOp,
     tx: oneshot::Sender<Result<Outcome>>,
@@ -99,7 +111,7 @@ pub(crate) struct PoolHandle {
     /// a stale handle.
     pub(crate) record_rev: Revision,
     space: ValueSpace,
-    queue: std::sync::Mutex<Vec<Pending>>,
+    queue: std::sync::Mutex<Queue>,
     pub(crate) state: tokio::sync::Mutex<LoadedState>,
     /// Bounds the batches of this pool that are building or committing.
     in_flight: tokio::sync::Semaphore,
@@ -141,7 +153,7 @@ impl PoolHandle {
             record,
             record_rev: kv.mod_revision,
             space,
-            queue: std::sync::Mutex::new(Vec::new()),
+            queue: std::sync::Mutex::new(Queue::default()),
             state: tokio::sync::Mutex::new(state),
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             idle: tokio::sync::Notify::new(),
@@ -375,14 +387,20 @@ impl Inner {
             )));
         }
         let (tx, rx) = oneshot::channel();
-        lock(&handle.queue).push(Pending {
-            op,
-            tx,
-            attempts: 0,
-        });
+        let spawn = {
+            let mut q = lock(&handle.queue);
+            q.pending.push(Pending {
+                op,
+                tx,
+                attempts: 0,
+            });
+            !std::mem::replace(&mut q.drainer, true)
+        };
         // The batch runs in its own task so a caller that gives up (timeout,
         // closed connection) cannot interrupt a commit half way.
-        tokio::spawn(self.clone().drive(pool.to_string(), handle, 0));
+        if spawn {
+            tokio::spawn(self.clone().drive(pool.to_string(), handle, 0));
+        }
         rx.await.map_err(|_| Error::Contention(pool.to_string()))?
     }
 
@@ -396,14 +414,24 @@ impl Inner {
             tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
         }
         let Ok(permit) = handle.in_flight.acquire().await else {
+            // Never closed; should it be, the queue must not wait for a
+            // drainer that will not come.
+            lock(&handle.queue).drainer = false;
             return;
         };
         let mut state = handle.state.lock().await;
-        let batch: Vec<Pending> = {
+        let (batch, more) = {
             let mut q = lock(&handle.queue);
-            let n = q.len().min(MAX_BATCH);
-            q.drain(..n).collect()
+            let n = q.pending.len().min(MAX_BATCH);
+            let batch: Vec<Pending> = q.pending.drain(..n).collect();
+            // Whatever is queued from now on needs a new drive task (the
+            // submitter spawns it); what did not fit gets one right away.
+            q.drainer = !q.pending.is_empty();
+            (batch, q.drainer)
         };
+        if more {
+            self.clone().spawn_drive(name.clone(), handle.clone());
+        }
         if batch.is_empty() {
             return; // an earlier task carried our request
         }
@@ -498,6 +526,12 @@ impl Inner {
         }
     }
 
+    /// Starts another drive task for requests that did not fit in a batch.
+    /// (A plain function: an async fn cannot spawn itself directly.)
+    fn spawn_drive(self: Arc<Self>, name: String, handle: Arc<PoolHandle>) {
+        tokio::spawn(self.drive(name, handle, 0));
+    }
+
     /// Puts the requests of a batch that lost a compare back at the head of
     /// the queue, to run again after a random pause that grows with each
     /// attempt, so two engines hammering one block do not collide in lockstep.
@@ -527,7 +561,7 @@ impl Inner {
         }
         {
             let mut q = lock(&handle.queue);
-            q.splice(0..0, again);
+            q.pending.splice(0..0, again);
         }
         let backoff = (BACKOFF_STEP_US << attempts.min(16)).min(BACKOFF_MAX_US);
         tokio::spawn(self.drive(name, handle, backoff));

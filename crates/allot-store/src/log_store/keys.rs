@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use crate::apply::KvRead;
+use crate::apply::{compare_holds, Head, KvRead};
 use crate::codec::encode_record;
-use crate::{KeyValue, LeaseId, Revision, StoreError};
+use crate::{CompareTarget, KeyValue, LeaseId, Revision, StoreError};
 
 /// A key's value and bookkeeping.
 struct Record {
@@ -105,5 +105,25 @@ impl KvRead for Keys {
 
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         Ok(self.range(start, end).collect())
+    }
+
+    fn holds(&self, key: &[u8], target: &CompareTarget) -> Result<bool, StoreError> {
+        let Some(r) = self.0.get(key) else {
+            return Ok(compare_holds(None, target));
+        };
+        Ok(match target {
+            CompareTarget::Version(v) => r.version == *v,
+            CompareTarget::ModRevision(rev) => r.mod_revision == *rev,
+            CompareTarget::CreateRevision(rev) => r.create_revision == *rev,
+            CompareTarget::Value(value) => *r.value == **value,
+        })
+    }
+
+    fn head(&self, key: &[u8]) -> Result<Option<Head>, StoreError> {
+        Ok(self.0.get(key).map(|r| Head {
+            create_revision: r.create_revision,
+            version: r.version,
+            lease: r.lease,
+        }))
     }
 }

@@ -21,10 +21,10 @@ use super::record::{self, Body, Stored};
 use super::snapshot::{self, SnapshotMeta};
 use super::wal::{io_error, segment_name, sync_dir, AppendError, RecordBuf, Segment};
 use super::Index;
-use crate::apply::{in_range, KvRead};
+use crate::apply::{compare_holds, in_range, Head, KvRead};
 use crate::committer::{Batch, CommitState, EventCounts, Meta, Storage};
 use crate::watch::Committed;
-use crate::{KeyValue, LeaseId, Revision, StoreError};
+use crate::{CompareTarget, KeyValue, LeaseId, Revision, StoreError};
 
 /// A log segment no longer appended to.
 pub(super) struct Closed {
@@ -233,6 +233,20 @@ impl KvRead for View<'_> {
             Some(staged) => staged.clone(),
             None => self.base.get(key)?,
         })
+    }
+
+    fn holds(&self, key: &[u8], target: &CompareTarget) -> Result<bool, StoreError> {
+        match self.overlay.get(key) {
+            Some(staged) => Ok(compare_holds(staged.as_ref(), target)),
+            None => self.base.holds(key, target),
+        }
+    }
+
+    fn head(&self, key: &[u8]) -> Result<Option<Head>, StoreError> {
+        match self.overlay.get(key) {
+            Some(staged) => Ok(staged.as_ref().map(Head::of)),
+            None => self.base.head(key),
+        }
     }
 
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
