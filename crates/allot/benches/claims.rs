@@ -417,6 +417,15 @@ impl Opened {
         }
     }
 
+    /// PostgreSQL only: transaction ids handed out so far (each writing
+    /// PostgreSQL transaction takes one, and so does this probe), so that a
+    /// level can count the PostgreSQL commits it made.
+    async fn pg_xid(&self) -> Option<u64> {
+        let client = skip_locked::connect(&self.pg_url()?).await.ok()?;
+        let row = client.query_one("SELECT txid_current()", &[]).await.ok()?;
+        Some(row.get::<_, i64>(0) as u64)
+    }
+
     async fn close(self) {
         self.allot.close().await;
         let (pg, etcd) = (self.pg, self.etcd);
@@ -654,11 +663,20 @@ async fn claim_levels(main: &Opened, cfg: &Config, count: u64) -> Vec<Level> {
             cfg.secs
         );
         let rev0 = current_revision(&main.allot).await;
+        let xid0 = main.pg_xid().await;
         let ops = (0..n)
             .map(|t| allot_op(&main.allot, &pool, format!("c{n}-t{t}"), count))
             .collect();
         let level = drive(cfg, ops).await;
         let revisions = current_revision(&main.allot).await - rev0;
+        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
+            let commits = b.saturating_sub(a + 1).max(1);
+            println!(
+                "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit)",
+                level.total_reqs,
+                level.total_reqs as f64 / commits as f64
+            );
+        }
         check_allocated(&main.allot, &pool, level.total_values).await;
         batches.push(level.total_reqs as f64 / revisions.max(1) as f64);
         results.push(level);
@@ -699,6 +717,7 @@ async fn parallel(main: &Opened, cfg: &Config) {
             cfg.secs
         );
         let rev0 = current_revision(&main.allot).await;
+        let xid0 = main.pg_xid().await;
         let ops = pools
             .iter()
             .flat_map(|pool| {
@@ -707,6 +726,14 @@ async fn parallel(main: &Opened, cfg: &Config) {
             .collect();
         let level = drive(cfg, ops).await;
         let revisions = current_revision(&main.allot).await - rev0;
+        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
+            let commits = b.saturating_sub(a + 1).max(1);
+            println!(
+                "  {} claims in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} claims per commit)",
+                level.total_reqs,
+                level.total_reqs as f64 / commits as f64
+            );
+        }
         let per_pool: Vec<f64> = level
             .per_client
             .chunks(s)
