@@ -42,8 +42,9 @@
 //! - `ALLOT_BENCH_POOL_SUBMITTERS` [1]: submitters per pool there;
 //! - `ALLOT_BENCH_FILL` [1000000]: claims with records in the filled store;
 //! - `ALLOT_BENCH_FILL_POOLS` [10]: pools they are spread over;
-//! - `ALLOT_BENCH_FILL_CHUNK` [100000; etcd 5000]: claims per fill request
-//!   (etcd: at most `--max-txn-ops` operations and 1.5 MiB per transaction);
+//! - `ALLOT_BENCH_FILL_CHUNK` [100000; PostgreSQL 20000, etcd 5000]: claims
+//!   per fill request (etcd: at most `--max-txn-ops` operations and 1.5 MiB per
+//!   transaction; PostgreSQL: each commit within the store's 5 s timeout);
 //! - `ALLOT_BENCH_FILL_TASKS` [2]: fill requests in flight (on different pools);
 //! - `ALLOT_BENCH_BULK_REQS` [2000]: measured bulk requests per store;
 //! - `ALLOT_BENCH_BULK_COUNT` [100]: values per bulk (and `many`) request;
@@ -81,6 +82,10 @@ const MAX_PER_REQUEST: u64 = allot::MAX_BULK;
 const BULK_WARMUP: usize = 50;
 /// Most claims per fill request on etcd (its transactions are bounded).
 const ETCD_FILL_CHUNK: u64 = 5000;
+/// Claims per fill request on PostgreSQL: the store's committer merges the
+/// requests in flight into one PostgreSQL transaction, which must finish
+/// within the store's timeout (5 s) even on a busy machine.
+const PG_FILL_CHUNK: u64 = 20_000;
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -132,6 +137,7 @@ impl Backend {
     fn fill_chunk(self, cfg: &Config) -> u64 {
         let default = match self {
             Backend::Etcd => ETCD_FILL_CHUNK,
+            Backend::Postgres => PG_FILL_CHUNK,
             _ => MAX_PER_REQUEST,
         };
         cfg.fill_chunk.unwrap_or(default).clamp(1, MAX_PER_REQUEST)
