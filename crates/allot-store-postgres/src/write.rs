@@ -345,7 +345,13 @@ async fn commit_on(
                 }
             }
         })),
-        async { conn.query(&live_leases, &[&leases]).await },
+        async {
+            // Most batches attach no lease: no statement then.
+            if leases.is_empty() {
+                return Ok(Vec::new());
+            }
+            conn.query(&live_leases, &[&leases]).await
+        },
     )?;
     let head = Head::from_row(&head)?;
     let mut view: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();

@@ -1,40 +1,78 @@
-//! Durable claim throughput and latency of the engine on each embedded
-//! backend — redb (default `RedbOptions`) and the log store (default
-//! `LogOptions`), every commit fsynced — in a fresh temporary directory.
-//! Both parts run once per backend (`ALLOT_BENCH_STORES`).
+//! Durable claim throughput and latency of the engine on each backend —
+//! redb (default `RedbOptions`) and the log store (default `LogOptions`) in a
+//! fresh temporary directory, PostgreSQL and etcd as throw-away servers
+//! (`allot_store_postgres::testing::PgServer`,
+//! `allot_store_etcd::testing::EtcdServer`: fsync on, loopback, default store
+//! options) —, every commit durable. Every part runs once per backend
+//! (`ALLOT_BENCH_STORES`), with the same body.
 //!
-//! 1. Keyed claims: N concurrent submitters (tokio tasks) each loop
-//!    `allocate(pool, AllocRequest::key(unique))` on a range pool 1..=2^40
-//!    (a fresh pool per level); claims/s and latency percentiles over the
-//!    measured window, after a warm-up.
-//! 2. Bulk claims: the latency of one `AllocRequest::many(100)` on a store
-//!    holding nothing else, and on one holding 1,000,000 owned claims (with
-//!    claim records) in other pools. Both stores are open at once and are
-//!    measured in alternating rounds, so drift in the machine's load hits
-//!    both alike. Design target: the filled store within 10% of the empty.
+//! Parts (`ALLOT_BENCH_PARTS`):
+//!
+//! - `keyed`: N concurrent submitters (tokio tasks) each loop
+//!   `allocate(pool, AllocRequest::key(unique))` on a range pool 1..=2^40
+//!   (a fresh pool per level); claims/s and latency percentiles over the
+//!   measured window, after a warm-up.
+//! - `many`: the same with `AllocRequest::many(100)` per request.
+//! - `parallel`: P pools (1, 2, 4, 8) at once, each with its own submitters
+//!   (`ALLOT_BENCH_POOL_SUBMITTERS`) doing keyed claims: total and per-pool
+//!   claims/s, to see whether pools wait for each other.
+//! - `skiplocked` (PostgreSQL only): the hand-written alternative (a table of
+//!   one row per value, `FOR UPDATE SKIP LOCKED`, one statement per claim;
+//!   see `claims/skip_locked.rs`) at the same levels, keyed and claim(100),
+//!   on the same server as the three parts above, and allot/SKIP LOCKED
+//!   ratios.
+//! - `bulk`: the latency of one sequential `AllocRequest::many(100)` on a
+//!   store holding nothing else, and on one holding `ALLOT_BENCH_FILL` owned
+//!   claims (with claim records) in other pools. Both stores are open at once
+//!   (for PostgreSQL and etcd: two servers of their own) and are measured in
+//!   alternating rounds, so drift in the machine's load hits both alike.
+//!   Design target: the filled store within 10% of the empty.
+//!
+//! The first four parts share one store (one server) per backend. Every
+//! level prints the machine's CPU use over its window (cores busy, from
+//! /proc/stat, and this process's share) and the load average.
 //!
 //! Run: cargo bench -p allot --bench claims
 //!
 //! Environment (defaults in brackets):
-//! - `ALLOT_BENCH_SECS` [5]: measured seconds per concurrency level;
+//! - `ALLOT_BENCH_SECS` [5]: measured seconds per level;
 //! - `ALLOT_BENCH_WARMUP_SECS` [1]: warm-up seconds before each level;
 //! - `ALLOT_BENCH_CONCURRENCY` [1,8,64]: the concurrency levels;
+//! - `ALLOT_BENCH_POOLS` [1,2,4,8]: pool counts of the `parallel` part;
+//! - `ALLOT_BENCH_POOL_SUBMITTERS` [1]: submitters per pool there;
 //! - `ALLOT_BENCH_FILL` [1000000]: claims with records in the filled store;
 //! - `ALLOT_BENCH_FILL_POOLS` [10]: pools they are spread over;
+//! - `ALLOT_BENCH_FILL_CHUNK` [100000; PostgreSQL 20000, etcd 5000]: claims
+//!   per fill request (etcd: at most `--max-txn-ops` operations and 1.5 MiB per
+//!   transaction; PostgreSQL: each commit within the store's 5 s timeout);
+//! - `ALLOT_BENCH_FILL_TASKS` [2]: fill requests in flight (on different pools);
 //! - `ALLOT_BENCH_BULK_REQS` [2000]: measured bulk requests per store;
-//! - `ALLOT_BENCH_BULK_COUNT` [100]: values per bulk request;
+//! - `ALLOT_BENCH_BULK_COUNT` [100]: values per bulk (and `many`) request;
 //! - `ALLOT_BENCH_ROUNDS` [10]: alternating rounds the bulk requests are split into;
+//! - `ALLOT_BENCH_SKIP_VALUES` [2000000]: rows of the SKIP LOCKED table
+//!   (recreated for the keyed and the claim(n) series);
 //! - `ALLOT_BENCH_WORKERS` [number of CPUs]: tokio worker threads;
-//! - `ALLOT_BENCH_DIR` [system temp dir]: where the temporary directory is made;
-//! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order;
-//! - `ALLOT_BENCH_PARTS` [keyed,bulk]: which parts run.
+//! - `ALLOT_BENCH_DIR` [system temp dir]: where the temporary directory is
+//!   made (redb, log; the servers use the system temp dir);
+//! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order (also
+//!   `postgres`, `etcd`);
+//! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,skiplocked,bulk]: which parts run.
+
+#[path = "claims/skip_locked.rs"]
+mod skip_locked;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allot::{AllocRequest, Allot, PoolKind, PoolSpec};
 use allot_store::{LogOptions, LogStore, RedbOptions, RedbStore};
+use allot_store_etcd::testing::EtcdServer;
+use allot_store_etcd::{EtcdOptions, EtcdStore};
+use allot_store_postgres::testing::PgServer;
+use allot_store_postgres::{PostgresOptions, PostgresStore};
+use futures::future::BoxFuture;
 
 /// Upper bound of the range pools (2^40).
 const POOL_HI: u64 = 1 << 40;
@@ -42,29 +80,47 @@ const POOL_HI: u64 = 1 << 40;
 const MAX_PER_REQUEST: u64 = allot::MAX_BULK;
 /// Unmeasured bulk requests per store before the rounds.
 const BULK_WARMUP: usize = 50;
+/// Most claims per fill request on etcd (its transactions are bounded).
+const ETCD_FILL_CHUNK: u64 = 5000;
+/// Claims per fill request on PostgreSQL: the store's committer merges the
+/// requests in flight into one PostgreSQL transaction, which must finish
+/// within the store's timeout (5 s) even on a busy machine.
+const PG_FILL_CHUNK: u64 = 20_000;
 
 #[derive(Debug, Clone)]
 struct Config {
     secs: f64,
     warmup_secs: f64,
     concurrency: Vec<usize>,
+    pools: Vec<usize>,
+    pool_submitters: usize,
     fill: u64,
     fill_pools: u64,
+    fill_chunk: Option<u64>,
+    fill_tasks: usize,
     bulk_reqs: usize,
     bulk_count: u64,
     rounds: usize,
+    skip_values: u64,
     workers: usize,
     dir: Option<String>,
     stores: Vec<Backend>,
-    keyed: bool,
-    bulk: bool,
+    parts: Vec<String>,
 }
 
-/// An embedded backend under test.
+impl Config {
+    fn part(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| p == name)
+    }
+}
+
+/// A backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Redb,
     Log,
+    Postgres,
+    Etcd,
 }
 
 impl Backend {
@@ -72,16 +128,19 @@ impl Backend {
         match self {
             Backend::Redb => "redb",
             Backend::Log => "log",
+            Backend::Postgres => "postgres",
+            Backend::Etcd => "etcd",
         }
     }
 
-    /// Where a store called `name` lives in `dir` (a file for redb, a
-    /// directory for the log store).
-    fn path(self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
-        match self {
-            Backend::Redb => dir.join(format!("{name}.redb")),
-            Backend::Log => dir.join(format!("{name}.log")),
-        }
+    /// Claims per fill request.
+    fn fill_chunk(self, cfg: &Config) -> u64 {
+        let default = match self {
+            Backend::Etcd => ETCD_FILL_CHUNK,
+            Backend::Postgres => PG_FILL_CHUNK,
+            _ => MAX_PER_REQUEST,
+        };
+        cfg.fill_chunk.unwrap_or(default).clamp(1, MAX_PER_REQUEST)
     }
 }
 
@@ -91,6 +150,18 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn env_levels(name: &str, default: &str) -> Vec<usize> {
+    env_list(name, default)
+        .iter()
+        .map(|s| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| panic!("{name}: bad level {s:?}"))
+        })
         .collect()
 }
 
@@ -104,29 +175,27 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
+const PARTS: [&str; 5] = ["keyed", "many", "parallel", "skiplocked", "bulk"];
+
 impl Config {
     fn from_env() -> Config {
-        let concurrency = std::env::var("ALLOT_BENCH_CONCURRENCY")
-            .unwrap_or_else(|_| "1,8,64".into())
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .unwrap_or_else(|| panic!("ALLOT_BENCH_CONCURRENCY: bad level {s:?}"))
-            })
-            .collect();
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let cfg = Config {
             secs: env_or("ALLOT_BENCH_SECS", 5.0),
             warmup_secs: env_or("ALLOT_BENCH_WARMUP_SECS", 1.0),
-            concurrency,
+            concurrency: env_levels("ALLOT_BENCH_CONCURRENCY", "1,8,64"),
+            pools: env_levels("ALLOT_BENCH_POOLS", "1,2,4,8"),
+            pool_submitters: env_or("ALLOT_BENCH_POOL_SUBMITTERS", 1usize).max(1),
             fill: env_or("ALLOT_BENCH_FILL", 1_000_000),
             fill_pools: env_or("ALLOT_BENCH_FILL_POOLS", 10u64).max(1),
+            fill_chunk: std::env::var("ALLOT_BENCH_FILL_CHUNK")
+                .ok()
+                .map(|_| env_or("ALLOT_BENCH_FILL_CHUNK", 0u64)),
+            fill_tasks: env_or("ALLOT_BENCH_FILL_TASKS", 2usize).max(1),
             bulk_reqs: env_or("ALLOT_BENCH_BULK_REQS", 2000usize).max(1),
             bulk_count: env_or("ALLOT_BENCH_BULK_COUNT", 100),
             rounds: env_or("ALLOT_BENCH_ROUNDS", 10usize).max(1),
+            skip_values: env_or("ALLOT_BENCH_SKIP_VALUES", 2_000_000u64).max(1),
             workers: env_or("ALLOT_BENCH_WORKERS", cpus).max(1),
             dir: std::env::var("ALLOT_BENCH_DIR").ok(),
             stores: env_list("ALLOT_BENCH_STORES", "redb,log")
@@ -134,16 +203,21 @@ impl Config {
                 .map(|s| match s.as_str() {
                     "redb" => Backend::Redb,
                     "log" => Backend::Log,
-                    other => panic!("ALLOT_BENCH_STORES: unknown backend {other:?} (redb, log)"),
+                    "postgres" | "pg" => Backend::Postgres,
+                    "etcd" => Backend::Etcd,
+                    other => panic!(
+                        "ALLOT_BENCH_STORES: unknown backend {other:?} (redb, log, postgres, etcd)"
+                    ),
                 })
                 .collect(),
-            keyed: env_list("ALLOT_BENCH_PARTS", "keyed,bulk")
-                .iter()
-                .any(|p| p == "keyed"),
-            bulk: env_list("ALLOT_BENCH_PARTS", "keyed,bulk")
-                .iter()
-                .any(|p| p == "bulk"),
+            parts: env_list("ALLOT_BENCH_PARTS", &PARTS.join(",")),
         };
+        for p in &cfg.parts {
+            assert!(
+                PARTS.contains(&p.as_str()),
+                "ALLOT_BENCH_PARTS: unknown part {p:?} ({PARTS:?})"
+            );
+        }
         assert!(cfg.secs > 0.0, "ALLOT_BENCH_SECS must be positive");
         assert!(
             cfg.warmup_secs >= 0.0,
@@ -195,22 +269,8 @@ fn range_spec() -> PoolSpec {
     PoolSpec::new(PoolKind::Range { lo: 1, hi: POOL_HI })
 }
 
-fn open_engine(backend: Backend, path: &std::path::Path) -> Allot {
-    let opened = |e: allot_store::StoreError| -> ! {
-        panic!("opening {} store {}: {e}", backend.name(), path.display())
-    };
-    match backend {
-        Backend::Redb => Allot::new(Arc::new(
-            RedbStore::open(path, RedbOptions::default()).unwrap_or_else(|e| opened(e)),
-        )),
-        Backend::Log => Allot::new(Arc::new(
-            LogStore::open(path, LogOptions::default()).unwrap_or_else(|e| opened(e)),
-        )),
-    }
-}
-
-/// The size of a store: its file, or the files of its directory.
-fn file_mib(path: &std::path::Path) -> f64 {
+/// The size of a file, or of the files of a directory.
+fn file_mib(path: &Path) -> f64 {
     let bytes = match std::fs::read_dir(path) {
         Ok(entries) => entries
             .filter_map(|e| e.ok()?.metadata().ok())
@@ -221,17 +281,316 @@ fn file_mib(path: &std::path::Path) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-struct KeyedResult {
-    concurrency: usize,
-    claims: usize,
+// ---------------------------------------------------------------- machine load
+
+/// CPU time counters: the whole machine's busy time and this process's, in
+/// clock ticks (USER_HZ, 100 on Linux).
+#[derive(Clone, Copy)]
+struct Cpu {
+    at: Instant,
+    machine_busy: u64,
+    process: u64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let machine_busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_string();
+                let f: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal ...
+                Some(f.iter().take(8).sum::<u64>() - f.get(3)? - f.get(4)?)
+            })
+            .unwrap_or(0);
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_string();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // fields 14 and 15 (utime, stime) are 12 and 13 after ')'.
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0);
+        Cpu {
+            at: Instant::now(),
+            machine_busy,
+            process,
+        }
+    }
+
+    /// (machine cores busy, this process's cores) since `earlier`.
+    fn since(&self, earlier: &Cpu) -> (f64, f64) {
+        let secs = (self.at - earlier.at).as_secs_f64().max(1e-9);
+        (
+            self.machine_busy.saturating_sub(earlier.machine_busy) as f64 / 100.0 / secs,
+            self.process.saturating_sub(earlier.process) as f64 / 100.0 / secs,
+        )
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- stores
+
+/// An engine on a fresh store of one backend, with what keeps it alive.
+struct Opened {
+    allot: Allot,
+    backend: Backend,
+    /// The file or directory of an embedded store.
+    path: PathBuf,
+    pg: Option<PgServer>,
+    etcd: Option<EtcdServer>,
+}
+
+impl Opened {
+    /// A fresh store called `name`: a file or directory in `dir`, or a
+    /// throw-away server of its own.
+    async fn open(backend: Backend, dir: &Path, name: &str) -> Opened {
+        let path = dir.join(format!("{name}.{}", backend.name()));
+        let failed = |e: &dyn std::fmt::Display| -> ! {
+            panic!("opening the {} store {name}: {e}", backend.name())
+        };
+        let (mut pg, mut etcd) = (None, None);
+        let allot = match backend {
+            Backend::Redb => Allot::new(Arc::new(
+                RedbStore::open(&path, RedbOptions::default()).unwrap_or_else(|e| failed(&e)),
+            )),
+            Backend::Log => Allot::new(Arc::new(
+                LogStore::open(&path, LogOptions::default()).unwrap_or_else(|e| failed(&e)),
+            )),
+            Backend::Postgres => {
+                let server = tokio::task::spawn_blocking(PgServer::start)
+                    .await
+                    .expect("starting PostgreSQL")
+                    .unwrap_or_else(|e| failed(&e));
+                let store = PostgresStore::connect(&server.url(), PostgresOptions::default())
+                    .await
+                    .unwrap_or_else(|e| failed(&e));
+                println!("  {name}: PostgreSQL at {}", server.url());
+                pg = Some(server);
+                Allot::new(Arc::new(store))
+            }
+            Backend::Etcd => {
+                let server = tokio::task::spawn_blocking(EtcdServer::start)
+                    .await
+                    .expect("starting etcd")
+                    .unwrap_or_else(|e| failed(&e));
+                let store = EtcdStore::connect(&server.endpoints(), EtcdOptions::default())
+                    .await
+                    .unwrap_or_else(|e| failed(&e));
+                println!("  {name}: etcd at {}", server.endpoint());
+                etcd = Some(server);
+                Allot::new(Arc::new(store))
+            }
+        };
+        Opened {
+            allot,
+            backend,
+            path,
+            pg,
+            etcd,
+        }
+    }
+
+    /// The PostgreSQL server's URL, if this is one.
+    fn pg_url(&self) -> Option<String> {
+        self.pg.as_ref().map(PgServer::url)
+    }
+
+    /// The store's size: its files, or the PostgreSQL database; `None` for
+    /// etcd.
+    async fn size_mib(&self) -> Option<f64> {
+        match self.backend {
+            Backend::Redb | Backend::Log => Some(file_mib(&self.path)),
+            Backend::Postgres => {
+                let client = skip_locked::connect(&self.pg_url()?).await.ok()?;
+                let row = client
+                    .query_one("SELECT pg_database_size(current_database())", &[])
+                    .await
+                    .ok()?;
+                Some(row.get::<_, i64>(0) as f64 / (1024.0 * 1024.0))
+            }
+            Backend::Etcd => None,
+        }
+    }
+
+    /// PostgreSQL only: transaction ids handed out so far (each writing
+    /// PostgreSQL transaction takes one, and so does this probe), so that a
+    /// level can count the PostgreSQL commits it made.
+    async fn pg_xid(&self) -> Option<u64> {
+        let client = skip_locked::connect(&self.pg_url()?).await.ok()?;
+        let row = client.query_one("SELECT txid_current()", &[]).await.ok()?;
+        Some(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn close(self) {
+        self.allot.close().await;
+        let (pg, etcd) = (self.pg, self.etcd);
+        // Stopping a server waits for it: off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            drop(pg);
+            drop(etcd);
+        })
+        .await
+        .expect("stopping the servers");
+    }
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+// ---------------------------------------------------------------- load driver
+
+/// One request of a client: `i` is its sequence number; it answers the
+/// values claimed and the statements or requests it took, or an error.
+type Op = Box<dyn FnMut(u64) -> BoxFuture<'static, Result<(u64, u64), String>> + Send>;
+
+/// What one concurrency level did.
+struct Level {
+    clients: usize,
     window: Duration,
+    /// Requests completed inside the measured window, and their values.
+    reqs: usize,
+    values: u64,
     lat: Latencies,
     errors: usize,
-    /// Claims acknowledged over the whole level (warm-up included).
-    total: usize,
-    /// Store revisions written over the whole level: one per engine batch
-    /// (group commit) here, since only this pool is written.
-    revisions: u64,
+    /// Values over the whole level (warm-up included), for sanity checks.
+    total_values: u64,
+    total_reqs: u64,
+    /// Statements (SKIP LOCKED) over the whole level.
+    statements: u64,
+    /// Values per client inside the window.
+    per_client: Vec<u64>,
+    /// Machine cores busy and this process's cores over the window.
+    cpu: (f64, f64),
+    load: String,
+}
+
+impl Level {
+    fn values_per_sec(&self) -> f64 {
+        self.values as f64 / self.window.as_secs_f64()
+    }
+
+    fn reqs_per_sec(&self) -> f64 {
+        self.reqs as f64 / self.window.as_secs_f64()
+    }
+}
+
+/// Runs one client task per op for the warm-up and the measured window.
+async fn drive(cfg: &Config, ops: Vec<Op>) -> Level {
+    let clients = ops.len();
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(cfg.warmup_secs);
+    let measure_to = measure_from + Duration::from_secs_f64(cfg.secs);
+    let cpu_probe = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let a = Cpu::now();
+        tokio::time::sleep_until(measure_to.into()).await;
+        (Cpu::now().since(&a), loadavg())
+    });
+    let mut tasks = Vec::with_capacity(clients);
+    for (t, mut op) in ops.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut values, mut total_values, mut total_reqs, mut statements) = (0, 0, 0, 0);
+            let mut errors = 0usize;
+            let mut i = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= measure_to {
+                    break;
+                }
+                let res = op(i).await;
+                i += 1;
+                let t1 = Instant::now();
+                match res {
+                    Ok((n, s)) => {
+                        total_values += n;
+                        total_reqs += 1;
+                        statements += s;
+                        // Counted if it completed inside the measured window.
+                        if t1 >= measure_from && t1 <= measure_to {
+                            lat.push(t1 - t0);
+                            values += n;
+                        }
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors <= 3 {
+                            eprintln!("  request error (client {t} of {clients}): {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (lat, values, total_values, total_reqs, statements, errors)
+        }));
+    }
+    let mut level = Level {
+        clients,
+        window: Duration::from_secs_f64(cfg.secs),
+        reqs: 0,
+        values: 0,
+        lat: Latencies(Vec::new()),
+        errors: 0,
+        total_values: 0,
+        total_reqs: 0,
+        statements: 0,
+        per_client: Vec::with_capacity(clients),
+        cpu: (0.0, 0.0),
+        load: String::new(),
+    };
+    let mut lat = Vec::new();
+    for task in tasks {
+        let (l, v, tv, tr, s, e) = task.await.expect("client task panicked");
+        level.reqs += l.len();
+        lat.extend(l);
+        level.values += v;
+        level.total_values += tv;
+        level.total_reqs += tr;
+        level.statements += s;
+        level.errors += e;
+        level.per_client.push(v);
+    }
+    level.lat = Latencies::new(lat);
+    (level.cpu, level.load) = cpu_probe.await.expect("cpu probe");
+    level
+}
+
+/// A client of the engine: keyed claims (`count` 0) or `count` values per
+/// request, on `pool`.
+fn allot_op(allot: &Allot, pool: &str, tag: String, count: u64) -> Op {
+    let allot = allot.clone();
+    let pool: Arc<str> = pool.into();
+    Box::new(move |i| {
+        let (allot, pool) = (allot.clone(), pool.clone());
+        let req = if count == 0 {
+            AllocRequest::key(format!("{tag}-{i}"))
+        } else {
+            AllocRequest::many(count)
+        };
+        Box::pin(async move {
+            let claims = allot
+                .allocate(&pool, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let want = count.max(1);
+            if claims.len() as u64 != want {
+                return Err(format!("{} values instead of {want}", claims.len()));
+            }
+            Ok((want, 1))
+        })
+    })
 }
 
 async fn current_revision(allot: &Allot) -> u64 {
@@ -242,113 +601,347 @@ async fn current_revision(allot: &Allot) -> u64 {
         .expect("reading the store revision")
 }
 
-/// One concurrency level of keyed claims on a fresh pool.
-async fn keyed_level(allot: &Allot, cfg: &Config, n: usize) -> KeyedResult {
-    let pool = format!("keyed-c{n}");
-    allot
-        .create_pool(&pool, range_spec(), BTreeMap::new())
-        .await
-        .expect("create keyed pool");
-    let rev0 = current_revision(allot).await;
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(cfg.warmup_secs);
-    let measure_to = measure_from + Duration::from_secs_f64(cfg.secs);
-    let mut tasks = Vec::with_capacity(n);
-    for t in 0..n {
-        let allot = allot.clone();
-        let pool = pool.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut done = 0usize;
-            let mut errors = 0usize;
-            let mut i = 0u64;
-            loop {
-                let t0 = Instant::now();
-                if t0 >= measure_to {
-                    break;
-                }
-                let key = format!("c{n}-t{t}-{i}");
-                i += 1;
-                let res = allot.allocate(&pool, AllocRequest::key(key)).await;
-                let t1 = Instant::now();
-                match res {
-                    Ok(claims) => {
-                        assert_eq!(claims.len(), 1, "one keyed claim per request");
-                        done += 1;
-                        // Counted if it completed inside the measured window.
-                        if t1 >= measure_from && t1 <= measure_to {
-                            lat.push(t1 - t0);
-                        }
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        if errors <= 3 {
-                            eprintln!("  allocate error (c={n}, task {t}): {e}");
-                        }
-                    }
-                }
-            }
-            (lat, done, errors)
-        }));
-    }
-    let mut lat = Vec::new();
-    let mut total_done = 0usize;
-    let mut errors = 0usize;
-    for task in tasks {
-        let (l, d, e) = task.await.expect("submitter task panicked");
-        lat.extend(l);
-        total_done += d;
-        errors += e;
-    }
-    let revisions = current_revision(allot).await - rev0;
-    // Sanity: every acknowledged claim is a distinct allocated value.
-    let info = allot.pool(&pool).await.expect("pool info");
+/// Checks that `pool` holds exactly the values acknowledged.
+async fn check_allocated(allot: &Allot, pool: &str, acknowledged: u64) {
+    let info = allot.pool(pool).await.expect("pool info");
     assert_eq!(
-        info.stats.allocated, total_done as u64,
+        info.stats.allocated, acknowledged,
         "pool {pool}: allocated count differs from acknowledged claims"
     );
-    KeyedResult {
-        concurrency: n,
-        claims: lat.len(),
-        window: Duration::from_secs_f64(cfg.secs),
-        lat: Latencies::new(lat),
-        errors,
-        total: total_done,
-        revisions,
-    }
 }
 
-/// Fills `allot` with `cfg.fill` owned claims spread over `cfg.fill_pools` pools.
-async fn fill(allot: &Allot, cfg: &Config) -> Duration {
-    let per_pool = cfg.fill / cfg.fill_pools;
-    let mut extra = cfg.fill % cfg.fill_pools;
+const LEVEL_HEADER: [&str; 12] = [
+    "clients", "requests", "req/s", "values/s", "mean ms", "p50 ms", "p99 ms", "max ms", "extra",
+    "errors", "cpu all", "cpu self",
+];
+
+fn print_level_header(extra: &str) {
+    let mut h = LEVEL_HEADER;
+    h[8] = extra;
+    println!(
+        "{:>8} | {:>9} | {:>9} | {:>9} | {:>8} | {:>8} | {:>8} | {:>8} | {:>12} | {:>6} | {:>7} | {:>8} | load",
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]
+    );
+    println!("{}", "-".repeat(150));
+}
+
+fn print_level(l: &Level, extra: f64) {
+    println!(
+        "{:>8} | {:>9} | {:>9.0} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>12.2} | {:>6} | {:>7.2} | {:>8.2} | {}",
+        l.clients,
+        l.reqs,
+        l.reqs_per_sec(),
+        l.values_per_sec(),
+        ms(l.lat.mean()),
+        ms(l.lat.pct(50.0)),
+        ms(l.lat.pct(99.0)),
+        ms(l.lat.max()),
+        extra,
+        l.errors,
+        l.cpu.0,
+        l.cpu.1,
+        l.load
+    );
+}
+
+// ---------------------------------------------------------------- parts
+
+/// `keyed` (`count` 0) or `many` (`count` values per request): one level
+/// per concurrency, each on a fresh pool of `main`.
+async fn claim_levels(main: &Opened, cfg: &Config, count: u64) -> Vec<Level> {
+    let what = if count == 0 {
+        "keyed claims (AllocRequest::key)".to_string()
+    } else {
+        format!("AllocRequest::many({count})")
+    };
+    let mut results = Vec::new();
+    let mut batches = Vec::new();
+    for &n in &cfg.concurrency {
+        let pool = format!("{}-c{n}", if count == 0 { "keyed" } else { "many" });
+        main.allot
+            .create_pool(&pool, range_spec(), BTreeMap::new())
+            .await
+            .expect("create pool");
+        println!(
+            "{}: {what}, {n} submitter(s), {} s warm-up + {} s ...",
+            main.backend.name(),
+            cfg.warmup_secs,
+            cfg.secs
+        );
+        let rev0 = current_revision(&main.allot).await;
+        let xid0 = main.pg_xid().await;
+        let ops = (0..n)
+            .map(|t| allot_op(&main.allot, &pool, format!("c{n}-t{t}"), count))
+            .collect();
+        let level = drive(cfg, ops).await;
+        let revisions = current_revision(&main.allot).await - rev0;
+        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
+            let commits = b.saturating_sub(a + 1).max(1);
+            println!(
+                "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit)",
+                level.total_reqs,
+                level.total_reqs as f64 / commits as f64
+            );
+        }
+        check_allocated(&main.allot, &pool, level.total_values).await;
+        batches.push(level.total_reqs as f64 / revisions.max(1) as f64);
+        results.push(level);
+    }
+    println!();
+    println!(
+        "durable {what} on {}, store {} MiB",
+        main.backend.name(),
+        mib(main.size_mib().await)
+    );
+    print_level_header("reqs/commit");
+    for (l, b) in results.iter().zip(batches) {
+        print_level(l, b);
+    }
+    println!(
+        "reqs/commit: requests per store revision over the level incl. warm-up (one engine batch = one store transaction; several may share one fsync)"
+    );
+    println!();
+    results
+}
+
+/// `parallel`: P pools at once, `pool_submitters` keyed submitters each.
+async fn parallel(main: &Opened, cfg: &Config) {
+    let s = cfg.pool_submitters;
+    let mut rows = Vec::new();
+    for &p in &cfg.pools {
+        let pools: Vec<String> = (0..p).map(|j| format!("par-p{p}-{j}")).collect();
+        for pool in &pools {
+            main.allot
+                .create_pool(pool, range_spec(), BTreeMap::new())
+                .await
+                .expect("create pool");
+        }
+        println!(
+            "{}: parallel, {p} pool(s) x {s} submitter(s), {} s warm-up + {} s ...",
+            main.backend.name(),
+            cfg.warmup_secs,
+            cfg.secs
+        );
+        let rev0 = current_revision(&main.allot).await;
+        let xid0 = main.pg_xid().await;
+        let ops = pools
+            .iter()
+            .flat_map(|pool| {
+                (0..s).map(move |t| allot_op(&main.allot, pool, format!("{pool}-t{t}"), 0))
+            })
+            .collect();
+        let level = drive(cfg, ops).await;
+        let revisions = current_revision(&main.allot).await - rev0;
+        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
+            let commits = b.saturating_sub(a + 1).max(1);
+            println!(
+                "  {} claims in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} claims per commit)",
+                level.total_reqs,
+                level.total_reqs as f64 / commits as f64
+            );
+        }
+        let per_pool: Vec<f64> = level
+            .per_client
+            .chunks(s)
+            .map(|c| c.iter().sum::<u64>() as f64 / cfg.secs)
+            .collect();
+        // Totals are not kept per pool: check the sum.
+        let mut allocated = 0;
+        for pool in &pools {
+            allocated += main
+                .allot
+                .pool(pool)
+                .await
+                .expect("pool info")
+                .stats
+                .allocated;
+        }
+        assert_eq!(
+            allocated, level.total_values,
+            "parallel: allocated values differ from acknowledged claims"
+        );
+        let min = per_pool.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = per_pool.iter().copied().fold(0.0, f64::max);
+        rows.push((p, level, min, max, revisions));
+    }
+    println!();
+    println!(
+        "parallel keyed claims on {}: P pools at once, {s} submitter(s) per pool",
+        main.backend.name()
+    );
+    println!(
+        "{:>6} | {:>9} | {:>8} | {:>13} | {:>13} | {:>8} | {:>8} | {:>9} | {:>6} | {:>7} | {:>8} | load",
+        "pools", "claims/s", "x 1 pool", "min pool /s", "max pool /s", "mean ms", "p99 ms", "revisions", "errors", "cpu all", "cpu self"
+    );
+    println!("{}", "-".repeat(140));
+    let base = rows.first().map_or(1.0, |r| r.1.values_per_sec().max(1e-9));
+    for (p, l, min, max, revisions) in &rows {
+        println!(
+            "{:>6} | {:>9.0} | {:>8.2} | {:>13.0} | {:>13.0} | {:>8.3} | {:>8.3} | {:>9} | {:>6} | {:>7.2} | {:>8.2} | {}",
+            p,
+            l.values_per_sec(),
+            l.values_per_sec() / base,
+            min,
+            max,
+            ms(l.lat.mean()),
+            ms(l.lat.pct(99.0)),
+            revisions,
+            l.errors,
+            l.cpu.0,
+            l.cpu.1,
+            l.load
+        );
+    }
+    println!("revisions: store revisions over the level incl. warm-up (one per engine batch)");
+    println!();
+}
+
+/// `skiplocked`: the hand-written alternative on the same PostgreSQL.
+async fn skiplocked(url: &str, cfg: &Config) -> (Vec<Level>, Vec<Level>) {
+    let mut out = (Vec::new(), Vec::new());
+    for count in [0, cfg.bulk_count] {
+        let what = if count == 0 {
+            "keyed claim".to_string()
+        } else {
+            format!("claim({count})")
+        };
+        let t0 = Instant::now();
+        skip_locked::setup(url, cfg.skip_values)
+            .await
+            .expect("creating the SKIP LOCKED table");
+        println!(
+            "postgres: SKIP LOCKED table of {} values made in {:.1} s",
+            cfg.skip_values,
+            t0.elapsed().as_secs_f64()
+        );
+        let mut levels = Vec::new();
+        let mut acknowledged = 0;
+        for &n in &cfg.concurrency {
+            println!(
+                "postgres: SKIP LOCKED {what}, {n} connection(s), {} s warm-up + {} s ...",
+                cfg.warmup_secs, cfg.secs
+            );
+            let mut ops: Vec<Op> = Vec::with_capacity(n);
+            for t in 0..n {
+                let client = skip_locked::SkipLocked::new(url)
+                    .await
+                    .expect("SKIP LOCKED connection");
+                ops.push(Box::new(move |i| {
+                    let key = (count == 0).then(|| format!("c{n}-t{t}-{i}"));
+                    client.claim(key, count)
+                }));
+            }
+            let level = drive(cfg, ops).await;
+            acknowledged += level.total_values;
+            levels.push(level);
+        }
+        let taken = skip_locked::taken(url)
+            .await
+            .expect("counting taken values");
+        assert_eq!(
+            taken, acknowledged,
+            "SKIP LOCKED: taken rows differ from acknowledged values"
+        );
+        println!();
+        println!(
+            "SKIP LOCKED {what} (one autocommitted statement per claim, one connection per client)"
+        );
+        print_level_header("stmts/req");
+        for l in &levels {
+            print_level(l, l.statements as f64 / l.total_reqs.max(1) as f64);
+        }
+        println!("stmts/req: statements per request (a short answer is retried)");
+        println!();
+        if count == 0 {
+            out.0 = levels;
+        } else {
+            out.1 = levels;
+        }
+    }
+    out
+}
+
+fn print_ratios(what: &str, allot: &[Level], skip: &[Level]) {
+    println!("allot / SKIP LOCKED, {what}");
+    println!(
+        "{:>8} | {:>12} | {:>12} | {:>7} | {:>13} | {:>13} | {:>7}",
+        "clients", "allot val/s", "skip val/s", "ratio", "allot p50 ms", "skip p50 ms", "ratio"
+    );
+    for (a, s) in allot.iter().zip(skip) {
+        println!(
+            "{:>8} | {:>12.0} | {:>12.0} | {:>7.2} | {:>13.3} | {:>13.3} | {:>7.2}",
+            a.clients,
+            a.values_per_sec(),
+            s.values_per_sec(),
+            a.values_per_sec() / s.values_per_sec().max(1e-9),
+            ms(a.lat.pct(50.0)),
+            ms(s.lat.pct(50.0)),
+            ms(a.lat.pct(50.0)) / ms(s.lat.pct(50.0)).max(1e-9),
+        );
+    }
+    println!();
+}
+
+/// Fills `allot` with `cfg.fill` owned claims spread over `cfg.fill_pools`
+/// pools, `fill_tasks` requests in flight on different pools.
+async fn fill(allot: &Allot, backend: Backend, cfg: &Config) -> Duration {
+    let chunk = backend.fill_chunk(cfg);
     let start = Instant::now();
-    let mut filled = 0u64;
+    let mut plan = Vec::new();
     for p in 0..cfg.fill_pools {
         let pool = format!("filler-{p}");
         allot
             .create_pool(&pool, range_spec(), BTreeMap::new())
             .await
             .expect("create filler pool");
-        let mut left = per_pool + u64::from(extra > 0);
-        extra = extra.saturating_sub(1);
-        while left > 0 {
-            let n = left.min(MAX_PER_REQUEST);
-            let t0 = Instant::now();
-            let claims = allot
-                .allocate(&pool, AllocRequest::many(n).owner("filler"))
-                .await
-                .expect("filler allocation");
-            assert_eq!(claims.len() as u64, n);
-            left -= n;
-            filled += n;
-            println!(
-                "  fill: {pool}: +{n} claims in {:.2} s ({filled}/{} total, {:.1} s elapsed)",
-                t0.elapsed().as_secs_f64(),
-                cfg.fill,
-                start.elapsed().as_secs_f64()
-            );
-        }
+        let n = cfg.fill / cfg.fill_pools + u64::from(p < cfg.fill % cfg.fill_pools);
+        plan.push((pool, n));
+    }
+    let filled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let next_report = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let plan = Arc::new(std::sync::Mutex::new(plan));
+    let total = cfg.fill;
+    let mut tasks = Vec::new();
+    for _ in 0..cfg.fill_tasks {
+        let (allot, plan, filled, next_report) = (
+            allot.clone(),
+            plan.clone(),
+            filled.clone(),
+            next_report.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                // Take the next pool still holding work, one chunk at a time,
+                // each task on its own pool.
+                let Some((pool, n)) = plan.lock().unwrap().pop() else {
+                    return;
+                };
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk);
+                    let claims = allot
+                        .allocate(&pool, AllocRequest::many(k).owner("filler"))
+                        .await
+                        .expect("filler allocation");
+                    assert_eq!(claims.len() as u64, k);
+                    left -= k;
+                    let done = filled.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k;
+                    let step = (total / 20).max(1);
+                    let due = next_report.load(std::sync::atomic::Ordering::Relaxed);
+                    if done >= due || done == total {
+                        next_report.store(done + step, std::sync::atomic::Ordering::Relaxed);
+                        let secs = start.elapsed().as_secs_f64();
+                        println!(
+                            "  fill: {done}/{total} claims, {secs:.1} s, {:.0} claims/s",
+                            done as f64 / secs.max(1e-9)
+                        );
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("fill task panicked");
     }
     start.elapsed()
 }
@@ -366,6 +959,105 @@ async fn bulk_round(allot: &Allot, pool: &str, count: u64, reqs: usize) -> Vec<D
         assert_eq!(claims.len() as u64, count);
     }
     out
+}
+
+async fn bulk(backend: Backend, cfg: &Config, dir: &Path) {
+    let empty = Opened::open(backend, dir, "bulk-empty").await;
+    let full = Opened::open(backend, dir, "bulk-filled").await;
+    println!(
+        "bulk: filling {} with {} claims, {} per request, {} request(s) in flight ...",
+        full.path.display(),
+        cfg.fill,
+        backend.fill_chunk(cfg),
+        cfg.fill_tasks
+    );
+    let fill_time = fill(&full.allot, backend, cfg).await;
+    println!(
+        "bulk: fill done: {} claims in {:.1} s ({:.0} claims/s), store {} MiB",
+        cfg.fill,
+        fill_time.as_secs_f64(),
+        cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
+        mib(full.size_mib().await)
+    );
+    for a in [&empty.allot, &full.allot] {
+        a.create_pool("bulk", range_spec(), BTreeMap::new())
+            .await
+            .expect("create bulk pool");
+        bulk_round(a, "bulk", cfg.bulk_count, BULK_WARMUP).await;
+    }
+    let cpu0 = Cpu::now();
+    let mut lat_empty = Vec::with_capacity(cfg.bulk_reqs);
+    let mut lat_full = Vec::with_capacity(cfg.bulk_reqs);
+    let per_round = cfg.bulk_reqs.div_ceil(cfg.rounds);
+    let mut left = cfg.bulk_reqs;
+    let mut round = 0;
+    while left > 0 {
+        let n = left.min(per_round);
+        // Alternate which store goes first, too.
+        let order: [(&Allot, &mut Vec<Duration>); 2] = if round % 2 == 0 {
+            [(&empty.allot, &mut lat_empty), (&full.allot, &mut lat_full)]
+        } else {
+            [(&full.allot, &mut lat_full), (&empty.allot, &mut lat_empty)]
+        };
+        for (a, lat) in order {
+            lat.extend(bulk_round(a, "bulk", cfg.bulk_count, n).await);
+        }
+        left -= n;
+        round += 1;
+    }
+    let (cpu_all, cpu_self) = Cpu::now().since(&cpu0);
+    let (e_mib, f_mib) = (empty.size_mib().await, full.size_mib().await);
+    empty.close().await;
+    full.close().await;
+    let e = Latencies::new(lat_empty);
+    let f = Latencies::new(lat_full);
+    println!();
+    println!(
+        "one request claiming {} values (AllocRequest::many({})) on {}, {} sequential requests per store",
+        cfg.bulk_count,
+        cfg.bulk_count,
+        backend.name(),
+        cfg.bulk_reqs
+    );
+    println!(
+        "{:>26} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>9}",
+        "store", "mean ms", "p50 ms", "p99 ms", "max ms", "req/s", "size MiB"
+    );
+    println!("{}", "-".repeat(90));
+    for (label, l, size) in [
+        ("empty".to_string(), &e, e_mib),
+        (format!("with {} other claims", cfg.fill), &f, f_mib),
+    ] {
+        println!(
+            "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.0} | {:>9}",
+            label,
+            ms(l.mean()),
+            ms(l.pct(50.0)),
+            ms(l.pct(99.0)),
+            ms(l.max()),
+            1.0 / l.mean().as_secs_f64().max(1e-12),
+            mib(size)
+        );
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+    let r_mean = ratio(f.mean(), e.mean());
+    let r_p50 = ratio(f.pct(50.0), e.pct(50.0));
+    let r_p99 = ratio(f.pct(99.0), e.pct(99.0));
+    println!(
+        "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} |",
+        "ratio filled/empty", r_mean, r_p50, r_p99
+    );
+    println!(
+        "target (design): filled within 10% of empty -> mean ratio {:.3} {}",
+        r_mean,
+        if r_mean <= 1.10 { "MET" } else { "NOT MET" }
+    );
+    println!(
+        "fill time: {:.1} s for {} claims; cpu over the rounds: machine {cpu_all:.2} cores, this process {cpu_self:.2}; load {}",
+        fill_time.as_secs_f64(),
+        cfg.fill,
+        loadavg()
+    );
 }
 
 fn main() {
@@ -388,6 +1080,7 @@ fn main() {
 
     println!("allot claims benchmark (durable: default options, fsync per commit)");
     println!("  stores                 {:?}", cfg.stores);
+    println!("  parts                  {:?}", cfg.parts);
     println!("configuration:");
     println!("  directory              {}", tmp.path().display());
     println!("  tokio worker threads   {}", cfg.workers);
@@ -395,9 +1088,10 @@ fn main() {
         "  available parallelism  {}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!("  load average at start  {}", loadavg());
     println!(
-        "  keyed: levels {:?}, {} s measured after {} s warm-up each, fresh range pool 1..=2^40 per level",
-        cfg.concurrency, cfg.secs, cfg.warmup_secs
+        "  levels {:?} ({} s measured after {} s warm-up each, fresh range pool 1..=2^40 per level); parallel: pools {:?} x {} submitter(s)",
+        cfg.concurrency, cfg.secs, cfg.warmup_secs, cfg.pools, cfg.pool_submitters
     );
     println!(
         "  bulk:  {} x many({}) sequential per store in {} alternating rounds (+{} warm-up each); filled store: {} claims (owner, claim records) over {} pools",
@@ -412,158 +1106,37 @@ fn main() {
     }
 }
 
-/// Both parts of the benchmark on one backend.
-async fn run(backend: Backend, cfg: &Config, dir: &std::path::Path) {
-    if cfg.keyed {
-        keyed(backend, cfg, dir).await;
+/// Every part on one backend.
+async fn run(backend: Backend, cfg: &Config, dir: &Path) {
+    let skip = cfg.part("skiplocked") && backend == Backend::Postgres;
+    if cfg.part("keyed") || cfg.part("many") || cfg.part("parallel") || skip {
+        let main = Opened::open(backend, dir, "main").await;
+        let keyed = if cfg.part("keyed") {
+            claim_levels(&main, cfg, 0).await
+        } else {
+            Vec::new()
+        };
+        let many = if cfg.part("many") {
+            claim_levels(&main, cfg, cfg.bulk_count).await
+        } else {
+            Vec::new()
+        };
+        if cfg.part("parallel") {
+            parallel(&main, cfg).await;
+        }
+        if skip {
+            let url = main.pg_url().expect("a PostgreSQL server");
+            let (skip_keyed, skip_many) = skiplocked(&url, cfg).await;
+            print_ratios("keyed claims (values/s = claims/s)", &keyed, &skip_keyed);
+            print_ratios(
+                &format!("claim({}) requests (values/s)", cfg.bulk_count),
+                &many,
+                &skip_many,
+            );
+        }
+        main.close().await;
     }
-    if cfg.bulk {
+    if cfg.part("bulk") {
         bulk(backend, cfg, dir).await;
     }
-}
-
-async fn keyed(backend: Backend, cfg: &Config, dir: &std::path::Path) {
-    // ---- 1. keyed claims --------------------------------------------
-    let keyed_path = backend.path(dir, "keyed");
-    let allot = open_engine(backend, &keyed_path);
-    let mut results = Vec::new();
-    for &n in &cfg.concurrency {
-        println!(
-            "keyed: {n} submitter(s), {} s warm-up + {} s ...",
-            cfg.warmup_secs, cfg.secs
-        );
-        results.push(keyed_level(&allot, cfg, n).await);
-    }
-    allot.close().await;
-    println!();
-    println!(
-        "1. durable keyed claims (AllocRequest::key), {} store {:.1} MiB",
-        backend.name(),
-        file_mib(&keyed_path)
-    );
-    println!(
-        "{:>11} | {:>9} | {:>9} | {:>8} | {:>8} | {:>8} | {:>8} | {:>12} | {:>6}",
-        "submitters",
-        "claims",
-        "claims/s",
-        "mean ms",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "claims/batch",
-        "errors"
-    );
-    println!("{}", "-".repeat(103));
-    for r in &results {
-        println!(
-            "{:>11} | {:>9} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>12.1} | {:>6}",
-            r.concurrency,
-            r.claims,
-            r.claims as f64 / r.window.as_secs_f64(),
-            ms(r.lat.mean()),
-            ms(r.lat.pct(50.0)),
-            ms(r.lat.pct(99.0)),
-            ms(r.lat.max()),
-            r.total as f64 / r.revisions.max(1) as f64,
-            r.errors
-        );
-    }
-    println!(
-        "claims/batch: claims per store revision over the level incl. warm-up (one engine group commit = one fsync each)"
-    );
-    println!();
-}
-
-async fn bulk(backend: Backend, cfg: &Config, dir: &std::path::Path) {
-    // ---- 2. bulk claims, empty vs filled ------------------------------
-    let empty_path = backend.path(dir, "bulk-empty");
-    let full_path = backend.path(dir, "bulk-filled");
-    let empty = open_engine(backend, &empty_path);
-    let full = open_engine(backend, &full_path);
-    println!(
-        "bulk: filling {} with {} claims ...",
-        full_path.display(),
-        cfg.fill
-    );
-    let fill_time = fill(&full, cfg).await;
-    println!(
-        "bulk: fill done: {} claims in {:.1} s ({:.0} claims/s), file {:.1} MiB",
-        cfg.fill,
-        fill_time.as_secs_f64(),
-        cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
-        file_mib(&full_path)
-    );
-    for a in [&empty, &full] {
-        a.create_pool("bulk", range_spec(), BTreeMap::new())
-            .await
-            .expect("create bulk pool");
-        bulk_round(a, "bulk", cfg.bulk_count, BULK_WARMUP).await;
-    }
-    let mut lat_empty = Vec::with_capacity(cfg.bulk_reqs);
-    let mut lat_full = Vec::with_capacity(cfg.bulk_reqs);
-    let per_round = cfg.bulk_reqs.div_ceil(cfg.rounds);
-    let mut left = cfg.bulk_reqs;
-    let mut round = 0;
-    while left > 0 {
-        let n = left.min(per_round);
-        // Alternate which store goes first, too.
-        let order: [(&Allot, &mut Vec<Duration>); 2] = if round % 2 == 0 {
-            [(&empty, &mut lat_empty), (&full, &mut lat_full)]
-        } else {
-            [(&full, &mut lat_full), (&empty, &mut lat_empty)]
-        };
-        for (a, lat) in order {
-            lat.extend(bulk_round(a, "bulk", cfg.bulk_count, n).await);
-        }
-        left -= n;
-        round += 1;
-    }
-    let (e_mib, f_mib) = (file_mib(&empty_path), file_mib(&full_path));
-    empty.close().await;
-    full.close().await;
-    let e = Latencies::new(lat_empty);
-    let f = Latencies::new(lat_full);
-    println!();
-    println!(
-        "2. one request claiming {} values (AllocRequest::many({})), {} sequential requests per store",
-        cfg.bulk_count, cfg.bulk_count, cfg.bulk_reqs
-    );
-    println!(
-        "{:>26} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>9}",
-        "store", "mean ms", "p50 ms", "p99 ms", "max ms", "req/s", "file MiB"
-    );
-    println!("{}", "-".repeat(90));
-    for (label, l, mib) in [
-        ("empty".to_string(), &e, e_mib),
-        (format!("with {} other claims", cfg.fill), &f, f_mib),
-    ] {
-        println!(
-            "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.0} | {:>9.1}",
-            label,
-            ms(l.mean()),
-            ms(l.pct(50.0)),
-            ms(l.pct(99.0)),
-            ms(l.max()),
-            1.0 / l.mean().as_secs_f64().max(1e-12),
-            mib
-        );
-    }
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
-    let r_mean = ratio(f.mean(), e.mean());
-    let r_p50 = ratio(f.pct(50.0), e.pct(50.0));
-    let r_p99 = ratio(f.pct(99.0), e.pct(99.0));
-    println!(
-        "{:>26} | {:>8.3} | {:>8.3} | {:>8.3} |",
-        "ratio filled/empty", r_mean, r_p50, r_p99
-    );
-    println!(
-        "target (design): filled within 10% of empty -> mean ratio {:.3} {}",
-        r_mean,
-        if r_mean <= 1.10 { "MET" } else { "NOT MET" }
-    );
-    println!(
-        "fill time: {:.1} s for {} claims",
-        fill_time.as_secs_f64(),
-        cfg.fill
-    );
 }
