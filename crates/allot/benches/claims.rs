@@ -368,10 +368,7 @@ impl Opened {
                 LogStore::open(&path, LogOptions::default()).unwrap_or_else(|e| failed(&e)),
             )),
             Backend::Postgres => {
-                let server = tokio::task::spawn_blocking(PgServer::start)
-                    .await
-                    .expect("starting PostgreSQL")
-                    .unwrap_or_else(|e| failed(&e));
+                let server = start_server(PgServer::start, "PostgreSQL").await;
                 let store = PostgresStore::connect(&server.url(), PostgresOptions::default())
                     .await
                     .unwrap_or_else(|e| failed(&e));
@@ -380,10 +377,7 @@ impl Opened {
                 Allot::new(Arc::new(store))
             }
             Backend::Etcd => {
-                let server = tokio::task::spawn_blocking(EtcdServer::start)
-                    .await
-                    .expect("starting etcd")
-                    .unwrap_or_else(|e| failed(&e));
+                let server = start_server(EtcdServer::start, "etcd").await;
                 let store = EtcdStore::connect(&server.endpoints(), EtcdOptions::default())
                     .await
                     .unwrap_or_else(|e| failed(&e));
@@ -442,6 +436,15 @@ impl Opened {
         })
         .await
         .expect("stopping the servers");
+    }
+}
+
+/// Starts a throw-away server (blocking) off the runtime's threads.
+async fn start_server<S: Send + 'static>(start: fn() -> Result<S, String>, what: &str) -> S {
+    match tokio::task::spawn_blocking(start).await {
+        Ok(Ok(server)) => server,
+        Ok(Err(e)) => panic!("starting {what}: {e}"),
+        Err(e) => panic!("starting {what}: {e}"),
     }
 }
 
@@ -646,6 +649,24 @@ fn print_level(l: &Level, extra: f64) {
 
 // ---------------------------------------------------------------- parts
 
+/// [`drive`] on the engine of `main`, also counting the store revisions
+/// written and, on PostgreSQL, the PostgreSQL commits made.
+async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64) {
+    let rev0 = current_revision(&main.allot).await;
+    let xid0 = main.pg_xid().await;
+    let level = drive(cfg, ops).await;
+    let revisions = current_revision(&main.allot).await - rev0;
+    if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
+        let commits = b.saturating_sub(a + 1).max(1);
+        println!(
+            "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit)",
+            level.total_reqs,
+            level.total_reqs as f64 / commits as f64
+        );
+    }
+    (level, revisions)
+}
+
 /// `keyed` (`count` 0) or `many` (`count` values per request): one level
 /// per concurrency, each on a fresh pool of `main`.
 async fn claim_levels(main: &Opened, cfg: &Config, count: u64) -> Vec<Level> {
@@ -668,21 +689,10 @@ async fn claim_levels(main: &Opened, cfg: &Config, count: u64) -> Vec<Level> {
             cfg.warmup_secs,
             cfg.secs
         );
-        let rev0 = current_revision(&main.allot).await;
-        let xid0 = main.pg_xid().await;
         let ops = (0..n)
             .map(|t| allot_op(&main.allot, &pool, format!("c{n}-t{t}"), count))
             .collect();
-        let level = drive(cfg, ops).await;
-        let revisions = current_revision(&main.allot).await - rev0;
-        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
-            let commits = b.saturating_sub(a + 1).max(1);
-            println!(
-                "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit)",
-                level.total_reqs,
-                level.total_reqs as f64 / commits as f64
-            );
-        }
+        let (level, revisions) = drive_counted(main, cfg, ops).await;
         check_allocated(&main.allot, &pool, level.total_values).await;
         batches.push(level.total_reqs as f64 / revisions.max(1) as f64);
         results.push(level);
@@ -722,24 +732,13 @@ async fn parallel(main: &Opened, cfg: &Config) {
             cfg.warmup_secs,
             cfg.secs
         );
-        let rev0 = current_revision(&main.allot).await;
-        let xid0 = main.pg_xid().await;
         let ops = pools
             .iter()
             .flat_map(|pool| {
                 (0..s).map(move |t| allot_op(&main.allot, pool, format!("{pool}-t{t}"), 0))
             })
             .collect();
-        let level = drive(cfg, ops).await;
-        let revisions = current_revision(&main.allot).await - rev0;
-        if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
-            let commits = b.saturating_sub(a + 1).max(1);
-            println!(
-                "  {} claims in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} claims per commit)",
-                level.total_reqs,
-                level.total_reqs as f64 / commits as f64
-            );
-        }
+        let (level, revisions) = drive_counted(main, cfg, ops).await;
         let per_pool: Vec<f64> = level
             .per_client
             .chunks(s)

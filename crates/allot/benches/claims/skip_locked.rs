@@ -151,7 +151,7 @@ impl SkipLocked {
                         return Ok((1, statements));
                     }
                     if statements > 1000 {
-                        return Err("no free value after 1000 statements".into());
+                        return Err(EXHAUSTED.into());
                     }
                 },
                 None => {
@@ -165,7 +165,7 @@ impl SkipLocked {
                             .map_err(|e| format!("claim({count}): {}", pg_error(&e)))?;
                         got += rows.len() as u64;
                         if statements > 1000 {
-                            return Err("values missing after 1000 statements".into());
+                            return Err(EXHAUSTED.into());
                         }
                     }
                     Ok((got, statements))
@@ -174,6 +174,9 @@ impl SkipLocked {
         })
     }
 }
+
+const EXHAUSTED: &str =
+    "values missing after 1000 statements: table exhausted? (raise ALLOT_BENCH_SKIP_VALUES)";
 
 /// Values claimed and statements run, or an error.
 pub type ClaimResult = Result<(u64, u64), String>;
