@@ -292,6 +292,33 @@ async fn every_rpc_end_to_end() {
     assert_eq!(v6.block_size, 65536);
     assert_eq!(stats(&v6).size, (1u128 << 24).to_string());
     assert!(v6.created_ms > 0);
+    assert_eq!(v6.member_blocks, pb::MemberBlocks::None as i32);
+
+    // A member-blocks pool: its values come from members only.
+    let teid = g
+        .create(pb::CreatePoolRequest {
+            member_blocks: pb::MemberBlocks::Block as i32,
+            block_size: 256,
+            ..pool("teid", range(0, 65535))
+        })
+        .await
+        .unwrap();
+    assert_eq!(teid.member_blocks, pb::MemberBlocks::Block as i32);
+    g.run(Call::Delete(pb::DeletePoolRequest {
+        name: "teid".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let err = g
+        .create(pb::CreatePoolRequest {
+            member_blocks: 7,
+            ..pool("bad-mb", range(0, 9))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("member_blocks"), "{err}");
 
     // GetPool: counters as decimal strings, matching REST on the same port.
     let vlans = g.get("vlans").await.unwrap();

@@ -98,6 +98,27 @@ pub(crate) fn strategy_from_pb(v: i32) -> Result<Strategy, Status> {
     }
 }
 
+pub(crate) fn member_blocks_from_pb(v: i32) -> Result<Option<allot::Durability>, Status> {
+    match pb::MemberBlocks::try_from(v) {
+        Ok(pb::MemberBlocks::None) => Ok(None),
+        Ok(pb::MemberBlocks::Sync) => Ok(Some(allot::Durability::Sync)),
+        Ok(pb::MemberBlocks::Block) => Ok(Some(allot::Durability::Block)),
+        Err(_) => Err(invalid(format!(
+            "unknown member_blocks {v} (expected MEMBER_BLOCKS_NONE, MEMBER_BLOCKS_SYNC or \
+             MEMBER_BLOCKS_BLOCK)"
+        ))),
+    }
+}
+
+fn member_blocks_to_pb(d: Option<allot::Durability>) -> i32 {
+    match d {
+        None => pb::MemberBlocks::None,
+        Some(allot::Durability::Sync) => pb::MemberBlocks::Sync,
+        Some(allot::Durability::Block) => pb::MemberBlocks::Block,
+    }
+    .into()
+}
+
 /// The enum number of a strategy (never unspecified: answers say which).
 pub(crate) fn strategy_to_pb(s: Strategy) -> i32 {
     let s = match s {
@@ -126,6 +147,7 @@ pub(crate) fn new_pool(r: pb::CreatePoolRequest) -> Result<NewPool, Status> {
     if r.block_size != 0 {
         spec.block_size = r.block_size;
     }
+    spec.member_blocks = member_blocks_from_pb(r.member_blocks)?;
     // The spec, labels and parent are checked by the engine before it
     // writes anything.
     Ok(NewPool {
@@ -152,6 +174,7 @@ pub(crate) fn pool_to_pb(p: allot::PoolInfo) -> pb::PoolInfo {
         strategy: strategy_to_pb(r.spec.strategy),
         quarantine_secs: r.spec.quarantine_secs,
         block_size: r.spec.block_size,
+        member_blocks: member_blocks_to_pb(r.spec.member_blocks),
         labels: r.labels,
         parent: r.parent.map(|p| pb::ParentRef {
             pool: p.pool,
