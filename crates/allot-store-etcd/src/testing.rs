@@ -301,3 +301,14 @@ pub async fn fresh_store(revisions: u64, events: u64) -> (EtcdStore, EtcdServer)
         ),
     }
 }
+
+/// The shared outage scenario (`allot_store::conformance::outage_and_reconnect`)
+/// crashes and restarts this server.
+impl allot_store::conformance::Crashable for EtcdServer {
+    fn kill(&mut self) {
+        EtcdServer::kill(self);
+    }
+    fn restart(&mut self) -> Result<(), String> {
+        EtcdServer::restart(self)
+    }
+}

@@ -4,21 +4,14 @@
 //! semantics are in `tests/conformance.rs`.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allot_store::conformance::{key_of, next_event, next_events, put, summary, value};
+use allot_store::conformance::{
+    key_of, next_event, next_events, outage_and_reconnect, put, summary, value, CALL_BOUND,
+};
 use allot_store::{prefix_end, Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
 use allot_store_etcd::testing::{fresh_store, start_server};
 use allot_store_etcd::{EtcdOptions, EtcdStore};
-use futures::StreamExt;
-use tokio::time::timeout;
-
-/// Longest any single call may take while etcd is down: the store's
-/// request timeout (2 s below) plus scheduling slack. Past it the call
-/// "hangs", which is the bug this guards against.
-const CALL_BOUND: Duration = Duration::from_secs(10);
 
 fn options(namespace: &str) -> EtcdOptions {
     EtcdOptions {
@@ -31,192 +24,15 @@ fn options(namespace: &str) -> EtcdOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_fails_fast_and_the_store_reconnects_by_itself() {
-    const WRITERS: usize = 8;
-    let mut server = start_server().await;
+    let server = start_server().await;
     let endpoints = server.endpoints();
-    let s = EtcdStore::connect(&endpoints, options("outage/"))
-        .await
-        .unwrap();
-    let mut watch = s.watch(b"w/", 0).await.unwrap();
-
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let failures = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (s, acked, failures, stop) = (s.clone(), acked.clone(), failures.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w/{w}/{i}");
-                let txn = Txn::new()
-                    .when(Compare::absent(&key))
-                    .then(Op::put(&key, "v"));
-                let outcome = timeout(CALL_BOUND, s.txn(txn))
-                    .await
-                    .unwrap_or_else(|_| panic!("a txn hung for {CALL_BOUND:?}"));
-                match outcome {
-                    Ok(resp) => {
-                        assert!(resp.succeeded, "{key} written twice");
-                        acked.lock().unwrap().push(key);
-                        i += 1;
-                    }
-                    Err(StoreError::Unavailable(_)) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        // Retried with a new key: an unacknowledged write
-                        // may or may not have committed.
-                        i += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Err(other) => panic!("unexpected error during the outage: {other:?}"),
-                }
-            }
-        }));
-    }
-    // Reads must fail fast too.
-    let reader = {
-        let (s, stop) = (s.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut unavailable = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                match timeout(CALL_BOUND, s.get(b"w/0/0")).await {
-                    Err(_) => panic!("a get hung for {CALL_BOUND:?}"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(StoreError::Unavailable(_))) => unavailable += 1,
-                    Ok(Err(other)) => panic!("unexpected error: {other:?}"),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            unavailable
-        })
+    let connect = || async {
+        EtcdStore::connect(&endpoints, options("outage/"))
+            .await
+            .unwrap()
     };
-
-    // Some writes before the crash.
-    while acked.lock().unwrap().len() < 200 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    server = tokio::task::spawn_blocking(move || {
-        server.kill();
-        server
-    })
-    .await
-    .unwrap();
-    let killed_at = Instant::now();
-    let acked_before = acked.lock().unwrap().len();
-
-    // Calls fail (fast: each is bounded above) instead of hanging.
-    while failures.load(Ordering::Relaxed) < 3 * WRITERS as u64 {
-        assert!(
-            killed_at.elapsed() < 2 * CALL_BOUND,
-            "writers did not notice the outage"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // The watch ends with an error the consumer can resume from.
-    let mut seen = Vec::new();
-    loop {
-        match timeout(CALL_BOUND, watch.next()).await {
-            Err(_) => panic!("the watch hung during the outage"),
-            Ok(Some(Ok(event))) => seen.push(event),
-            Ok(Some(Err(StoreError::Unavailable(_)))) => break,
-            Ok(other) => panic!("unexpected watch item {other:?}"),
-        }
-    }
-    let acked_during = acked.lock().unwrap().len() - acked_before;
-    assert!(
-        acked_during <= WRITERS,
-        "{acked_during} writes acknowledged while down"
-    );
-
-    // Restart on the same data directory and ports: the store comes back
-    // by itself.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let server = tokio::task::spawn_blocking(move || {
-        server.restart().expect("restarting etcd");
-        server
-    })
-    .await
-    .unwrap();
-    let restarted_at = Instant::now();
-    loop {
-        match s.txn(Txn::new().then(Op::put("probe", "1"))).await {
-            Ok(_) => break,
-            Err(StoreError::Unavailable(_)) => {
-                assert!(
-                    restarted_at.elapsed() < Duration::from_secs(5),
-                    "the store did not serve again within 5 s of the restart"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(other) => panic!("unexpected error after the restart: {other:?}"),
-        }
-    }
-    let recovered_in = restarted_at.elapsed();
-    // Watches work again, and see writes through another store.
-    let mut after = s.watch(b"after/", 0).await.unwrap();
-    let other = EtcdStore::connect(&endpoints, options("outage/"))
-        .await
-        .unwrap();
-    put(&other, "after/x", "1").await;
-    let event = timeout(CALL_BOUND, after.next())
-        .await
-        .expect("the watch was not woken after the restart")
-        .unwrap()
-        .unwrap();
-    assert_eq!(key_of(&event), "after/x");
-    let acked_at_restart = acked.lock().unwrap().len();
-    while acked.lock().unwrap().len() < acked_at_restart + 200 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let reads_failed = reader.await.unwrap();
-    assert!(reads_failed > 0, "no read noticed the outage");
-
-    // Nothing acknowledged is lost, seen through this store and a new one.
-    let fresh = EtcdStore::connect(&endpoints, options("outage/"))
-        .await
-        .unwrap();
-    let acked = acked.lock().unwrap().clone();
-    for store in [&s, &fresh] {
-        let all = store.range(b"w/", &prefix_end(b"w/"), 0).await.unwrap();
-        let present: BTreeSet<Vec<u8>> = all.kvs.into_iter().map(|kv| kv.key).collect();
-        for key in &acked {
-            assert!(present.contains(key.as_bytes()), "acknowledged {key} lost");
-        }
-        // One revision per write that committed (acknowledged or not),
-        // plus the probe and after/x.
-        assert_eq!(
-            store.current_revision().await.unwrap(),
-            1 + present.len() as u64 + 2
-        );
-    }
-    // The history is whole: a new watch replays every write with no gap.
-    let current = fresh.current_revision().await.unwrap();
-    let mut replay = fresh.watch(b"", 1).await.unwrap();
-    let mut last = 1;
-    while last < current {
-        let event = next_event(&mut replay).await;
-        assert_eq!(event.revision(), last + 1, "gap in the history");
-        last = event.revision();
-    }
-    // Events delivered before the crash were committed writes.
-    let present = fresh.range(b"w/", &prefix_end(b"w/"), 0).await.unwrap();
-    for event in &seen {
-        assert_eq!(event.kind, EventKind::Put);
-        assert!(present.kvs.iter().any(|kv| kv.key == event.kv.key));
-    }
-    eprintln!(
-        "outage: {} acked before the kill, {} failed calls, store serving {:?} after the \
-         restart, {} acked in total",
-        acked_before,
-        reads_failed + failures.load(Ordering::Relaxed),
-        recovered_in,
-        acked.len()
-    );
-    drop(server);
+    let s = connect().await;
+    outage_and_reconnect(s, connect, server, 2 * CALL_BOUND).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,3 +425,14 @@ pub async fn fresh_store(revisions: u64, events: u64) -> (PostgresStore, String)
         Err(err) => panic!("connecting to the test server at {url}: {err}"),
     }
 }
+
+/// The shared outage scenario (`allot_store::conformance::outage_and_reconnect`)
+/// crashes and restarts this server.
+impl allot_store::conformance::Crashable for PgServer {
+    fn kill(&mut self) {
+        PgServer::kill(self);
+    }
+    fn restart(&mut self) -> Result<(), String> {
+        PgServer::restart(self)
+    }
+}
