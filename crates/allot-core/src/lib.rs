@@ -6,11 +6,13 @@
 pub mod block;
 pub mod error;
 pub mod owned;
+pub mod owned_set;
 pub mod pool;
 pub mod space;
 
 pub use block::{Block, QuarantineEntry, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::CoreError;
 pub use owned::OwnedBlock;
+pub use owned_set::OwnedBlocks;
 pub use pool::{Durability, PoolSpec, PoolState, PoolStats, Strategy};
 pub use space::{parse_cidr, PoolKind, Run, ValueSpace, MAX_POOL_SIZE};

@@ -20,11 +20,11 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use allot_core::{Block, Durability, OwnedBlock};
+use allot_core::{Block, Durability, OwnedBlock, OwnedBlocks};
 use allot_store::{Compare, Op, OpResult, Revision, Txn};
 
 use crate::error::{Error, Result};
-use crate::members::{BlockOwner, BlockScan, Member, MemberInner};
+use crate::members::{BlockOwner, Member, MemberInner};
 use crate::owners::{free_blocks, read_owners, PoolMeta};
 use crate::{encode_json, keys, lock};
 
@@ -44,105 +44,35 @@ const LOW_WATER_DIVISOR: u64 = 4;
 /// How many free blocks an acquisition tries before giving up for now.
 const ACQUIRE_CANDIDATES: usize = 8;
 
-struct Held {
-    block: OwnedBlock,
-    epoch: u64,
-    /// mod_revision of the owner record we wrote: our writes compare it.
-    owner_rev: Revision,
-    /// When the block last became empty (for giving it back).
-    empty_since: Option<Instant>,
-}
+/// A member's blocks of one pool; each carries the revision of the owner
+/// record we wrote (our writes compare it).
+type OwnedSet = OwnedBlocks<Revision, Instant>;
 
 #[derive(Default)]
 struct Owned {
-    blocks: BTreeMap<u64, Held>,
-    /// The block allocation tries first.
-    current: Option<u64>,
-    /// Blocks with a free value, and how many values are free in all:
-    /// kept as blocks change so the hot path never walks every block (a
-    /// member fills blocks and keeps the full ones).
-    with_free: BTreeSet<u64>,
-    free: u64,
+    set: OwnedSet,
     /// Blocks changed since the last commit (sync durability).
     dirty: BTreeSet<u64>,
     /// Allocations and releases so far; a commit covers all up to its own.
     seq: u64,
+    /// Orphans taken over that cannot be used yet (the scan failed).
+    unscanned: BTreeMap<u64, Taken>,
 }
 
 impl Owned {
     fn free(&self) -> u64 {
-        self.free
+        self.set.free()
     }
 
     /// Whether fewer than `low_water` values are free.
     fn is_low(&self, low_water: u64) -> bool {
-        self.free < low_water
+        self.set.free() < low_water
     }
 
-    fn insert_block(&mut self, idx: u64, held: Held) {
-        let free = held.block.free();
-        if let Some(old) = self.blocks.insert(idx, held) {
-            self.free -= old.block.free();
-        }
-        self.free += free;
-        if free > 0 {
-            self.with_free.insert(idx);
-        } else {
-            self.with_free.remove(&idx);
-        }
-    }
-
-    fn remove_block(&mut self, idx: u64) -> Option<Held> {
-        let held = self.blocks.remove(&idx)?;
-        self.free -= held.block.free();
-        self.with_free.remove(&idx);
+    fn remove_block(&mut self, idx: u64) {
+        self.set.remove(idx);
+        self.unscanned.remove(&idx);
         self.dirty.remove(&idx);
-        if self.current == Some(idx) {
-            self.current = None;
-        }
-        Some(held)
-    }
-
-    /// Frees `offset` of block `idx`; whether the block is now empty.
-    fn release(
-        &mut self,
-        idx: u64,
-        offset: u64,
-    ) -> std::result::Result<bool, allot_core::CoreError> {
-        let Some(held) = self.blocks.get_mut(&idx) else {
-            return Err(allot_core::CoreError::NotAllocated(format!(
-                "offset {offset}"
-            )));
-        };
-        held.block.release(offset)?;
-        let empty = held.block.allocated() == 0;
-        if empty {
-            held.empty_since = Some(Instant::now());
-        }
-        self.free += 1;
-        self.with_free.insert(idx);
-        Ok(empty)
-    }
-
-    /// Next free value: the current block first, then any other with one.
-    #[inline]
-    fn allocate(&mut self) -> Option<(u64, u64, u64)> {
-        let idx = match self.current {
-            Some(idx) if self.with_free.contains(&idx) => idx,
-            _ => {
-                let idx = *self.with_free.first()?;
-                self.current = Some(idx);
-                idx
-            }
-        };
-        let held = self.blocks.get_mut(&idx)?;
-        let off = held.block.allocate()?;
-        held.empty_since = None;
-        self.free -= 1;
-        if held.block.free() == 0 {
-            self.with_free.remove(&idx);
-        }
-        Some((off, idx, held.epoch))
     }
 }
 
@@ -169,6 +99,17 @@ pub(crate) struct MemberPool {
 impl MemberPool {
     fn low_water(&self) -> u64 {
         (self.meta.spec.block_size / LOW_WATER_DIVISOR).max(1)
+    }
+
+    /// Takes back a value allocated but never handed out.
+    fn undo(&self, block: u64, offset: u64) {
+        let mut owned = lock(&self.owned);
+        if owned.set.release(block, offset, Instant::now()).is_ok()
+            && self.durability == Durability::Sync
+        {
+            owned.dirty.insert(block);
+            owned.seq += 1;
+        }
     }
 }
 
@@ -204,7 +145,7 @@ impl PoolAllocator {
         }
         let (taken, low) = {
             let mut owned = lock(&mp.owned);
-            let taken = owned.allocate();
+            let taken = owned.set.allocate();
             (taken, owned.is_low(mp.low_water()))
         };
         if low {
@@ -253,7 +194,7 @@ impl Member {
             }
             let (taken, low, seq) = {
                 let mut owned = lock(&mp.owned);
-                let taken = owned.allocate();
+                let taken = owned.set.allocate();
                 if let Some((_, idx, _)) = taken {
                     if mp.durability == Durability::Sync {
                         owned.dirty.insert(idx);
@@ -266,10 +207,19 @@ impl Member {
                 self.prefetch(&mp);
             }
             if let Some((offset, block, epoch)) = taken {
-                // A lease that ran out while we waited for the lock.
-                self.inner.fence.check()?;
-                if mp.durability == Durability::Sync {
-                    commit(&self.inner, &mp, seq).await?;
+                // A lease that ran out while we waited for the lock, or a
+                // commit that failed: the value was handed to nobody, so it
+                // goes back (in sync durability the next commit stores that,
+                // whatever became of this one).
+                let checked = match self.inner.fence.check() {
+                    Ok(()) if mp.durability == Durability::Sync => {
+                        commit(&self.inner, &mp, seq).await
+                    }
+                    other => other,
+                };
+                if let Err(e) = checked {
+                    mp.undo(block, offset);
+                    return Err(e);
                 }
                 return Ok(OwnedValue {
                     value: mp.meta.space.format_offset(offset),
@@ -294,14 +244,15 @@ impl Member {
         let idx = run.offset / mp.meta.spec.block_size;
         let seq = {
             let mut owned = lock(&mp.owned);
-            if !owned.blocks.contains_key(&idx) {
+            if !owned.set.contains(idx) {
                 return Err(Error::Conflict(format!(
                     "value {value} of pool '{pool}' is in block {idx}, which member '{}' does not own",
                     self.name()
                 )));
             }
             owned
-                .release(idx, run.offset)
+                .set
+                .release(idx, run.offset, Instant::now())
                 .map_err(|e| Error::from_core(pool, e))?;
             if mp.durability == Durability::Sync {
                 owned.dirty.insert(idx);
@@ -321,7 +272,7 @@ impl Member {
             return Vec::new();
         };
         let owned = lock(&mp.owned);
-        owned.blocks.iter().map(|(&i, h)| (i, h.epoch)).collect()
+        owned.set.iter().map(|(i, h)| (i, h.epoch)).collect()
     }
 
     /// The member's state of `pool`, loaded on first use.
@@ -389,169 +340,233 @@ async fn acquire(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Result<()> {
     if lock(&mp.owned).free() >= mp.low_water() {
         return Ok(());
     }
+    let taken = match take_free_block(inner, &mp.name, &mp.meta).await {
+        Ok(taken) => taken,
+        // Another block still has values: not exhausted yet.
+        Err(Error::Exhausted { .. }) if lock(&mp.owned).free() > 0 => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // A free block was given back empty, or its bitmap is stored (sync).
+    let block = match &taken.stored {
+        Some(b) if mp.durability == Durability::Sync => mp.meta.owned_block_from(taken.idx, b),
+        _ => mp.meta.empty_block(taken.idx),
+    }
+    .map_err(|e| Error::from_core(&mp.name, e))?;
+    adopt(mp, &taken, block);
+    Ok(())
+}
+
+fn adopt(mp: &MemberPool, taken: &Taken, block: OwnedBlock) {
+    let mut owned = lock(&mp.owned);
+    owned.unscanned.remove(&taken.idx);
+    owned.set.insert(
+        taken.idx,
+        block,
+        taken.epoch,
+        taken.owner_rev,
+        Instant::now(),
+    );
+}
+
+/// A block a member just became the owner of.
+#[derive(Debug, Clone)]
+pub(crate) struct Taken {
+    pub(crate) idx: u64,
+    /// The block's new epoch (ours).
+    pub(crate) epoch: u64,
+    /// Revision of the owner record we wrote: later writes compare it.
+    pub(crate) owner_rev: Revision,
+    /// The block's stored bitmap, if any.
+    pub(crate) stored: Option<Block>,
+}
+
+/// Takes one free block of `pool`: candidates from the owner map first,
+/// then (the map may be behind) from the store, in random order so members
+/// do not all race for the lowest block.
+pub(crate) async fn take_free_block(
+    inner: &Arc<MemberInner>,
+    pool: &str,
+    meta: &PoolMeta,
+) -> Result<Taken> {
     for attempt in 0..5u32 {
         inner.fence.check()?;
-        // The owner map first; it may be behind, so after a miss (and
-        // before calling the pool exhausted) ask the store itself.
         let mut candidates = if attempt == 0 {
-            inner.owners.free_blocks(&mp.name, ACQUIRE_CANDIDATES)
+            inner.owners.free_blocks(pool, ACQUIRE_CANDIDATES)
         } else {
             Vec::new()
         };
         if candidates.is_empty() {
-            let owners = read_owners(inner.allot.inner.store.as_ref(), &mp.name).await?;
-            candidates = free_blocks(&mp.meta, &owners, ACQUIRE_CANDIDATES);
+            let owners = read_owners(inner.allot.inner.store.as_ref(), pool).await?;
+            candidates = free_blocks(meta, &owners, ACQUIRE_CANDIDATES);
         }
         if candidates.is_empty() {
-            if lock(&mp.owned).free() > 0 {
-                return Ok(());
-            }
             return Err(Error::Exhausted {
-                pool: mp.name.clone(),
+                pool: pool.to_string(),
                 requested: 1,
                 available: 0,
             });
         }
-        // Spread members over different blocks instead of all racing for
-        // the lowest one.
         candidates.shuffle(&mut rand::rng());
         for (idx, rev, epoch) in candidates {
-            if take(inner, mp, idx, rev, epoch, None).await? {
-                return Ok(());
+            if let Some(taken) = claim_block(inner, pool, meta, idx, rev, epoch, None).await? {
+                return Ok(taken);
             }
         }
         let pause = rand::random_range(0..=(2u64 << attempt));
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-    Err(Error::Contention(mp.name.clone()))
+    Err(Error::Contention(pool.to_string()))
 }
 
 /// Tries to become the owner of block `idx`, whose owner record is at
 /// `rev` (0: none) with `epoch`. For an orphan, `orphan` is the compare
-/// proving its owner gone (in the store, not only in our map), and the
-/// values in use come from the stored bitmap or the scan. Returns whether
-/// we got it.
-async fn take(
+/// proving its owner gone (in the store, not only in our map). Returns the
+/// block with its stored bitmap if we got it.
+pub(crate) async fn claim_block(
     inner: &Arc<MemberInner>,
-    mp: &Arc<MemberPool>,
+    pool: &str,
+    meta: &PoolMeta,
     idx: u64,
     rev: Revision,
     epoch: u64,
     orphan: Option<Compare>,
-) -> Result<bool> {
-    let store = &inner.allot.inner.store;
-    let okey = keys::owner(&mp.name, idx);
-    let bkey = keys::block(&mp.name, idx);
+) -> Result<Option<Taken>> {
+    let okey = keys::owner(pool, idx);
     let record = BlockOwner {
         member: Some(inner.name().to_string()),
         incarnation: inner.record.incarnation,
         epoch: epoch + 1,
         since_ms: inner.now_ms(),
     };
-    let is_orphan = orphan.is_some();
     let mut txn = Txn::new()
         .when(inner.guard())
-        .when(Compare::mod_revision(
-            keys::pool(&mp.name),
-            mp.meta.record_rev,
-        ))
+        .when(Compare::mod_revision(keys::pool(pool), meta.record_rev))
         .when(Compare::mod_revision(&okey, rev));
     if let Some(gone) = orphan {
         txn = txn.when(gone);
     }
     let txn = txn
         .then(Op::put(&okey, encode_json(&record)))
-        .then(Op::get(&bkey));
-    let resp = store.txn(txn).await?;
+        .then(Op::get(keys::block(pool, idx)));
+    let resp = inner.allot.inner.store.txn(txn).await?;
     if !resp.succeeded {
-        return Ok(false);
+        return Ok(None);
     }
     let stored = match resp.results.get(1) {
         Some(OpResult::Get(Some(kv))) => {
-            Some(Block::decode(&kv.value).map_err(|e| Error::from_core(&mp.name, e))?)
+            Some(Block::decode(&kv.value).map_err(|e| Error::from_core(pool, e))?)
         }
         _ => None,
     };
-    let (bs, size, reserved) = (
-        mp.meta.spec.block_size,
-        mp.meta.space.size(),
-        &mp.meta.reserved,
-    );
-    let block = match (mp.durability, is_orphan) {
-        // The stored bitmap is the truth.
-        (Durability::Sync, _) => match &stored {
-            Some(b) => OwnedBlock::from_block(idx, bs, size, reserved, b),
-            None => OwnedBlock::new(idx, bs, size, reserved),
-        }
-        .map_err(|e| Error::from_core(&mp.name, e)),
-        // A free block in `block` durability was given back empty.
-        (Durability::Block, false) => {
-            OwnedBlock::new(idx, bs, size, reserved).map_err(|e| Error::from_core(&mp.name, e))
-        }
-        (Durability::Block, true) => scan_block(inner, mp, idx, epoch + 1),
-    };
-    let block = match block {
-        Ok(b) => b,
-        Err(e) => {
-            // We own it now but cannot tell what is in use: keep it unused
-            // (owned, so nobody hands its values out) and say so.
-            tracing::error!(pool = %mp.name, block = idx, "cannot use the block taken over: {e}");
-            return Ok(true);
-        }
-    };
-    let mut owned = lock(&mp.owned);
-    let empty = block.allocated() == 0;
-    owned.insert_block(
+    Ok(Some(Taken {
         idx,
-        Held {
-            block,
-            epoch: epoch + 1,
-            owner_rev: resp.revision,
-            empty_since: empty.then(Instant::now),
-        },
-    );
-    Ok(true)
+        epoch: epoch + 1,
+        owner_rev: resp.revision,
+        stored,
+    }))
 }
 
-/// Asks the application which values of a block taken over are in use.
-fn scan_block(
-    inner: &Arc<MemberInner>,
-    mp: &Arc<MemberPool>,
+/// Stores the bitmaps of blocks we own (`None`: empty, deleted), each
+/// write guarded by our membership and the block's owner record. Whether
+/// the guards held.
+pub(crate) async fn write_blocks(
+    inner: &MemberInner,
+    pool: &str,
+    writes: &[(u64, Option<Vec<u8>>, Revision)],
+) -> Result<bool> {
+    let mut txn = Txn::new().when(inner.guard());
+    for (idx, bytes, owner_rev) in writes {
+        txn = txn.when(Compare::mod_revision(keys::owner(pool, *idx), *owner_rev));
+        let bkey = keys::block(pool, *idx);
+        txn = txn.then(match bytes {
+            Some(b) => Op::put(bkey, b),
+            None => Op::delete(bkey),
+        });
+    }
+    Ok(inner.allot.inner.store.txn(txn).await?.succeeded)
+}
+
+/// Gives block `idx` back: its owner record says "free", its epoch kept
+/// (epochs of a block only ever grow), its bitmap gone. Whether it was
+/// still ours.
+pub(crate) async fn free_block(
+    inner: &MemberInner,
+    pool: &str,
     idx: u64,
     epoch: u64,
-) -> Result<OwnedBlock> {
-    let (bs, size, reserved) = (
-        mp.meta.spec.block_size,
-        mp.meta.space.size(),
-        &mp.meta.reserved,
-    );
-    let empty =
-        OwnedBlock::new(idx, bs, size, reserved).map_err(|e| Error::from_core(&mp.name, e))?;
-    let (first, end) = empty.range();
+    owner_rev: Revision,
+) -> Result<bool> {
+    let okey = keys::owner(pool, idx);
+    let record = BlockOwner {
+        member: None,
+        incarnation: 0,
+        epoch,
+        since_ms: inner.now_ms(),
+    };
+    let resp = inner
+        .allot
+        .inner
+        .store
+        .txn(
+            Txn::new()
+                .when(inner.guard())
+                .when(Compare::mod_revision(&okey, owner_rev))
+                .then(Op::put(&okey, encode_json(&record)))
+                .then(Op::delete(keys::block(pool, idx))),
+        )
+        .await?;
+    Ok(resp.succeeded)
+}
+
+/// Which of `ours` (block, owner record revision) are no longer ours.
+pub(crate) async fn lost_blocks(
+    inner: &MemberInner,
+    pool: &str,
+    ours: Vec<(u64, Revision)>,
+) -> Result<Vec<u64>> {
+    let mut lost = Vec::new();
+    for (idx, rev) in ours {
+        let kv = inner.allot.inner.store.get(&keys::owner(pool, idx)).await?;
+        if kv.is_none_or(|kv| kv.mod_revision != rev) {
+            lost.push(idx);
+        }
+    }
+    Ok(lost)
+}
+
+/// The orphans of `pool` this member may take now, each with the compare
+/// proving its owner gone.
+pub(crate) fn takeable_orphans(
+    inner: &MemberInner,
+    pool: &str,
+) -> Vec<(u64, Revision, u64, Compare, String)> {
+    let mut orphans = inner.owners.orphans(pool);
+    orphans.shuffle(&mut rand::rng());
+    let now = Instant::now();
+    orphans
+        .into_iter()
+        .filter(|o| o.not_before.is_none_or(|t| t <= now))
+        .map(|o| {
+            let gone = Compare::mod_revision(keys::member(&o.member), o.member_rev);
+            (o.block, o.rev, o.owner.epoch, gone, o.member)
+        })
+        .collect()
+}
+
+/// Asks the application which values of a `block`-durability block taken
+/// over are in use.
+fn scan_block(inner: &MemberInner, mp: &MemberPool, idx: u64, epoch: u64) -> Result<OwnedBlock> {
     let scan = inner
         .options
         .scan
         .as_ref()
         .ok_or_else(|| Error::InvalidInput("no scan callback".into()))?;
-    let request = BlockScan {
-        pool: mp.name.clone(),
-        block: idx,
-        first: mp.meta.space.format_offset(first),
-        last: mp.meta.space.format_offset(end - 1),
-        epoch,
-    };
+    let request = mp
+        .meta
+        .scan_request(&mp.name, idx, epoch)
+        .map_err(|e| Error::from_core(&mp.name, e))?;
     let in_use = scan(&request).map_err(|e| Error::InvalidInput(format!("scan callback: {e}")))?;
-    let mut offsets = Vec::with_capacity(in_use.len());
-    for v in &in_use {
-        let run = mp
-            .meta
-            .space
-            .parse(v)
-            .map_err(|e| Error::from_core(&mp.name, e))?;
-        offsets.push(run.offset);
-    }
-    OwnedBlock::with_in_use(idx, bs, size, reserved, offsets)
-        .map_err(|e| Error::from_core(&mp.name, e))
+    mp.meta.owned_block_in_use(&mp.name, idx, &in_use)
 }
 
 /// Commits every change of the pool's blocks up to `seq` (or finds that a
@@ -573,31 +588,19 @@ async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Res
         let writes: Vec<(u64, Option<Vec<u8>>, Revision)> = dirty
             .into_iter()
             .filter_map(|idx| {
-                owned.blocks.get(&idx).map(|h| {
+                owned.set.get(idx).map(|h| {
                     let block = h.block.to_block();
                     let bytes = (!block.bits.is_empty()).then(|| block.encode());
-                    (idx, bytes, h.owner_rev)
+                    (idx, bytes, h.extra)
                 })
             })
             .collect();
         (owned.seq, writes)
     };
-    let mut txn = Txn::new().when(inner.guard());
-    for (idx, bytes, owner_rev) in &writes {
-        txn = txn.when(Compare::mod_revision(
-            keys::owner(&mp.name, *idx),
-            *owner_rev,
-        ));
-        let bkey = keys::block(&mp.name, *idx);
-        txn = txn.then(match bytes {
-            Some(b) => Op::put(bkey, b),
-            None => Op::delete(bkey),
-        });
-    }
     let from = commits.committed + 1;
-    let outcome = inner.allot.inner.store.txn(txn).await;
+    let outcome = write_blocks(inner, &mp.name, &writes).await;
     match outcome {
-        Ok(r) if r.succeeded => {
+        Ok(true) => {
             commits.committed = upto;
             Ok(())
         }
@@ -609,6 +612,16 @@ async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Res
                 commits.failed.pop_first();
             }
             drop(commits);
+            // The blocks written are dirty again: whatever became of this
+            // commit, the next one stores their state as it is then.
+            {
+                let mut owned = lock(&mp.owned);
+                for (idx, _, _) in &writes {
+                    if owned.set.contains(*idx) {
+                        owned.dirty.insert(*idx);
+                    }
+                }
+            }
             match other {
                 Ok(_) => {
                     // Our membership or a block is gone: find out which.
@@ -616,7 +629,7 @@ async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Res
                     drop_lost_blocks(inner, mp).await?;
                     Err(lost_write(&mp.name))
                 }
-                Err(e) => Err(Error::Store(e)),
+                Err(e) => Err(e),
             }
         }
     }
@@ -630,66 +643,37 @@ fn lost_write(pool: &str) -> Error {
 
 /// Forgets the blocks whose owner record is no longer ours.
 async fn drop_lost_blocks(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Result<()> {
-    let ours: Vec<(u64, Revision)> = lock(&mp.owned)
-        .blocks
-        .iter()
-        .map(|(&i, h)| (i, h.owner_rev))
-        .collect();
-    for (idx, rev) in ours {
-        let kv = inner
-            .allot
-            .inner
-            .store
-            .get(&keys::owner(&mp.name, idx))
-            .await?;
-        if kv.is_none_or(|kv| kv.mod_revision != rev) {
-            tracing::warn!(pool = %mp.name, block = idx, "block taken over by another member");
-            lock(&mp.owned).remove_block(idx);
-        }
+    let ours: Vec<(u64, Revision)> = {
+        let owned = lock(&mp.owned);
+        let held = owned.set.iter().map(|(i, h)| (i, h.extra));
+        held.chain(owned.unscanned.values().map(|t| (t.idx, t.owner_rev)))
+            .collect()
+    };
+    for idx in lost_blocks(inner, &mp.name, ours).await? {
+        tracing::warn!(pool = %mp.name, block = idx, "block taken over by another member");
+        lock(&mp.owned).remove_block(idx);
     }
     Ok(())
 }
 
-/// Gives an empty block back: its owner record says "free", its epoch kept.
+/// Gives an empty block back.
 async fn give_back(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, idx: u64) -> Result<bool> {
-    let (epoch, owner_rev) = {
-        let owned = lock(&mp.owned);
-        match owned.blocks.get(&idx) {
-            Some(h) if h.block.allocated() == 0 => (h.epoch, h.owner_rev),
-            _ => return Ok(false),
-        }
-    };
-    let okey = keys::owner(&mp.name, idx);
-    let record = BlockOwner {
-        member: None,
-        incarnation: 0,
-        epoch,
-        since_ms: inner.now_ms(),
-    };
     // Held under the commit lock so no commit of this block races it.
     let _commits = mp.commits.lock().await;
-    {
+    let (epoch, owner_rev) = {
         let mut owned = lock(&mp.owned);
-        match owned.blocks.get(&idx) {
-            Some(h) if h.block.allocated() == 0 => {}
-            _ => return Ok(false),
+        let Some(h) = owned.set.get(idx) else {
+            return Ok(false);
+        };
+        if h.block.allocated() != 0 {
+            return Ok(false);
         }
+        let taken = (h.epoch, h.extra);
         // Nothing can be allocated from it while it goes back.
         owned.remove_block(idx);
-    }
-    let resp = inner
-        .allot
-        .inner
-        .store
-        .txn(
-            Txn::new()
-                .when(inner.guard())
-                .when(Compare::mod_revision(&okey, owner_rev))
-                .then(Op::put(&okey, encode_json(&record)))
-                .then(Op::delete(keys::block(&mp.name, idx))),
-        )
-        .await?;
-    Ok(resp.succeeded)
+        taken
+    };
+    free_block(inner, &mp.name, idx, epoch, owner_rev).await
 }
 
 /// The member's housekeeping, woken by changes to members and owners (and
@@ -731,43 +715,54 @@ async fn tend(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>) -> Result<()> {
             return Ok(());
         }
     }
+    // Blocks taken over whose scan failed: owned (nobody else hands their
+    // values out) but unused until the application can answer.
+    let unscanned: Vec<Taken> = lock(&mp.owned).unscanned.values().cloned().collect();
+    for taken in unscanned {
+        inner.fence.check()?;
+        adopt_orphan(inner, mp, taken);
+    }
     let can_scan = mp.durability == Durability::Sync || inner.options.scan.is_some();
     if can_scan {
-        let mut orphans = inner.owners.orphans(&mp.name);
-        orphans.shuffle(&mut rand::rng());
-        let now = Instant::now();
-        for orphan in orphans {
-            if orphan.not_before.is_some_and(|t| t > now) {
-                continue;
-            }
+        for (idx, rev, epoch, gone, from) in takeable_orphans(inner, &mp.name) {
             inner.fence.check()?;
-            let gone = Compare::mod_revision(keys::member(&orphan.member), orphan.member_rev);
-            let (idx, epoch) = (orphan.block, orphan.owner.epoch);
-            if take(inner, mp, idx, orphan.rev, epoch, Some(gone)).await? {
-                tracing::info!(
-                    pool = %mp.name,
-                    block = idx,
-                    from = %orphan.member,
-                    "took over an orphan block"
-                );
+            if let Some(taken) =
+                claim_block(inner, &mp.name, &mp.meta, idx, rev, epoch, Some(gone)).await?
+            {
+                tracing::info!(pool = %mp.name, block = idx, %from, "took over an orphan block");
+                adopt_orphan(inner, mp, taken);
             }
         }
     }
-    let return_after = inner.options.return_after;
-    let idle: Vec<u64> = {
-        let owned = lock(&mp.owned);
-        owned
-            .blocks
-            .iter()
-            .filter(|(&i, h)| {
-                Some(i) != owned.current
-                    && h.empty_since.is_some_and(|t| t.elapsed() >= return_after)
-            })
-            .map(|(&i, _)| i)
-            .collect()
+    let before = Instant::now().checked_sub(inner.options.return_after);
+    let idle = match before {
+        Some(before) => lock(&mp.owned).set.idle_since(before),
+        None => Vec::new(),
     };
     for idx in idle {
         give_back(inner, mp, idx).await?;
     }
     Ok(())
+}
+
+/// Starts using an orphan just taken: in `sync` its stored bitmap is the
+/// truth; in `block` the application's scan says what is in use. A block
+/// that cannot be read stays owned but unused (so nobody hands its values
+/// out) and is tried again on the next round.
+fn adopt_orphan(inner: &MemberInner, mp: &MemberPool, taken: Taken) {
+    let block = match mp.durability {
+        Durability::Sync => match &taken.stored {
+            Some(b) => mp.meta.owned_block_from(taken.idx, b),
+            None => mp.meta.empty_block(taken.idx),
+        }
+        .map_err(|e| Error::from_core(&mp.name, e)),
+        Durability::Block => scan_block(inner, mp, taken.idx, taken.epoch),
+    };
+    match block {
+        Ok(block) => adopt(mp, &taken, block),
+        Err(e) => {
+            tracing::error!(pool = %mp.name, block = taken.idx, "cannot use the block taken over yet: {e}");
+            lock(&mp.owned).unscanned.insert(taken.idx, taken);
+        }
+    }
 }

@@ -16,11 +16,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use allot_core::{PoolSpec, ValueSpace};
+use allot_core::error::Result as CoreResult;
+use allot_core::{Block, OwnedBlock, PoolSpec, ValueSpace};
 use allot_store::{Event as StoreEvent, EventKind, Revision, Store, StoreError};
 
 use crate::error::{Error, Result};
-use crate::members::{BlockOwner, MemberRecord};
+use crate::members::{BlockOwner, BlockScan, MemberRecord};
 use crate::model::PoolRecord;
 use crate::{decode_json, keys};
 
@@ -66,6 +67,47 @@ impl PoolMeta {
 
     pub(crate) fn blocks(&self) -> u128 {
         self.space.size().div_ceil(u128::from(self.spec.block_size))
+    }
+
+    /// Block `idx` with nothing in use.
+    pub(crate) fn empty_block(&self, idx: u64) -> CoreResult<OwnedBlock> {
+        OwnedBlock::new(idx, self.spec.block_size, self.space.size(), &self.reserved)
+    }
+
+    /// Block `idx` as stored.
+    pub(crate) fn owned_block_from(&self, idx: u64, stored: &Block) -> CoreResult<OwnedBlock> {
+        let (bs, size) = (self.spec.block_size, self.space.size());
+        OwnedBlock::from_block(idx, bs, size, &self.reserved, stored)
+    }
+
+    /// Block `idx` with `in_use` values (as the application writes them)
+    /// allocated.
+    pub(crate) fn owned_block_in_use(
+        &self,
+        pool: &str,
+        idx: u64,
+        in_use: &[String],
+    ) -> Result<OwnedBlock> {
+        let mut offsets = Vec::with_capacity(in_use.len());
+        for v in in_use {
+            let run = self.space.parse(v).map_err(|e| Error::from_core(pool, e))?;
+            offsets.push(run.offset);
+        }
+        let (bs, size) = (self.spec.block_size, self.space.size());
+        OwnedBlock::with_in_use(idx, bs, size, &self.reserved, offsets)
+            .map_err(|e| Error::from_core(pool, e))
+    }
+
+    /// What to ask the application about block `idx` taken over at `epoch`.
+    pub(crate) fn scan_request(&self, pool: &str, idx: u64, epoch: u64) -> CoreResult<BlockScan> {
+        let (first, end) = self.empty_block(idx)?.range();
+        Ok(BlockScan {
+            pool: pool.to_string(),
+            block: idx,
+            first: self.space.format_offset(first),
+            last: self.space.format_offset(end - 1),
+            epoch,
+        })
     }
 }
 
