@@ -15,6 +15,7 @@
 
 mod convert;
 mod errors;
+mod session;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,13 +41,9 @@ pub use errors::ALLOT_CODE;
 /// learn where to resume if the stream breaks before any event arrives.
 pub const START_REVISION: &str = "allot-start-revision";
 
-/// The messages, server and client generated from `allot.proto`
-/// (package `allot.v1`). Clients: `pb::allot_client::AllotClient::new`
-/// over any tonic transport, e.g. a `tonic::transport::Channel`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod pb {
-    tonic::include_proto!("allot.v1");
-}
+/// The messages, server and client generated from `allot.proto` (see
+/// [`allot_proto`]).
+pub use allot_proto::pb;
 
 use pb::allot_server::{AllotServer, SERVICE_NAME};
 
@@ -71,6 +68,7 @@ const METHODS: &[&str] = &[
     method!("ResyncBegin"),
     method!("ResyncEnd"),
     method!("Watch"),
+    method!("MemberSession"),
 ];
 
 /// The gRPC service over the engine.
@@ -333,6 +331,19 @@ impl pb::allot_server::Allot for Service {
         let mut resp = tonic::Response::new(events);
         resp.metadata_mut().insert(START_REVISION, start.into());
         Ok(resp)
+    }
+
+    type MemberSessionStream = BoxStream<'static, Result<pb::SessionResponse, Status>>;
+
+    /// Joins on behalf of a remote member and serves its session (see
+    /// `grpc/session.rs`).
+    async fn member_session(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> Result<tonic::Response<Self::MemberSessionStream>, Status> {
+        let (md, _, requests) = req.into_parts();
+        self.call(method!("MemberSession"), &md, session::open(self, requests))
+            .await
     }
 }
 

@@ -35,6 +35,7 @@ mod events;
 mod follow;
 pub mod keys;
 mod member_blocks;
+mod member_session;
 mod members;
 mod model;
 mod owners;
@@ -53,6 +54,7 @@ pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
 pub use member_blocks::{OwnedOffset, OwnedValue, PoolAllocator};
+pub use member_session::{BlockChange, CommitOutcome, Grant, MemberSession, SessionNews};
 pub use members::{
     BlockOwner, BlockScan, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,
     DEFAULT_MEMBER_TTL,

@@ -280,32 +280,7 @@ impl Member {
         if let Some(mp) = self.pools().get(pool) {
             return Ok(mp.clone());
         }
-        let meta = match self.inner.owners.pool_meta(pool) {
-            Some(meta) => meta,
-            None => {
-                // Not in the map: unknown, or not a member-blocks pool.
-                let info = self.inner.allot.pool(pool).await?;
-                if info.record.spec.member_blocks.is_none() {
-                    return Err(Error::InvalidInput(format!(
-                        "pool '{pool}' is not a member-blocks pool: allocate from it directly, \
-                         or create it with member blocks"
-                    )));
-                }
-                // Created a moment ago: the map catches up shortly.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    if let Some(meta) = self.inner.owners.pool_meta(pool) {
-                        break meta;
-                    }
-                    if Instant::now() > deadline {
-                        return Err(Error::Store(allot_store::StoreError::Unavailable(
-                            "the owner map does not know the pool yet".into(),
-                        )));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
+        let meta = member_pool_meta(&self.inner, pool).await?;
         let durability = meta.spec.member_blocks.unwrap_or_default();
         let mp = Arc::new(MemberPool {
             name: pool.to_string(),
@@ -330,6 +305,34 @@ impl Member {
                 tracing::debug!(pool = %mp.name, "taking the next block: {e}");
             }
         });
+    }
+}
+
+/// The definition of member-blocks pool `pool`, from the owner map (which
+/// may be a moment behind a pool just created).
+pub(crate) async fn member_pool_meta(inner: &MemberInner, pool: &str) -> Result<PoolMeta> {
+    if let Some(meta) = inner.owners.pool_meta(pool) {
+        return Ok(meta);
+    }
+    // Not in the map: unknown, or not a member-blocks pool.
+    let info = inner.allot.pool(pool).await?;
+    if info.record.spec.member_blocks.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "pool '{pool}' is not a member-blocks pool: allocate from it directly, \
+             or create it with member blocks"
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(meta) = inner.owners.pool_meta(pool) {
+            return Ok(meta);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Store(allot_store::StoreError::Unavailable(
+                "the owner map does not know the pool yet".into(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

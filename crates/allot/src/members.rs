@@ -223,6 +223,62 @@ impl MemberInner {
         async move { while rx.changed().await.is_ok() {} }
     }
 
+    /// Sends one keep-alive (bounded by a third of the TTL) and judges the
+    /// lease by its outcome.
+    pub(crate) async fn renew(&self) -> Result<()> {
+        let sent = self.fence.now_ns();
+        let call = self.allot.inner.store.lease_keep_alive(self.lease);
+        let renewed = tokio::time::timeout(self.options.ttl / 3, call).await;
+        self.renewed(sent, renewed)
+    }
+
+    /// Judges the outcome of a keep-alive sent at `sent` (clock reading): a
+    /// success extends the fence from that moment; a gone lease fences the
+    /// member for good; anything else leaves the fence to run out by itself
+    /// if no later keep-alive gets through.
+    fn renewed(
+        &self,
+        sent: u64,
+        outcome: std::result::Result<
+            std::result::Result<Duration, StoreError>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<()> {
+        match outcome {
+            Ok(Ok(_)) => {
+                self.fence
+                    .extend(sent, self.options.ttl - margin(&self.options));
+                Ok(())
+            }
+            Ok(Err(StoreError::LeaseNotFound(_))) => {
+                tracing::warn!(member = self.name(), "lease expired; this member stops");
+                self.fence.lose();
+                Err(Error::Fenced(
+                    "this member's lease expired; join again".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(member = self.name(), "keep-alive failed: {e}");
+                Err(Error::Store(e))
+            }
+            Err(_) => {
+                tracing::warn!(member = self.name(), "keep-alive timed out");
+                Err(Error::Store(StoreError::Unavailable(
+                    "keep-alive timed out".into(),
+                )))
+            }
+        }
+    }
+
+    /// Stops allocating, then revokes the lease.
+    pub(crate) async fn leave(&self) -> Result<()> {
+        self.fence.lose();
+        match self.allot.inner.store.lease_revoke(self.lease).await {
+            Ok(()) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(Error::Store(e)),
+        }
+    }
+
     /// A write was refused: if our record is gone or replaced, we are no
     /// longer this member.
     pub(crate) async fn check_membership(&self) -> Result<()> {
@@ -275,6 +331,22 @@ impl Allot {
     /// # });
     /// ```
     pub async fn join(&self, name: &str, options: MemberOptions) -> Result<Member> {
+        let inner = self.join_inner(name, options).await?;
+        tokio::spawn(keep_alive(Arc::downgrade(&inner), inner.stopped()));
+        tokio::spawn(crate::member_blocks::maintain(
+            Arc::downgrade(&inner),
+            inner.stopped(),
+        ));
+        Ok(Member { inner })
+    }
+
+    /// Joins without background tasks: the caller keeps the lease alive
+    /// (remote members drive it from their own process).
+    pub(crate) async fn join_inner(
+        &self,
+        name: &str,
+        options: MemberOptions,
+    ) -> Result<Arc<MemberInner>> {
         crate::model::validate_pool_name(name).map_err(|_| {
             Error::InvalidInput(format!(
                 "invalid member name '{name}': use 1-{} characters from A-Z a-z 0-9 . _ -",
@@ -363,12 +435,7 @@ impl Allot {
             _stop: stop,
             stop_rx,
         });
-        tokio::spawn(keep_alive(Arc::downgrade(&inner), inner.stopped()));
-        tokio::spawn(crate::member_blocks::maintain(
-            Arc::downgrade(&inner),
-            inner.stopped(),
-        ));
-        Ok(Member { inner })
+        Ok(inner)
     }
 
     /// The live members, by name, with the blocks each owns (from this
@@ -440,17 +507,7 @@ impl Member {
     /// bitmap, or the scan, as for a crash, since values handed out may still
     /// be in use). The member stops allocating first.
     pub async fn leave(self) -> Result<()> {
-        self.inner.fence.lose();
-        self.inner
-            .allot
-            .inner
-            .store
-            .lease_revoke(self.inner.lease)
-            .await
-            .or_else(|e| match e {
-                StoreError::LeaseNotFound(_) => Ok(()),
-                e => Err(Error::Store(e)),
-            })
+        self.inner.leave().await
     }
 
     pub(crate) fn pools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemberPool>>> {
@@ -466,7 +523,6 @@ async fn keep_alive(weak: Weak<MemberInner>, stopped: impl std::future::Future<O
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let ttl = inner.options.ttl;
-        let trusted = ttl - margin(&inner.options);
         let store = inner.allot.inner.store.clone();
         let lease = inner.lease;
         let sent = inner.fence.now_ns();
@@ -476,24 +532,10 @@ async fn keep_alive(weak: Weak<MemberInner>, stopped: impl std::future::Future<O
             r = tokio::time::timeout(ttl / 3, store.lease_keep_alive(lease)) => r,
         };
         let Some(inner) = weak.upgrade() else { return };
-        let pause = match renewed {
-            Ok(Ok(_)) => {
-                inner.fence.extend(sent, trusted);
-                ttl / 3
-            }
-            Ok(Err(StoreError::LeaseNotFound(_))) => {
-                tracing::warn!(member = inner.name(), "lease expired; this member stops");
-                inner.fence.lose();
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(member = inner.name(), "keep-alive failed: {e}");
-                ttl / 10
-            }
-            Err(_) => {
-                tracing::warn!(member = inner.name(), "keep-alive timed out");
-                ttl / 10
-            }
+        let pause = match inner.renewed(sent, renewed) {
+            Ok(()) => ttl / 3,
+            Err(Error::Fenced(_)) => return,
+            Err(_) => ttl / 10,
         };
         drop(inner);
         tokio::select! {
