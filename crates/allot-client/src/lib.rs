@@ -30,14 +30,16 @@
 //! ```
 
 mod error;
+mod member;
 mod watch;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use allot::{
-    AllocRequest, Change, Claim, ClaimPage, Durability, Event, EventClaim, MemberInfo, OwnerInfo,
-    ParentRef, PoolInfo, PoolKind, PoolSpec, ResyncReport, Strategy, Target,
+    AllocRequest, BlockScan, Change, Claim, ClaimPage, Durability, Event, EventClaim, MemberInfo,
+    MemberOptions, OwnedOffset, OwnedValue, OwnerInfo, ParentRef, PoolInfo, PoolKind, PoolSpec,
+    ResyncReport, ScanFn, Strategy, Target,
 };
 use futures::stream::BoxStream;
 use reqwest::{Method, RequestBuilder, Url};
@@ -46,6 +48,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub use error::{Error, Result};
+pub use member::{RemoteAllocator, RemoteMember};
 pub use watch::WatchRetry;
 
 /// The request header that makes allocate and release safe to retry.

@@ -167,6 +167,45 @@ impl<T, S: Copy + Ord> OwnedBlocks<T, S> {
     }
 }
 
+/// The outcome of a member's group commits (`sync` durability): changes
+/// are numbered as they happen; one commit stores every change up to the
+/// newest number and answers all the callers waiting for those.
+#[derive(Debug, Default, Clone)]
+pub struct CommitLog {
+    /// Every change up to here has been committed (or failed).
+    committed: u64,
+    /// Failed commits, as `upto → from`; only recent ones are kept.
+    failed: BTreeMap<u64, u64>,
+}
+
+/// How many failed commits a [`CommitLog`] remembers: callers waiting for
+/// one are a moment old.
+const FAILED_KEPT: usize = 1024;
+
+impl CommitLog {
+    /// `Some(true)`: change `seq` is stored; `Some(false)`: the commit that
+    /// carried it failed; `None`: no commit has carried it yet.
+    pub fn outcome(&self, seq: u64) -> Option<bool> {
+        if let Some((_, &from)) = self.failed.range(seq..).next() {
+            if from <= seq {
+                return Some(false);
+            }
+        }
+        (self.committed >= seq).then_some(true)
+    }
+
+    /// Records a commit of every change after the last one up to `upto`.
+    pub fn record(&mut self, upto: u64, stored: bool) {
+        if !stored {
+            self.failed.insert(upto, self.committed + 1);
+            while self.failed.len() > FAILED_KEPT {
+                self.failed.pop_first();
+            }
+        }
+        self.committed = self.committed.max(upto);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +244,20 @@ mod tests {
         assert_eq!(set.free(), 4);
         assert_eq!(set.allocate().map(|t| t.1), Some(3));
         assert!(set.remove(0).is_none());
+    }
+
+    #[test]
+    fn commit_log_answers_each_change_by_its_commit() {
+        let mut log = CommitLog::default();
+        assert_eq!(log.outcome(1), None);
+        log.record(3, true);
+        log.record(5, false);
+        log.record(6, true);
+        assert_eq!(log.outcome(2), Some(true));
+        assert_eq!(log.outcome(4), Some(false));
+        assert_eq!(log.outcome(5), Some(false));
+        assert_eq!(log.outcome(6), Some(true));
+        assert_eq!(log.outcome(7), None);
     }
 
     #[test]

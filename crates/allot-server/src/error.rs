@@ -81,14 +81,8 @@ impl std::fmt::Display for ApiError {
 impl From<allot::Error> for ApiError {
     fn from(e: allot::Error) -> Self {
         let code = e.code();
-        let status = match code {
-            "invalid_argument" => StatusCode::BAD_REQUEST,
-            "pool_not_found" | "not_found" => StatusCode::NOT_FOUND,
-            "conflict" | "exhausted" | "pool_exists" | "pool_not_empty" | "contention"
-            | "fenced" => StatusCode::CONFLICT,
-            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = StatusCode::from_u16(allot::http_status(code))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, code, one_line(&e.to_string()))
     }
 }

@@ -90,3 +90,23 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The HTTP status that goes with an error code (as [`Error::code`] gives
+/// it): what REST answers, and what clients report for refusals that
+/// arrive by other ways (a member session's in-band errors).
+///
+/// ```
+/// assert_eq!(allot::http_status("fenced"), 409);
+/// assert_eq!(allot::http_status("unavailable"), 503);
+/// ```
+pub fn http_status(code: &str) -> u16 {
+    match code {
+        "invalid_argument" => 400,
+        "pool_not_found" | "not_found" => 404,
+        "conflict" | "exhausted" | "pool_exists" | "pool_not_empty" | "contention" | "fenced" => {
+            409
+        }
+        "unavailable" => 503,
+        _ => 500,
+    }
+}

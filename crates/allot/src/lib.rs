@@ -45,18 +45,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use allot_core::{
-    parse_cidr, Durability, PoolKind, PoolSpec, PoolStats, Strategy, DEFAULT_BLOCK_SIZE,
+    parse_cidr, CommitLog, CoreError, Durability, OwnedBlock, OwnedBlocks, PoolKind, PoolSpec,
+    PoolStats, Strategy, ValueSpace, DEFAULT_BLOCK_SIZE,
 };
 use allot_core::{Block, PoolState, Run};
 
 use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
-pub use error::{Error, Result};
+pub use error::{http_status, Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
 pub use member_blocks::{OwnedOffset, OwnedValue, PoolAllocator};
 pub use member_session::{BlockChange, CommitOutcome, Grant, MemberSession, SessionNews};
 pub use members::{
-    BlockOwner, BlockScan, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,
+    BlockOwner, BlockScan, Fence, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,
     DEFAULT_MEMBER_TTL,
 };
 pub use model::*;

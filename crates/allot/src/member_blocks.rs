@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use allot_core::{Block, Durability, OwnedBlock, OwnedBlocks};
+use allot_core::{Block, CommitLog, Durability, OwnedBlock, OwnedBlocks};
 use allot_store::{Compare, Op, OpResult, Revision, Txn};
 
 use crate::error::{Error, Result};
@@ -76,14 +76,6 @@ impl Owned {
     }
 }
 
-/// Outcome of the commits of a pool: `committed` covers every change up to
-/// that sequence number; failures are remembered by the range they covered.
-#[derive(Default)]
-struct Commits {
-    committed: u64,
-    failed: BTreeMap<u64, u64>,
-}
-
 /// One pool as one member uses it.
 pub(crate) struct MemberPool {
     name: String,
@@ -91,7 +83,7 @@ pub(crate) struct MemberPool {
     durability: Durability,
     owned: std::sync::Mutex<Owned>,
     acquiring: tokio::sync::Mutex<()>,
-    commits: tokio::sync::Mutex<Commits>,
+    commits: tokio::sync::Mutex<CommitLog>,
     /// The pool was deleted or redefined: nothing more comes from it.
     closed: AtomicBool,
 }
@@ -288,7 +280,7 @@ impl Member {
             durability,
             owned: std::sync::Mutex::new(Owned::default()),
             acquiring: tokio::sync::Mutex::new(()),
-            commits: tokio::sync::Mutex::new(Commits::default()),
+            commits: tokio::sync::Mutex::new(CommitLog::default()),
             closed: AtomicBool::new(false),
         });
         Ok(self.pools().entry(pool.to_string()).or_insert(mp).clone())
@@ -577,13 +569,10 @@ fn scan_block(inner: &MemberInner, mp: &MemberPool, idx: u64, epoch: u64) -> Res
 /// allocations and releases waiting.
 async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Result<()> {
     let mut commits = mp.commits.lock().await;
-    if let Some((_, &from)) = commits.failed.range(seq..).next() {
-        if from <= seq {
-            return Err(lost_write(&mp.name));
-        }
-    }
-    if commits.committed >= seq {
-        return Ok(());
+    match commits.outcome(seq) {
+        Some(true) => return Ok(()),
+        Some(false) => return Err(lost_write(&mp.name)),
+        None => {}
     }
     let (upto, writes) = {
         let mut owned = lock(&mp.owned);
@@ -600,21 +589,11 @@ async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Res
             .collect();
         (owned.seq, writes)
     };
-    let from = commits.committed + 1;
     let outcome = write_blocks(inner, &mp.name, &writes).await;
+    commits.record(upto, matches!(outcome, Ok(true)));
     match outcome {
-        Ok(true) => {
-            commits.committed = upto;
-            Ok(())
-        }
+        Ok(true) => Ok(()),
         other => {
-            commits.failed.insert(upto, from);
-            commits.committed = upto;
-            // Keep only recent failures: callers waiting are a moment old.
-            while commits.failed.len() > 1024 {
-                commits.failed.pop_first();
-            }
-            drop(commits);
             // The blocks written are dirty again: whatever became of this
             // commit, the next one stores their state as it is then.
             {
@@ -625,6 +604,7 @@ async fn commit(inner: &Arc<MemberInner>, mp: &Arc<MemberPool>, seq: u64) -> Res
                     }
                 }
             }
+            drop(commits);
             match other {
                 Ok(_) => {
                     // Our membership or a block is gone: find out which.

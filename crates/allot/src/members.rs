@@ -132,9 +132,24 @@ impl std::fmt::Debug for MemberOptions {
     }
 }
 
-/// The member's own judgement of its lease, on the engine's monotonic
-/// clock.
-pub(crate) struct Fence {
+/// A member's own judgement of its lease, on a monotonic clock: trusted
+/// until `sent + trusted_for` after each keep-alive that got through (sent
+/// at `sent`), lost for good once the lease is known to be gone. Remote
+/// members (`allot-client`) keep one too.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use allot::{Fence, ManualClock};
+/// let clock = Arc::new(ManualClock::new(0));
+/// let fence = Fence::new(clock.clone());
+/// assert!(fence.check().is_err()); // nothing got through yet
+/// fence.extend(fence.now_ns(), Duration::from_secs(4));
+/// assert!(fence.check().is_ok());
+/// clock.advance_ms(4000);
+/// assert!(fence.check().is_err());
+/// ```
+pub struct Fence {
     clock: Arc<dyn crate::Clock>,
     /// Clock reading until which the lease is trusted.
     until_ns: AtomicU64,
@@ -143,7 +158,7 @@ pub(crate) struct Fence {
 }
 
 impl Fence {
-    fn new(clock: Arc<dyn crate::Clock>) -> Self {
+    pub fn new(clock: Arc<dyn crate::Clock>) -> Self {
         Fence {
             clock,
             until_ns: AtomicU64::new(0),
@@ -151,19 +166,20 @@ impl Fence {
         }
     }
 
-    fn now_ns(&self) -> u64 {
+    /// The clock's reading now (for [`Fence::extend`]).
+    pub fn now_ns(&self) -> u64 {
         self.clock.mono_ns()
     }
 
     /// Trust the lease until `sent_ns + trusted_for`.
-    fn extend(&self, sent_ns: u64, trusted_for: Duration) {
+    pub fn extend(&self, sent_ns: u64, trusted_for: Duration) {
         let until = sent_ns.saturating_add(trusted_for.as_nanos() as u64);
         self.until_ns.fetch_max(until, Ordering::AcqRel);
     }
 
     /// Fails once the lease may have expired.
     #[inline]
-    pub(crate) fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
             return Err(Error::Fenced(
                 "this member's lease is gone; join again".into(),
@@ -179,7 +195,8 @@ impl Fence {
         Ok(())
     }
 
-    fn lose(&self) {
+    /// The lease is gone for sure: fails every check from now on.
+    pub fn lose(&self) {
         self.lost.store(true, Ordering::Release);
     }
 }
