@@ -338,6 +338,13 @@ impl Server {
         self.local_addr
     }
 
+    /// The engine the server serves: an application that embeds the server
+    /// can use it directly too (it stays usable until [`Server::run`]
+    /// returns, which closes it).
+    pub fn engine(&self) -> Allot {
+        self.allot.clone()
+    }
+
     /// Serves until `shutdown` completes, then stops accepting connections,
     /// lets in-flight requests finish (up to the shutdown timeout), closes
     /// the engine (flushing every batch) and the store (releasing the file),

@@ -1,5 +1,7 @@
-//! Fifty member pods on one shared store (PostgreSQL, then etcd, no server
-//! in between) allocate from one `block`-durability pool. Ten are killed
+//! Fifty member pods allocate from one `block`-durability pool: remote
+//! members through one `allot serve` (on its embedded default store), then
+//! embedded members on one shared store (PostgreSQL, then etcd, no server
+//! in between). Ten are killed
 //! with SIGKILL at random moments and one is frozen with SIGSTOP past its
 //! lease. Every block of the dead is taken over by exactly one survivor
 //! (one owner per epoch); the frozen pod, resumed, finds itself fenced; and
@@ -92,13 +94,24 @@ async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool)
 /// One scenario at a time: fifty pods each already fill this machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn scenario(url: &str) {
+/// The scenario on a store opened from `url` by this test, the pods
+/// embedding the engine on the same store.
+async fn on_store(url: &str) {
     let _alone = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let backend = allot_backends::Backend::open(&url.parse().unwrap(), dir.path())
         .await
         .unwrap();
     let engine = Allot::new(backend.store());
+    scenario(&engine, url, dir.path()).await;
+    engine.close().await;
+    backend.close().await.unwrap();
+}
+
+/// Runs the scenario with `engine` watching and the pods joining at
+/// `url` (a store URL, or a server's `http://` URL), their histories
+/// in `dir`.
+async fn scenario(engine: &Allot, url: &str, dir: &Path) {
     let mut spec = PoolSpec::new(PoolKind::Range {
         lo: 0,
         hi: (1 << 20) - 1,
@@ -112,15 +125,12 @@ async fn scenario(url: &str) {
     let map: OwnerMap = engine.owner_map().await.unwrap();
 
     let mut pods: Vec<Pod> = (0..PODS)
-        .map(|i| spawn(url, &format!("pod-{i:02}"), dir.path()))
+        .map(|i| spawn(url, &format!("pod-{i:02}"), dir))
         .collect();
     wait_for(
         "every pod joined and allocates",
         Duration::from_secs(120),
-        || {
-            pods.iter()
-                .all(|p| history(dir.path(), &p.name).0.len() >= 5)
-        },
+        || pods.iter().all(|p| history(dir, &p.name).0.len() >= 5),
     )
     .await;
 
@@ -139,7 +149,7 @@ async fn scenario(url: &str) {
     let dead_set: BTreeSet<&str> = dead.iter().map(String::as_str).collect();
     let mut dead_blocks = BTreeSet::new();
     for name in &dead {
-        for (_, block, _, _) in history(dir.path(), name).0 {
+        for (_, block, _, _) in history(dir, name).0 {
             dead_blocks.insert(block);
         }
     }
@@ -163,7 +173,7 @@ async fn scenario(url: &str) {
     // One pod frozen past its lease (a partition it cannot see), then
     // resumed: it must find itself fenced and never use its old blocks.
     let frozen = pods.pop().unwrap();
-    let before = history(dir.path(), &frozen.name);
+    let before = history(dir, &frozen.name);
     signal(&frozen, libc::SIGSTOP);
     let frozen_blocks: BTreeSet<u64> = before.0.iter().map(|v| v.1).collect();
     wait_for(
@@ -181,7 +191,7 @@ async fn scenario(url: &str) {
     wait_for(
         "the resumed pod reports itself fenced",
         Duration::from_secs(30),
-        || history(dir.path(), &frozen.name).1 > before.1,
+        || history(dir, &frozen.name).1 > before.1,
     )
     .await;
     pods.push(frozen);
@@ -195,14 +205,14 @@ async fn scenario(url: &str) {
     let mut total = 0;
     for i in 0..PODS {
         let name = format!("pod-{i:02}");
-        for (value, block, epoch, inc) in history(dir.path(), &name).0 {
+        for (value, block, epoch, inc) in history(dir, &name).0 {
             total += 1;
             if let Some(first) = seen.insert(value, (name.clone(), epoch, inc)) {
                 let mut lines = String::new();
                 for j in 0..PODS {
                     let n = format!("pod-{j:02}");
-                    let text = std::fs::read_to_string(dir.path().join(format!("{n}.log")))
-                        .unwrap_or_default();
+                    let text =
+                        std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
                     for l in text.lines() {
                         let f: Vec<&str> = l.split(' ').collect();
                         if l.starts_with('F') || f.get(2) == Some(&block.to_string().as_str()) {
@@ -227,8 +237,6 @@ async fn scenario(url: &str) {
         }
     }
     eprintln!("{total} values handed out by {PODS} pods, none twice");
-    engine.close().await;
-    backend.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,11 +246,29 @@ async fn fifty_pods_on_postgres_kill_9_and_freeze() {
         .unwrap()
         .unwrap_or_else(|e| panic!("no PostgreSQL server for the tests: {e}"));
     // Fifty processes on one server: a few connections each.
-    scenario(&format!("{}?pool_size=3", pg.url())).await;
+    on_store(&format!("{}?pool_size=3", pg.url())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_pods_on_etcd_kill_9_and_freeze() {
     let etcd = allot_store_etcd::testing::start_server().await;
-    scenario(&format!("etcd://{}", etcd.endpoint())).await;
+    on_store(&format!("etcd://{}", etcd.endpoint())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_remote_pods_through_one_server_kill_9_and_freeze() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let histories = tempfile::tempdir().unwrap();
+    let mut config = allot_server::Config::new(data.path());
+    config.listen = "127.0.0.1:0".into();
+    let server = allot_server::Server::bind(config).await.unwrap();
+    let (engine, addr) = (server.engine(), server.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    scenario(&engine, &format!("http://{addr}"), histories.path()).await;
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
 }

@@ -4,7 +4,11 @@
 //! application's record of the values in use, which is also what the scan
 //! callback answers from when this pod takes over an orphan block.
 //!
-//! Usage: member-child STORE_URL NAME POOL HISTORY_DIR INTERVAL_MS TTL_MS
+//! Usage: member-child STORE_URL|SERVER_URL NAME POOL HISTORY_DIR INTERVAL_MS TTL_MS
+//!
+//! With a store URL the pod embeds the engine on that store; with
+//! `http://HOST:PORT` it is a remote member through that `allot serve`
+//! (`allot_client::RemoteMember`).
 //!
 //! History lines (`HISTORY_DIR/NAME.log`, one `write` each, so a line is
 //! never torn by `kill -9`): `V VALUE BLOCK EPOCH INCARNATION` for a value
@@ -17,20 +21,46 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use allot::{Allot, BlockScan, Error, Member, MemberOptions};
+use allot::{Allot, BlockScan, MemberOptions, OwnedValue};
 use anyhow::{bail, Context};
+
+/// The member, embedded on the store or remote through a server.
+enum Pod {
+    Local(allot::Member),
+    Remote(allot_client::RemoteMember),
+}
+
+/// Where a pod joins.
+enum Cluster {
+    Store(Allot),
+    Server(allot_client::Client),
+}
+
+/// What an allocation came to.
+enum Outcome {
+    Value(OwnedValue),
+    /// The lease is gone (or may be): join again.
+    Fenced(String),
+    /// The store or server is away or busy for a moment.
+    Retry,
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, name, pool, dir, interval_ms, ttl_ms] = args.as_slice() else {
-        bail!("usage: member-child STORE_URL NAME POOL HISTORY_DIR INTERVAL_MS TTL_MS");
+        bail!("usage: member-child STORE_URL|SERVER_URL NAME POOL HISTORY_DIR INTERVAL_MS TTL_MS");
     };
     let interval = Duration::from_millis(interval_ms.parse().context("INTERVAL_MS")?);
     let ttl = Duration::from_millis(ttl_ms.parse().context("TTL_MS")?);
     let dir = PathBuf::from(dir);
-    let backend = allot_backends::Backend::open(&url.parse()?, &dir).await?;
-    let engine = Allot::new(backend.store());
+    // http://…: a remote member through `allot serve`; else a store URL.
+    let cluster = if url.starts_with("http://") || url.starts_with("https://") {
+        Cluster::Server(allot_client::Client::new(url)?)
+    } else {
+        let backend = allot_backends::Backend::open(&url.parse()?, &dir).await?;
+        Cluster::Store(Allot::new(backend.store()))
+    };
     let mut history = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -42,10 +72,10 @@ async fn main() -> anyhow::Result<()> {
         scan: Some(Arc::new(move |req: &BlockScan| in_use(&scan_dir, req))),
         ..MemberOptions::default()
     };
-    let mut member = join(&engine, name, &options, interval).await;
+    let mut member = join(&cluster, name, &options, interval).await;
     loop {
-        match member.allocate(pool).await {
-            Ok(v) => {
+        match allocate(&member, pool).await? {
+            Outcome::Value(v) => {
                 let line = format!(
                     "V {} {} {} {}\n",
                     v.value,
@@ -55,24 +85,62 @@ async fn main() -> anyhow::Result<()> {
                 );
                 history.write_all(line.as_bytes())?;
             }
-            Err(Error::Fenced(why)) => {
+            Outcome::Fenced(why) => {
                 let line = format!("F {} {}\n", member.incarnation(), why.replace('\n', " "));
                 history.write_all(line.as_bytes())?;
                 // A pod that lost its lease starts over as a new incarnation.
-                member = join(&engine, name, &options, interval).await;
+                member = join(&cluster, name, &options, interval).await;
             }
-            // The store is away or busy for a moment: try again.
-            Err(Error::Store(_) | Error::Contention(_)) => {}
-            Err(e) => return Err(e.into()),
+            Outcome::Retry => {}
         }
         tokio::time::sleep(interval).await;
     }
 }
 
-/// Joins, retrying while the store is busy or away.
-async fn join(engine: &Allot, name: &str, options: &MemberOptions, pause: Duration) -> Member {
+impl Pod {
+    fn incarnation(&self) -> u64 {
+        match self {
+            Pod::Local(m) => m.incarnation(),
+            Pod::Remote(m) => m.incarnation(),
+        }
+    }
+}
+
+async fn allocate(member: &Pod, pool: &str) -> anyhow::Result<Outcome> {
+    Ok(match member {
+        Pod::Local(m) => match m.allocate(pool).await {
+            Ok(v) => Outcome::Value(v),
+            Err(allot::Error::Fenced(why)) => Outcome::Fenced(why),
+            Err(allot::Error::Store(_) | allot::Error::Contention(_)) => Outcome::Retry,
+            Err(e) => return Err(e.into()),
+        },
+        Pod::Remote(m) => match m.allocate(pool).await {
+            Ok(v) => Outcome::Value(v),
+            Err(e) if e.code() == "fenced" => Outcome::Fenced(e.to_string()),
+            // A session that ended: the member is done; so is its lease soon.
+            Err(e) if e.code() == "unavailable" && !m.is_live() => Outcome::Fenced(e.to_string()),
+            Err(e) if e.is_retryable() => Outcome::Retry,
+            Err(e) => return Err(e.into()),
+        },
+    })
+}
+
+/// Joins, retrying while the store or server is busy or away.
+async fn join(cluster: &Cluster, name: &str, options: &MemberOptions, pause: Duration) -> Pod {
     loop {
-        match engine.join(name, options.clone()).await {
+        let joined = match cluster {
+            Cluster::Store(engine) => engine
+                .join(name, options.clone())
+                .await
+                .map(Pod::Local)
+                .map_err(anyhow::Error::from),
+            Cluster::Server(client) => client
+                .join(name, options.clone())
+                .await
+                .map(Pod::Remote)
+                .map_err(anyhow::Error::from),
+        };
+        match joined {
             Ok(m) => return m,
             Err(e) => {
                 eprintln!("member-child {name}: joining: {e}");
