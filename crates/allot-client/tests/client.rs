@@ -3,46 +3,14 @@
 //! survives server restarts and reports compacted history.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use allot::{AllocRequest, Change, ParentRef, PoolKind, PoolSpec, Target};
 use allot_client::{Client, Error, WatchRetry};
 use futures::StreamExt;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-/// A running server.
-struct Srv {
-    addr: std::net::SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), allot_server::ServerError>>,
-}
-
-async fn start(data: &Path, listen: &str, token: Option<&str>) -> Srv {
-    let mut c = allot_server::Config::new(data);
-    c.listen = listen.to_string();
-    c.token = token.map(str::to_string);
-    c.shutdown_timeout = Duration::from_secs(5);
-    let server = allot_server::Server::bind(c).await.unwrap();
-    let addr = server.local_addr();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
-    Srv { addr, stop, task }
-}
-
-impl Srv {
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
+mod common;
+use common::start;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

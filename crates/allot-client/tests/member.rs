@@ -4,45 +4,14 @@
 //! owner lookup and refusals.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allot::{Durability, MemberOptions, PoolKind, PoolSpec};
 use allot_client::{Client, RemoteMember};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-struct Srv {
-    addr: std::net::SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), allot_server::ServerError>>,
-}
-
-async fn start(data: &Path, token: Option<&str>) -> Srv {
-    let mut c = allot_server::Config::new(data);
-    c.listen = "127.0.0.1:0".to_string();
-    c.token = token.map(str::to_string);
-    c.shutdown_timeout = Duration::from_secs(5);
-    let server = allot_server::Server::bind(c).await.unwrap();
-    let addr = server.local_addr();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
-    Srv { addr, stop, task }
-}
-
-impl Srv {
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
+mod common;
+use common::start;
 
 fn member_pool(hi: u64, block_size: u64, durability: Durability) -> PoolSpec {
     let mut spec = PoolSpec::new(PoolKind::Range { lo: 0, hi });
@@ -51,6 +20,8 @@ fn member_pool(hi: u64, block_size: u64, durability: Durability) -> PoolSpec {
     spec
 }
 
+/// Leases of 3 s: short enough for takeover tests, long enough that a busy
+/// CI machine does not let a live member's lease run out.
 fn options(ttl_ms: u64) -> MemberOptions {
     MemberOptions {
         ttl: Duration::from_millis(ttl_ms),
@@ -77,7 +48,8 @@ async fn take(m: &RemoteMember, pool: &str, n: usize) -> Vec<u64> {
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    // Takeovers wait for a 3 s lease to run out; the machine may be busy.
+    for _ in 0..600 {
         if done() {
             return;
         }
@@ -89,7 +61,7 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_members_allocate_in_process_and_the_server_knows_the_owners() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), Some("t0k")).await;
+    let srv = start(dir.path(), "127.0.0.1:0", Some("t0k")).await;
     let client = Client::new(srv.url()).unwrap().with_token("t0k");
     client
         .create_pool(
@@ -163,7 +135,7 @@ async fn remote_members_allocate_in_process_and_the_server_knows_the_owners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), None).await;
+    let srv = start(dir.path(), "127.0.0.1:0", None).await;
     let client = Client::new(srv.url()).unwrap();
     // 512 values in 8 blocks.
     client
@@ -175,7 +147,7 @@ async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
         )
         .await
         .unwrap();
-    let a = client.join("amf-a", options(1000)).await.unwrap();
+    let a = client.join("amf-a", options(3000)).await.unwrap();
     let mut held_by_a = BTreeSet::new();
     for _ in 0..150 {
         let v = a.allocate("ids").await.unwrap();
@@ -190,7 +162,7 @@ async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
     // A dies: its session ends without leaving, its lease runs out.
     drop(a);
 
-    let b = client.join("amf-b", options(1000)).await.unwrap();
+    let b = client.join("amf-b", options(3000)).await.unwrap();
     // B must use the pool before it takes its orphans over.
     let first = b.allocate("ids").await.unwrap();
     wait_for("B to take A's blocks over", || {
@@ -224,7 +196,7 @@ async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_pool_orphans_are_scanned_by_the_new_owner() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), None).await;
+    let srv = start(dir.path(), "127.0.0.1:0", None).await;
     let client = Client::new(srv.url()).unwrap();
     client
         .create_pool(
@@ -235,7 +207,7 @@ async fn block_pool_orphans_are_scanned_by_the_new_owner() {
         )
         .await
         .unwrap();
-    let a = client.join("upf-a", options(1000)).await.unwrap();
+    let a = client.join("upf-a", options(3000)).await.unwrap();
     let in_use: Vec<u64> = take(&a, "sessions", 40).await;
     let a_blocks = a.owned_blocks("sessions");
     drop(a);
@@ -258,7 +230,7 @@ async fn block_pool_orphans_are_scanned_by_the_new_owner() {
             .cloned()
             .collect())
     });
-    let mut opts = options(1000);
+    let mut opts = options(3000);
     opts.scan = Some(scan);
     let b = client.join("upf-b", opts).await.unwrap();
     let mut got: BTreeSet<u64> = take(&b, "sessions", 1).await.into_iter().collect();
