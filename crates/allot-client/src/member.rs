@@ -596,32 +596,64 @@ async fn give_back(inner: &Inner, rp: &RemotePool, block: u64) -> Result<()> {
 }
 
 /// A remote member's handle on one `block`-durability pool for the hot
-/// path (see [`allot::PoolAllocator`], which it mirrors).
-#[derive(Clone)]
+/// path, one per thread, as [`allot::PoolAllocator`] (which it mirrors):
+/// values come from the shared blocks [`allot::ALLOCATOR_BATCH`] at a time
+/// and go back on drop if not handed out.
 pub struct RemoteAllocator {
     member: RemoteMember,
     pool: Arc<RemotePool>,
+    /// Values taken from the blocks, not handed out yet; last = next.
+    batch: Vec<(u64, u64, u64)>,
+}
+
+impl Clone for RemoteAllocator {
+    /// Another allocator on the same pool, with an empty batch of its own.
+    fn clone(&self) -> Self {
+        RemoteAllocator {
+            member: self.member.clone(),
+            pool: self.pool.clone(),
+            batch: Vec::new(),
+        }
+    }
+}
+
+impl Drop for RemoteAllocator {
+    fn drop(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut owned = lock(&self.pool.owned);
+        for (offset, block, _) in self.batch.drain(..) {
+            let _ = owned.set.release(block, offset, now);
+        }
+    }
 }
 
 impl RemoteAllocator {
     /// The next value from an owned block, if one is free now; `None` when
     /// they ran dry (then [`RemoteMember::allocate`] waits for a block).
     #[inline]
-    pub fn try_allocate(&self) -> Result<Option<OwnedOffset>> {
+    pub fn try_allocate(&mut self) -> Result<Option<OwnedOffset>> {
         self.member.inner.fenced()?;
         let rp = &self.pool;
         if rp.closed.load(Ordering::Acquire) {
             return Err(pool_gone(&rp.name));
         }
-        let (taken, low) = {
-            let mut owned = lock(&rp.owned);
-            let taken = owned.set.allocate();
-            (taken, owned.set.free() < rp.low_water())
-        };
-        if low {
-            self.member.prefetch(rp);
+        if self.batch.is_empty() {
+            let low = {
+                let mut owned = lock(&rp.owned);
+                owned
+                    .set
+                    .allocate_many(allot::ALLOCATOR_BATCH, &mut self.batch);
+                owned.set.free() < rp.low_water()
+            };
+            self.batch.reverse();
+            if low {
+                self.member.prefetch(rp);
+            }
         }
-        Ok(taken.map(|(offset, block, epoch)| OwnedOffset {
+        Ok(self.batch.pop().map(|(offset, block, epoch)| OwnedOffset {
             offset,
             block,
             epoch,
@@ -676,6 +708,7 @@ impl RemoteMember {
         Ok(RemoteAllocator {
             member: self.clone(),
             pool: rp,
+            batch: Vec::new(),
         })
     }
 

@@ -33,7 +33,7 @@ fn options(ttl_ms: u64) -> MemberOptions {
 /// Allocates `n` values through the hot path, falling back to the async
 /// call when the owned blocks run dry.
 async fn take(m: &RemoteMember, pool: &str, n: usize) -> Vec<u64> {
-    let alloc = m.allocator(pool).await.unwrap();
+    let mut alloc = m.allocator(pool).await.unwrap();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         match alloc.try_allocate().unwrap() {

@@ -141,6 +141,21 @@ impl<T, S: Copy + Ord> OwnedBlocks<T, S> {
         Some((off, idx, held.epoch))
     }
 
+    /// Takes up to `n` values at once into `out` (in the order
+    /// [`OwnedBlocks::allocate`] would give them); how many it took. A
+    /// per-thread allocator refills from this, so threads share the lock
+    /// once per batch instead of once per value.
+    pub fn allocate_many(&mut self, n: usize, out: &mut Vec<(u64, u64, u64)>) -> usize {
+        let before = out.len();
+        while out.len() - before < n {
+            match self.allocate() {
+                Some(taken) => out.push(taken),
+                None => break,
+            }
+        }
+        out.len() - before
+    }
+
     /// Frees `offset` of block `idx`; whether the block is now empty.
     pub fn release(&mut self, idx: u64, offset: u64, now: S) -> Result<bool> {
         let Some(held) = self.blocks.get_mut(&idx) else {
@@ -230,6 +245,11 @@ mod tests {
         assert!(!set.release(2, 8, 9).unwrap());
         assert_eq!(set.allocate(), Some((8, 2, 5)));
         assert!(set.release(2, 3, 9).is_err(), "not in block 2");
+        let mut batch = Vec::new();
+        assert!(set.release(1, 5, 9).is_ok() && set.release(2, 9, 9).is_ok());
+        assert_eq!(set.allocate_many(8, &mut batch), 2);
+        assert_eq!(batch, vec![(9, 2, 5), (5, 1, 3)]);
+        assert_eq!((set.free(), set.allocate_many(1, &mut batch)), (0, 0));
         assert!(set.release(7, 3, 9).is_err(), "not owned");
     }
 

@@ -69,7 +69,7 @@ async fn allocation(values: u64) {
         let mut handles = Vec::new();
         for _ in 0..threads {
             let member = member.clone();
-            let alloc = member.allocator("teid").await.expect("allocator");
+            let mut alloc = member.allocator("teid").await.expect("allocator");
             let rt = tokio::runtime::Handle::current();
             handles.push(std::thread::spawn(move || {
                 let mut sum = 0u64;

@@ -116,34 +116,69 @@ pub struct OwnedOffset {
 
 /// A member's handle on one `block`-durability pool for the hot path:
 /// [`PoolAllocator::try_allocate`] takes a value from the owned blocks
-/// without awaiting anything (a clock read, an uncontended lock and a bit
-/// scan). When the owned blocks run dry it returns `None`; the async
-/// [`Member::allocate`] then takes the next block (normally taken in the
-/// background before that happens).
-#[derive(Clone)]
+/// without awaiting anything. Use one per thread: each takes values from
+/// the shared blocks [`ALLOCATOR_BATCH`] at a time under the member's lock
+/// and hands them out from its own batch, so threads do not contend per
+/// value (the fence is still checked on every value). Values left in the
+/// batch go back when the allocator is dropped. When the owned blocks run
+/// dry it returns `None`; the async [`Member::allocate`] then takes the next
+/// block (normally taken in the background before that happens).
 pub struct PoolAllocator {
     member: Member,
     pool: Arc<MemberPool>,
+    /// Values taken from the blocks, not handed out yet; last = next.
+    batch: Vec<(u64, u64, u64)>,
+}
+
+/// How many values a [`PoolAllocator`] takes from the shared blocks at once.
+pub const ALLOCATOR_BATCH: usize = 64;
+
+impl Clone for PoolAllocator {
+    /// Another allocator on the same pool, with an empty batch of its own.
+    fn clone(&self) -> Self {
+        PoolAllocator {
+            member: self.member.clone(),
+            pool: self.pool.clone(),
+            batch: Vec::new(),
+        }
+    }
+}
+
+impl Drop for PoolAllocator {
+    fn drop(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut owned = lock(&self.pool.owned);
+        for (offset, block, _) in self.batch.drain(..) {
+            // A block lost meanwhile is gone with its values.
+            let _ = owned.set.release(block, offset, now);
+        }
+    }
 }
 
 impl PoolAllocator {
     /// The next value from an owned block, if one is free now.
     #[inline]
-    pub fn try_allocate(&self) -> Result<Option<OwnedOffset>> {
+    pub fn try_allocate(&mut self) -> Result<Option<OwnedOffset>> {
         self.member.inner.fence.check()?;
         let mp = &self.pool;
         if mp.closed.load(Ordering::Acquire) {
             return Err(Error::PoolNotFound(mp.name.clone()));
         }
-        let (taken, low) = {
-            let mut owned = lock(&mp.owned);
-            let taken = owned.set.allocate();
-            (taken, owned.is_low(mp.low_water()))
-        };
-        if low {
-            self.member.prefetch(mp);
+        if self.batch.is_empty() {
+            let low = {
+                let mut owned = lock(&mp.owned);
+                owned.set.allocate_many(ALLOCATOR_BATCH, &mut self.batch);
+                owned.is_low(mp.low_water())
+            };
+            self.batch.reverse();
+            if low {
+                self.member.prefetch(mp);
+            }
         }
-        Ok(taken.map(|(offset, block, epoch)| OwnedOffset {
+        Ok(self.batch.pop().map(|(offset, block, epoch)| OwnedOffset {
             offset,
             block,
             epoch,
@@ -170,6 +205,7 @@ impl Member {
         Ok(PoolAllocator {
             member: self.clone(),
             pool: mp,
+            batch: Vec::new(),
         })
     }
 
