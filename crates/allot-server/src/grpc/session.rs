@@ -6,6 +6,7 @@
 //! answers carry the request's id. A stream that ends without `leave` does
 //! not revoke the lease: the process may still be allocating, trusting it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +101,9 @@ async fn serve(
 ) {
     let member = session.record().name.clone();
     let tend = tokio::spawn(tend(session.clone(), tx.clone()));
+    // Set before the lease is revoked by `leave`: a request that then finds
+    // the lease gone must not end the stream before `leave` is answered.
+    let leaving = Arc::new(AtomicBool::new(false));
     loop {
         let next = tokio::select! {
             biased;
@@ -131,6 +135,7 @@ async fn serve(
         if let Some(Request::Leave(_)) = req.request {
             // Nothing else of this member may run once the lease is gone.
             tend.abort();
+            leaving.store(true, Ordering::Release);
             let answer = session.leave().await;
             let _ = tx
                 .send(Ok(reply(
@@ -141,10 +146,11 @@ async fn serve(
             tracing::info!(%member, "remote member left");
             return;
         }
-        let (session, tx) = (session.clone(), tx.clone());
+        let (session, tx, leaving) = (session.clone(), tx.clone(), leaving.clone());
         tokio::spawn(async move {
             let answer = handle(&session, req.request).await;
-            let fenced = matches!(&answer, Err(allot::Error::Fenced(_)));
+            let fenced =
+                matches!(&answer, Err(allot::Error::Fenced(_))) && !leaving.load(Ordering::Acquire);
             if tx.send(Ok(reply(req.id, answer))).await.is_ok() && fenced {
                 let _ = tx
                     .send(Err(errors::status(
