@@ -27,11 +27,12 @@ use deadpool_postgres::Object;
 use crate::error::{CallError, PgError};
 
 /// The layout version this build writes and reads.
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 
 /// Migration `i` (0-based) brings a schema from version `i` to `i + 1`.
 /// `{s}` stands for the quoted schema name.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.allot_revision (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
     revision bigint NOT NULL,
@@ -146,7 +147,134 @@ BEGIN
     PERFORM pg_notify(p_channel, p_revision::text);
 END
 $$;
-"#];
+"#,
+    r#"
+-- The id of the PostgreSQL transaction that made the current revision
+-- (set by allot_finish): a committer that speculates on its own earlier
+-- commits checks it, since a revision number alone does not say who made it.
+ALTER TABLE {s}.allot_revision ADD COLUMN writer bigint NOT NULL DEFAULT 0;
+
+CREATE OR REPLACE FUNCTION {s}.allot_finish(
+    p_revision bigint,
+    p_events bigint,
+    p_keep_revisions bigint,
+    p_revision_slack bigint,
+    p_keep_events bigint,
+    p_channel text
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_oldest bigint;
+    v_history bigint;
+    v_next bigint;
+    v_threshold bigint;
+    v_rev_a bigint;
+    v_seq_a bigint;
+    v_rev_b bigint;
+    v_keep bigint;
+BEGIN
+    UPDATE {s}.allot_revision
+       SET revision = p_revision,
+           next_event = next_event + p_events,
+           history_events = history_events + p_events,
+           writer = txid_current()
+    RETURNING oldest, history_events, next_event INTO v_oldest, v_history, v_next;
+
+    IF p_revision + 1 - v_oldest > p_keep_revisions + p_revision_slack THEN
+        PERFORM {s}.allot_drop_history(p_revision + 1 - p_keep_revisions);
+        SELECT oldest, history_events INTO v_oldest, v_history FROM {s}.allot_revision;
+    END IF;
+
+    IF v_history > p_keep_events THEN
+        v_threshold := v_next - (p_keep_events - p_keep_events / 10);
+        SELECT revision, seq INTO v_rev_a, v_seq_a FROM {s}.allot_log
+         WHERE seq >= v_threshold - 1 ORDER BY revision, seq LIMIT 1;
+        SELECT revision INTO v_rev_b FROM {s}.allot_log
+         WHERE seq >= v_threshold ORDER BY revision, seq LIMIT 1;
+        IF v_seq_a = v_threshold - 1 AND v_rev_a = v_rev_b THEN
+            v_keep := v_rev_b + 1;
+        ELSE
+            v_keep := v_rev_b;
+        END IF;
+        v_keep := least(v_keep, p_revision);
+        IF v_keep > v_oldest THEN
+            PERFORM {s}.allot_drop_history(v_keep);
+        END IF;
+    END IF;
+
+    PERFORM pg_notify(p_channel, p_revision::text);
+END
+$$;
+
+-- Every write of a committed batch in one call: checks, under the revision
+-- row lock, that the store is where the committer assumed (revision, the
+-- transaction that made it, and the mod revision of every key the batch
+-- read, 0 for absent), raising SQLSTATE AL001 (another writer came in) or
+-- AL002 (a key differs) if not, so that nothing is written; then upserts,
+-- deletes, appends the log and calls allot_finish.
+CREATE FUNCTION {s}.allot_commit(
+    p_expected bigint,
+    p_writer bigint,
+    p_check_keys bytea[],
+    p_check_mods int8[],
+    p_keys bytea[],
+    p_values bytea[],
+    p_creates int8[],
+    p_mods int8[],
+    p_versions int8[],
+    p_leases int8[],
+    p_deleted bytea[],
+    p_log_revisions int8[],
+    p_log_seqs int8[],
+    p_log_keys bytea[],
+    p_log_kinds int2[],
+    p_log_values bytea[],
+    p_log_creates int8[],
+    p_log_versions int8[],
+    p_log_leases int8[],
+    p_revision bigint,
+    p_keep_revisions bigint,
+    p_revision_slack bigint,
+    p_keep_events bigint,
+    p_channel text
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_revision bigint;
+    v_writer bigint;
+BEGIN
+    SELECT revision, writer INTO v_revision, v_writer FROM {s}.allot_revision FOR UPDATE;
+    IF v_revision IS DISTINCT FROM p_expected OR v_writer IS DISTINCT FROM p_writer THEN
+        RAISE EXCEPTION 'allot: the store is at revision % by %, not % by %',
+            v_revision, v_writer, p_expected, p_writer USING ERRCODE = 'AL001';
+    END IF;
+    IF cardinality(p_check_keys) > 0 AND EXISTS (
+        SELECT 1 FROM unnest(p_check_keys, p_check_mods) AS c(key, mod_revision)
+          LEFT JOIN {s}.allot_kv k ON k.key = c.key
+         WHERE coalesce(k.mod_revision, 0) <> c.mod_revision) THEN
+        RAISE EXCEPTION 'allot: a key read is not as assumed' USING ERRCODE = 'AL002';
+    END IF;
+    IF cardinality(p_keys) > 0 THEN
+        INSERT INTO {s}.allot_kv (key, value, create_revision, mod_revision, version, lease)
+        SELECT * FROM unnest(p_keys, p_values, p_creates, p_mods, p_versions, p_leases)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
+          create_revision = EXCLUDED.create_revision,
+          mod_revision = EXCLUDED.mod_revision,
+          version = EXCLUDED.version, lease = EXCLUDED.lease;
+    END IF;
+    IF cardinality(p_deleted) > 0 THEN
+        DELETE FROM {s}.allot_kv WHERE key = ANY(p_deleted);
+    END IF;
+    INSERT INTO {s}.allot_log
+        (revision, seq, key, kind, value, create_revision, version, lease)
+    SELECT * FROM unnest(p_log_revisions, p_log_seqs, p_log_keys, p_log_kinds,
+                         p_log_values, p_log_creates, p_log_versions, p_log_leases);
+    PERFORM {s}.allot_finish(p_revision, cardinality(p_log_seqs)::bigint, p_keep_revisions,
+                             p_revision_slack, p_keep_events, p_channel);
+END
+$$;
+"#,
+];
 
 /// Checks that `schema` is a plain lower-case identifier, so that it can be
 /// spliced into SQL and used in a notification channel name without quoting
@@ -272,10 +400,8 @@ pub(crate) struct Sql {
     pub scan: String,
     pub scan_from: String,
     pub live_leases: String,
-    pub upsert: String,
-    pub delete_keys: String,
-    pub insert_log: String,
-    pub finish: String,
+    /// `allot_commit`: every write of a batch, checked, in one call.
+    pub commit: String,
     pub drop_history: String,
     pub grant: String,
     pub keep_alive: String,
@@ -293,7 +419,8 @@ impl Sql {
         Sql {
             channel: format!("allot_{s}"),
             lock_head: format!(
-                "SELECT revision, oldest, history_events, next_event FROM {s}.allot_revision FOR UPDATE"
+                "SELECT revision, oldest, history_events, next_event, writer, txid_current() \
+                 FROM {s}.allot_revision FOR UPDATE"
             ),
             current_revision: format!("SELECT revision FROM {s}.allot_revision"),
             get: format!("SELECT {kv} FROM {s}.allot_kv WHERE key = $1"),
@@ -320,24 +447,12 @@ impl Sql {
                 "SELECT id FROM {s}.allot_leases \
                  WHERE id = ANY($1::int8[]) AND expires_at > clock_timestamp()"
             ),
-            upsert: format!(
-                "INSERT INTO {s}.allot_kv ({kv}) \
-                 SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], \
-                                      $5::int8[], $6::int8[]) \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
-                   create_revision = EXCLUDED.create_revision, \
-                   mod_revision = EXCLUDED.mod_revision, \
-                   version = EXCLUDED.version, lease = EXCLUDED.lease"
-            ),
-            delete_keys: format!("DELETE FROM {s}.allot_kv WHERE key = ANY($1::bytea[])"),
-            insert_log: format!(
-                "INSERT INTO {s}.allot_log \
-                 (revision, seq, key, kind, value, create_revision, version, lease) \
-                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::bytea[], $4::int2[], \
-                                      $5::bytea[], $6::int8[], $7::int8[], $8::int8[])"
-            ),
-            finish: format!(
-                "SELECT {s}.allot_finish($1::int8, $2::int8, $3::int8, $4::int8, $5::int8, $6::text)"
+            commit: format!(
+                "SELECT {s}.allot_commit($1::int8, $2::int8, $3::bytea[], $4::int8[], \
+                 $5::bytea[], $6::bytea[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], \
+                 $11::bytea[], $12::int8[], $13::int8[], $14::bytea[], $15::int2[], \
+                 $16::bytea[], $17::int8[], $18::int8[], $19::int8[], \
+                 $20::int8, $21::int8, $22::int8, $23::int8, $24::text)"
             ),
             drop_history: format!("SELECT {s}.allot_drop_history($1::int8)"),
             grant: format!(

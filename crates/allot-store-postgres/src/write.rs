@@ -1,33 +1,46 @@
-//! Everything that writes: the transaction committer (group commit), lease
-//! revocation and expiry, and compaction.
+//! Everything that writes: the transaction committer (group commit,
+//! pipelined), lease revocation and expiry, and compaction.
 //!
-//! Every writing PostgreSQL transaction has the same shape, in two round
-//! trips thanks to pipelining (statements are sent without waiting for the
-//! previous answers, and the server runs them in order):
-//!
-//! 1. `BEGIN`, lock the revision row (`SELECT ... FOR UPDATE`), then read
-//!    everything the evaluation depends on. The reads run after the lock is
-//!    granted and, in READ COMMITTED, each takes a fresh snapshot, so they
-//!    see every transaction committed before ours: evaluation is
-//!    serializable, since no other writer can commit until we release the
-//!    lock at our commit.
-//! 2. Evaluate in Rust (`allot_store::backend::apply_txn`, the code every
-//!    backend shares), then write the final state of each key (one
-//!    multi-row upsert via `UNNEST`, one delete), append the events to the
-//!    log, call `allot_finish` (revision, retention bounds, `pg_notify`) and
-//!    `COMMIT`.
-//!
-//! Because the revision row lock is held until the commit is durable,
-//! revision N+1 can only commit after N is visible: a watcher reading the
-//! log never sees a gap that later fills in.
+//! Every revision is made by a PostgreSQL transaction holding the one
+//! revision row's lock (`SELECT ... FOR UPDATE`) until its commit is
+//! durable, so revision N+1 can only commit after N is visible: a watcher
+//! reading the log never sees a gap that later fills in. All writes of a
+//! transaction go through one call of the `allot_commit` function, which
+//! first checks, under that lock, that the store is where the writer
+//! assumed it to be (the revision, the id of the PostgreSQL transaction that
+//! made it, and the mod revision of every key read), and writes nothing
+//! otherwise.
 //!
 //! The committer batches the transactions queued by concurrent callers into
 //! one PostgreSQL transaction (each still gets its own revision), so they
-//! share the lock round trips and one WAL flush: without this, every
-//! writer would wait for every earlier writer's fsync while holding the
-//! lock.
+//! share one lock and one WAL flush. It commits a batch in one of two ways:
+//!
+//! - **Speculative** (one round trip): while nothing but this committer
+//!   writes, it knows the store's state: the head of the revision row and
+//!   every key it read or wrote since (a bounded cache; keys it does not
+//!   know are assumed absent). It evaluates the batch on that knowledge and
+//!   sends `BEGIN`, the lock, `allot_commit` and `COMMIT` at once. It does
+//!   not wait for that commit: as soon as the lock is granted, the next
+//!   batch (evaluated on top of the first, assuming it commits) is sent on
+//!   another connection, where it waits for the lock, which PostgreSQL
+//!   grants right when the first commit is durable. So the lock round trip
+//!   of the next batch overlaps the WAL flush of the previous one, and the
+//!   queue keeps filling in the meantime. The check in `allot_commit` makes
+//!   this safe: a batch whose assumptions failed (another server wrote, a
+//!   key was not as cached, or the batch it was stacked on failed) raises
+//!   before writing, and its transactions are run again on the locked path.
+//! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
+//!   key the batch depends on (after the lock: in READ COMMITTED each read
+//!   sees every earlier commit), evaluate, then `allot_commit` and `COMMIT`.
+//!   Used when the state is not known (at start, after another writer or a
+//!   failure) and for batches the speculative path does not take (range
+//!   deletes, puts attached to leases, batches that write nothing); it
+//!   refreshes the committer's knowledge.
+//!
+//! Evaluation is always `allot_store::backend::apply_txn`, the code every
+//! backend shares.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use allot_store::backend::{apply_txn, delete_keys_txn, Applied};
@@ -35,11 +48,13 @@ use allot_store::{EventKind, KeyValue, LeaseId, Op, Revision, StoreError, Txn, T
 use deadpool_postgres::Object;
 use futures::future::try_join_all;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::error::CallError;
-use crate::shared::{copy_error, kv_at, to_i64, to_u64, Shared};
+use crate::shared::{copy_error, kv_at, to_i64, to_u64, Limits, Shared};
 
 /// The revision row, as locked by a writing transaction.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +63,10 @@ pub(crate) struct Head {
     pub oldest: Revision,
     /// Sequence number of the next event.
     pub next_event: i64,
+    /// The PostgreSQL transaction that made `revision`.
+    pub writer: i64,
+    /// The PostgreSQL transaction holding the lock (`txid_current()`).
+    pub me: i64,
 }
 
 impl Head {
@@ -56,6 +75,8 @@ impl Head {
             revision: to_u64(row.try_get(0)?, "revision")?,
             oldest: to_u64(row.try_get(1)?, "oldest revision")?,
             next_event: row.try_get(3)?,
+            writer: row.try_get(4)?,
+            me: row.try_get(5)?,
         })
     }
 }
@@ -119,94 +140,124 @@ impl Writes {
     }
 }
 
-/// Round trip 2 of a writing transaction: the writes, `allot_finish` and
-/// `COMMIT`, pipelined. Any error means nothing was committed (or, if the
-/// connection broke during `COMMIT`, that the outcome is unknown, which is
-/// reported as unavailable and never acknowledged).
-async fn finish(conn: &Object, shared: &Shared, writes: Writes) -> Result<(), CallError> {
-    let sql = &shared.sql;
-    let (upsert, delete, insert_log, finish) = futures::try_join!(
-        conn.prepare_cached(&sql.upsert),
-        conn.prepare_cached(&sql.delete_keys),
-        conn.prepare_cached(&sql.insert_log),
-        conn.prepare_cached(&sql.finish),
-    )?;
-    let mut put = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    let mut deleted: Vec<Vec<u8>> = Vec::new();
-    let mut writes = writes;
-    for (key, state) in std::mem::take(&mut writes.keys) {
-        match state {
-            Some(kv) => {
-                put.0.push(key);
-                put.1.push(kv.value);
-                put.2.push(to_i64(kv.create_revision, "revision")?);
-                put.3.push(to_i64(kv.mod_revision, "revision")?);
-                put.4.push(to_i64(kv.version, "version")?);
-                put.5.push(to_i64(kv.lease, "lease")?);
-            }
-            None => deleted.push(key),
+/// The arguments of one `allot_commit` call, owned, so that a spawned task
+/// can send them.
+struct CommitArgs {
+    expected: i64,
+    writer: i64,
+    check_keys: Vec<Vec<u8>>,
+    check_mods: Vec<i64>,
+    keys: Vec<Vec<u8>>,
+    values: Vec<Vec<u8>>,
+    creates: Vec<i64>,
+    mods: Vec<i64>,
+    versions: Vec<i64>,
+    leases: Vec<i64>,
+    deleted: Vec<Vec<u8>>,
+    log: Writes,
+    revision: i64,
+    /// The last revision written, to publish once committed.
+    last: Revision,
+}
+
+impl CommitArgs {
+    /// `expected`/`writer`: the revision row as assumed; `checks`: every key
+    /// read with its assumed mod revision (0: absent).
+    fn new(
+        mut writes: Writes,
+        expected: Revision,
+        writer: i64,
+        checks: Vec<(Vec<u8>, i64)>,
+    ) -> Result<CommitArgs, StoreError> {
+        let mut args = CommitArgs {
+            expected: to_i64(expected, "revision")?,
+            writer,
+            check_keys: Vec::with_capacity(checks.len()),
+            check_mods: Vec::with_capacity(checks.len()),
+            keys: Vec::new(),
+            values: Vec::new(),
+            creates: Vec::new(),
+            mods: Vec::new(),
+            versions: Vec::new(),
+            leases: Vec::new(),
+            deleted: Vec::new(),
+            revision: to_i64(writes.revision, "revision")?,
+            last: writes.revision,
+            log: Writes::default(),
+        };
+        for (key, mod_revision) in checks {
+            args.check_keys.push(key);
+            args.check_mods.push(mod_revision);
         }
+        for (key, state) in std::mem::take(&mut writes.keys) {
+            match state {
+                Some(kv) => {
+                    args.keys.push(key);
+                    args.values.push(kv.value);
+                    args.creates.push(to_i64(kv.create_revision, "revision")?);
+                    args.mods.push(to_i64(kv.mod_revision, "revision")?);
+                    args.versions.push(to_i64(kv.version, "version")?);
+                    args.leases.push(to_i64(kv.lease, "lease")?);
+                }
+                None => args.deleted.push(key),
+            }
+        }
+        args.log = writes;
+        Ok(args)
     }
-    let revision = to_i64(writes.revision, "revision")?;
-    let events = writes.log_seq.len() as i64;
-    let limits = &shared.limits;
+
+    fn params<'a>(
+        &'a self,
+        limits: &'a Limits,
+        channel: &'a String,
+    ) -> [&'a (dyn ToSql + Sync); 24] {
+        let log = &self.log;
+        [
+            &self.expected,
+            &self.writer,
+            &self.check_keys,
+            &self.check_mods,
+            &self.keys,
+            &self.values,
+            &self.creates,
+            &self.mods,
+            &self.versions,
+            &self.leases,
+            &self.deleted,
+            &log.log_revision,
+            &log.log_seq,
+            &log.log_key,
+            &log.log_kind,
+            &log.log_value,
+            &log.log_create,
+            &log.log_version,
+            &log.log_lease,
+            &self.revision,
+            &limits.keep_revisions,
+            &limits.revision_slack,
+            &limits.keep_events,
+            channel,
+        ]
+    }
+}
+
+/// The end of a writing transaction holding the lock (`head` as read under
+/// it): `allot_commit` and `COMMIT`, pipelined. Any error means nothing was
+/// committed (or, if the connection broke during `COMMIT`, that the outcome
+/// is unknown, which is reported as unavailable and never acknowledged).
+async fn finish(
+    conn: &Object,
+    shared: &Shared,
+    head: &Head,
+    writes: Writes,
+) -> Result<(), CallError> {
+    let args = CommitArgs::new(writes, head.revision, head.writer, Vec::new())?;
+    let commit = conn.prepare_cached(&shared.sql.commit).await?;
+    let params = args.params(&shared.limits, &shared.sql.channel);
     // Each future sends its statement when first polled, and `try_join!`
-    // polls them in order: one round trip for all of them.
-    futures::try_join!(
-        async {
-            if put.0.is_empty() {
-                return Ok(0);
-            }
-            conn.execute(&upsert, &[&put.0, &put.1, &put.2, &put.3, &put.4, &put.5])
-                .await
-        },
-        async {
-            if deleted.is_empty() {
-                return Ok(0);
-            }
-            conn.execute(&delete, &[&deleted]).await
-        },
-        async {
-            let w = &writes;
-            conn.execute(
-                &insert_log,
-                &[
-                    &w.log_revision,
-                    &w.log_seq,
-                    &w.log_key,
-                    &w.log_kind,
-                    &w.log_value,
-                    &w.log_create,
-                    &w.log_version,
-                    &w.log_lease,
-                ],
-            )
-            .await
-        },
-        async {
-            conn.execute(
-                &finish,
-                &[
-                    &revision,
-                    &events,
-                    &limits.keep_revisions,
-                    &limits.revision_slack,
-                    &limits.keep_events,
-                    &sql.channel,
-                ],
-            )
-            .await
-        },
-        conn.batch_execute("COMMIT"),
-    )?;
-    shared.publish(writes.revision);
+    // polls them in order: one round trip for both.
+    futures::try_join!(conn.execute(&commit, &params), conn.batch_execute("COMMIT"))?;
+    shared.publish(args.last);
     Ok(())
 }
 
@@ -234,40 +285,383 @@ pub(crate) struct Request {
     pub reply: oneshot::Sender<Result<TxnResponse, StoreError>>,
 }
 
-/// The committer task: takes whatever transactions are queued (up to the
-/// batch limit), commits them in one PostgreSQL transaction and answers
-/// each. It ends when every store handle is gone (the queue closes), after
-/// answering what was queued.
-pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < shared.limits.max_batch {
-            match rx.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
+type Answers = Vec<Result<TxnResponse, StoreError>>;
+
+/// Speculative batches in flight at most: one committing (its WAL flush),
+/// one waiting for the lock behind it. More would only queue in the
+/// database instead of here, where they can still merge.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// Bounds of the committer's key cache; past either it starts afresh (keys
+/// it forgot are assumed absent, checked, and re-read on the locked path
+/// when that was wrong).
+const CACHE_KEYS: usize = 200_000;
+const CACHE_BYTES: usize = 64 << 20;
+
+/// The most batches run on the locked path after another writer was seen
+/// (doubling from 1 per consecutive conflict), so that servers sharing a
+/// store do not keep failing each other's speculation.
+const MAX_BACKOFF: u32 = 64;
+
+/// What the committer knows of the store: the state once every batch it
+/// sent has committed.
+struct Known {
+    revision: Revision,
+    next_event: i64,
+    /// The PostgreSQL transaction making `revision`; `None` until the batch
+    /// that makes it holds the lock and has said who it is.
+    writer: Option<i64>,
+    /// Keys as of `revision` (`None`: absent).
+    keys: HashMap<Vec<u8>, Option<KeyValue>>,
+    bytes: usize,
+}
+
+impl Known {
+    fn new(revision: Revision, next_event: i64, writer: Option<i64>) -> Known {
+        Known {
+            revision,
+            next_event,
+            writer,
+            keys: HashMap::new(),
+            bytes: 0,
         }
-        let answers = commit_batch(&shared, &batch).await;
-        for (request, answer) in batch.into_iter().zip(answers) {
-            // The caller may have given up; nothing to do then.
-            let _ = request.reply.send(answer);
+    }
+
+    fn size(key: &[u8], state: &Option<KeyValue>) -> usize {
+        key.len() + state.as_ref().map_or(0, |kv| kv.value.len() + 64)
+    }
+
+    fn set(&mut self, key: Vec<u8>, state: Option<KeyValue>) {
+        self.bytes += Known::size(&key, &state);
+        let key_len = key.len();
+        if let Some(old) = self.keys.insert(key, state) {
+            self.bytes -= key_len + old.as_ref().map_or(0, |kv| kv.value.len() + 64);
+        }
+    }
+
+    fn trim(&mut self) {
+        if self.keys.len() > CACHE_KEYS || self.bytes > CACHE_BYTES {
+            self.keys.clear();
+            self.bytes = 0;
         }
     }
 }
 
-async fn commit_batch(shared: &Shared, batch: &[Request]) -> Vec<Result<TxnResponse, StoreError>> {
-    let failed = |err: StoreError| batch.iter().map(|_| Err(copy_error(&err))).collect();
-    let conn = match shared.conn().await {
-        Ok(conn) => conn,
-        Err(err) => return failed(err),
-    };
-    let result = shared
-        .timed(in_txn(&conn, commit_on(&conn, shared, batch)))
-        .await;
-    match shared.settle(conn, result) {
-        Ok(answers) => answers,
-        Err(err) => failed(err),
+/// How a speculative batch ended.
+enum Outcome {
+    Committed,
+    /// Another writer made a revision the batch did not expect.
+    Moved,
+    /// A key read was not as the committer assumed.
+    Differs,
+}
+
+/// A speculative batch in flight.
+struct Flight {
+    requests: Vec<Request>,
+    answers: Answers,
+    done: JoinHandle<Result<Outcome, StoreError>>,
+}
+
+/// The committer task: takes whatever transactions are queued (up to the
+/// batch limit), commits them in one PostgreSQL transaction and answers
+/// each, with up to [`MAX_IN_FLIGHT`] batches in flight. It ends when every
+/// store handle is gone (the queue closes), after answering what was queued.
+pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
+    let max_batch = shared.limits.max_batch;
+    let mut known: Option<Known> = None;
+    let mut flights: VecDeque<Flight> = VecDeque::new();
+    // The lock signal of the newest flight, until it comes.
+    let mut locking: Option<oneshot::Receiver<i64>> = None;
+    // Requests to run again on the locked path, once nothing is in flight.
+    let mut redo: VecDeque<Request> = VecDeque::new();
+    let mut conflicts: u32 = 0;
+    let mut locked_left: u32 = 0;
+    let mut open = true;
+    loop {
+        if flights.is_empty() && !redo.is_empty() {
+            let take = redo.len().min(max_batch);
+            let mut batch: Vec<Request> = redo.drain(..take).collect();
+            if redo.is_empty() {
+                top_up(&mut rx, &mut batch, max_batch);
+            }
+            known = commit_locked(&shared, batch, known.take()).await;
+            continue;
+        }
+        if flights.is_empty() && !open {
+            break;
+        }
+        let can_send =
+            open && redo.is_empty() && locking.is_none() && flights.len() < MAX_IN_FLIGHT;
+        tokio::select! {
+            biased;
+            outcome = front_done(&mut flights) => {
+                let Some(flight) = flights.pop_front() else { continue };
+                match outcome {
+                    Ok(Outcome::Committed) => {
+                        conflicts = 0;
+                        for (request, answer) in flight.requests.into_iter().zip(flight.answers) {
+                            // The caller may have given up; nothing to do then.
+                            let _ = request.reply.send(answer);
+                        }
+                    }
+                    Ok(moved_or_differs) => {
+                        if matches!(moved_or_differs, Outcome::Moved) {
+                            conflicts = (conflicts + 1).min(7);
+                            locked_left = (1u32 << (conflicts - 1)).min(MAX_BACKOFF);
+                        }
+                        // Nothing was written: run them again, in order
+                        // (batches stacked on this one fail the same way).
+                        known = None;
+                        redo.extend(flight.requests);
+                    }
+                    Err(err) => {
+                        known = None;
+                        for request in flight.requests {
+                            let _ = request.reply.send(Err(copy_error(&err)));
+                        }
+                    }
+                }
+            }
+            me = lock_signal(&mut locking) => {
+                locking = None;
+                match (me, known.as_mut()) {
+                    (Some(me), Some(k)) if k.writer.is_none() => k.writer = Some(me),
+                    // The flight failed before taking the lock: its outcome
+                    // tells the rest.
+                    (None, _) => known = None,
+                    _ => {}
+                }
+            }
+            request = rx.recv(), if can_send => {
+                let Some(first) = request else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                top_up(&mut rx, &mut batch, max_batch);
+                let fast = if locked_left > 0 {
+                    locked_left -= 1;
+                    None
+                } else {
+                    known.as_mut().and_then(|k| speculate(k, &batch))
+                };
+                match fast {
+                    Some(Ok((args, answers))) => {
+                        let (tx, rx_lock) = oneshot::channel();
+                        locking = Some(rx_lock);
+                        let done = tokio::spawn(commit_fast(shared.clone(), args, tx));
+                        flights.push_back(Flight { requests: batch, answers, done });
+                    }
+                    Some(Err(err)) => {
+                        for request in batch {
+                            let _ = request.reply.send(Err(copy_error(&err)));
+                        }
+                    }
+                    None if flights.is_empty() => {
+                        known = commit_locked(&shared, batch, known.take()).await;
+                    }
+                    None => redo.extend(batch),
+                }
+            }
+        }
     }
+}
+
+/// Adds whatever else is queued to `batch`, up to `max` requests.
+fn top_up(rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The outcome of the oldest flight (pending forever if there is none).
+async fn front_done(flights: &mut VecDeque<Flight>) -> Result<Outcome, StoreError> {
+    match flights.front_mut() {
+        Some(flight) => match (&mut flight.done).await {
+            Ok(outcome) => outcome,
+            Err(err) => Err(StoreError::Backend(format!("commit task failed: {err}"))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The id of the newest flight's PostgreSQL transaction once it holds the
+/// lock; `None` if it failed before (pending forever if nothing waits).
+async fn lock_signal(locking: &mut Option<oneshot::Receiver<i64>>) -> Option<i64> {
+    match locking {
+        Some(rx) => rx.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Evaluates `batch` on what the committer knows, for the speculative path,
+/// and updates that knowledge as if it committed. `None`: the batch needs
+/// the locked path (the head is not known yet, it deletes ranges or attaches
+/// leases, or it writes nothing); `Some(Err)`: refused as a whole.
+fn speculate(
+    known: &mut Known,
+    batch: &[Request],
+) -> Option<Result<(CommitArgs, Answers), StoreError>> {
+    let writer = known.writer?;
+    let reads = ReadSet::of(batch);
+    if !reads.ranges.is_empty() || !reads.leases.is_empty() || reads.attaches_lease {
+        return None;
+    }
+    let mut view: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+    let mut checks = Vec::with_capacity(reads.keys.len());
+    for key in &reads.keys {
+        match known.keys.get(key) {
+            Some(Some(kv)) => {
+                checks.push((key.clone(), i64::try_from(kv.mod_revision).unwrap_or(-1)));
+                view.insert(key.clone(), kv.clone());
+            }
+            _ => checks.push((key.clone(), 0)),
+        }
+    }
+    let (writes, answers, next_event) = match evaluate(
+        batch,
+        &mut view,
+        known.revision,
+        known.next_event,
+        &HashSet::new(),
+    ) {
+        Ok(done) => done,
+        Err(err) => return Some(Err(err)),
+    };
+    if writes.is_empty() {
+        return None;
+    }
+    let revision = writes.revision;
+    let args = match CommitArgs::new(writes, known.revision, writer, checks) {
+        Ok(args) => args,
+        Err(err) => return Some(Err(err)),
+    };
+    known.revision = revision;
+    known.next_event = next_event;
+    known.writer = None;
+    for key in reads.keys {
+        let state = view.remove(&key);
+        known.set(key, state);
+    }
+    known.trim();
+    Some(Ok((args, answers)))
+}
+
+/// Evaluates the batch in order, each transaction on top of the earlier
+/// ones, on `view` (which ends up holding the batch's final state). Returns
+/// the writes, one answer per transaction and the next event number; an
+/// error refuses the whole batch (an out-of-range number: better than
+/// committing part of a transaction).
+fn evaluate(
+    batch: &[Request],
+    view: &mut BTreeMap<Vec<u8>, KeyValue>,
+    base: Revision,
+    next_event: i64,
+    live: &HashSet<LeaseId>,
+) -> Result<(Writes, Answers, i64), StoreError> {
+    let mut revision = base;
+    let mut next_event = next_event;
+    let mut writes = Writes::default();
+    let mut answers = Vec::with_capacity(batch.len());
+    for request in batch {
+        let answer = match apply_txn(&*view, &request.txn, revision, |id| live.contains(&id)) {
+            Ok(applied) => {
+                let response = applied.response.clone();
+                if let Some(written) = applied.write_revision() {
+                    revision = written;
+                    writes.add(applied, view, &mut next_event)?;
+                }
+                Ok(response)
+            }
+            Err(err) => Err(err),
+        };
+        answers.push(answer);
+    }
+    Ok((writes, answers, next_event))
+}
+
+/// One speculative batch: `BEGIN`, lock, `allot_commit`, `COMMIT` in one
+/// round trip. Says who it is on `locked` once it holds the lock, so the
+/// committer can stack the next batch behind it.
+async fn commit_fast(
+    shared: Arc<Shared>,
+    args: CommitArgs,
+    locked: oneshot::Sender<i64>,
+) -> Result<Outcome, StoreError> {
+    let conn = shared.conn().await?;
+    let result = shared.timed(fast_on(&conn, &shared, &args, locked)).await;
+    shared.settle(conn, result)
+}
+
+async fn fast_on(
+    conn: &Object,
+    shared: &Shared,
+    args: &CommitArgs,
+    locked: oneshot::Sender<i64>,
+) -> Result<Outcome, CallError> {
+    let (lock, commit) = futures::try_join!(
+        conn.prepare_cached(&shared.sql.lock_head),
+        conn.prepare_cached(&shared.sql.commit),
+    )?;
+    let params = args.params(&shared.limits, &shared.sql.channel);
+    // Every answer is awaited (`join!`, not `try_join!`), so that after a
+    // failed check the connection is left clean, outside a transaction.
+    let (begun, head, written, committed) = futures::join!(
+        conn.batch_execute("BEGIN"),
+        async {
+            let row = conn.query_one(&lock, &[]).await?;
+            let head = Head::from_row(&row)?;
+            let _ = locked.send(head.me);
+            Ok::<_, CallError>(head)
+        },
+        conn.execute(&commit, &params),
+        conn.batch_execute("COMMIT"),
+    );
+    begun?;
+    head?;
+    if let Err(err) = written {
+        let code = err.code().map(|c| c.code());
+        let outcome = match code {
+            Some("AL001") => Outcome::Moved,
+            Some("AL002") => Outcome::Differs,
+            _ => return Err(err.into()),
+        };
+        // `COMMIT` of the failed transaction rolled it back.
+        committed?;
+        return Ok(outcome);
+    }
+    committed?;
+    shared.publish(args.last);
+    Ok(Outcome::Committed)
+}
+
+/// One batch on the locked path; answers every request and returns what the
+/// committer knows afterwards (`None` after a failure).
+async fn commit_locked(
+    shared: &Shared,
+    batch: Vec<Request>,
+    known: Option<Known>,
+) -> Option<Known> {
+    let (answers, known) = match shared.conn().await {
+        Ok(conn) => {
+            let result = shared
+                .timed(in_txn(&conn, commit_on(&conn, shared, &batch, known)))
+                .await;
+            match shared.settle(conn, result) {
+                Ok(done) => done,
+                Err(err) => (batch.iter().map(|_| Err(copy_error(&err))).collect(), None),
+            }
+        }
+        Err(err) => (batch.iter().map(|_| Err(copy_error(&err))).collect(), None),
+    };
+    for (request, answer) in batch.into_iter().zip(answers) {
+        let _ = request.reply.send(answer);
+    }
+    known
 }
 
 /// What a batch reads before evaluating: every key named anywhere in it
@@ -278,6 +672,8 @@ struct ReadSet {
     keys: BTreeSet<Vec<u8>>,
     ranges: Vec<(Vec<u8>, Vec<u8>)>,
     leases: BTreeSet<i64>,
+    /// A put names a lease (even one beyond bigint, which cannot exist).
+    attaches_lease: bool,
 }
 
 impl ReadSet {
@@ -290,6 +686,9 @@ impl ReadSet {
                 match op {
                     Op::Put { key, lease, .. } => {
                         set.keys.insert(key.clone());
+                        if *lease != 0 {
+                            set.attaches_lease = true;
+                        }
                         // An id beyond bigint cannot exist: it stays out of
                         // the live set and the put fails as it should.
                         if let Ok(id) = i64::try_from(*lease) {
@@ -317,7 +716,8 @@ async fn commit_on(
     conn: &Object,
     shared: &Shared,
     batch: &[Request],
-) -> Result<Vec<Result<TxnResponse, StoreError>>, CallError> {
+    known: Option<Known>,
+) -> Result<(Answers, Option<Known>), CallError> {
     let sql = &shared.sql;
     let (lock, get_many, scan, scan_from, live_leases) = futures::try_join!(
         conn.prepare_cached(&sql.lock_head),
@@ -364,38 +764,37 @@ async fn commit_on(
         .iter()
         .map(|row| Ok(to_u64(row.try_get(0)?, "lease id")?))
         .collect::<Result<_, CallError>>()?;
+    let mut seen: Vec<Vec<u8>> = reads.keys.into_iter().collect();
+    seen.extend(view.keys().cloned());
 
-    // Evaluate in order, each transaction on top of the earlier ones.
-    let mut revision = head.revision;
-    let mut next_event = head.next_event;
-    let mut writes = Writes::default();
-    let mut answers = Vec::with_capacity(batch.len());
-    for request in batch {
-        let answer = match apply_txn(&view, &request.txn, revision, |id| live.contains(&id)) {
-            Ok(applied) => {
-                let response = applied.response.clone();
-                if let Some(written) = applied.write_revision() {
-                    revision = written;
-                    if let Err(err) = writes.add(applied, &mut view, &mut next_event) {
-                        // Only an out-of-range number; refuse the whole
-                        // batch rather than commit part of a transaction.
-                        conn.batch_execute("ROLLBACK").await?;
-                        return Ok(batch.iter().map(|_| Err(copy_error(&err))).collect());
-                    }
-                }
-                Ok(response)
+    // What was known stays valid only if nobody wrote since.
+    let mut known = match known {
+        Some(k) if k.revision == head.revision && k.writer == Some(head.writer) => k,
+        _ => Known::new(head.revision, head.next_event, Some(head.writer)),
+    };
+    let (writes, answers, next_event) =
+        match evaluate(batch, &mut view, head.revision, head.next_event, &live) {
+            Ok(done) => done,
+            Err(err) => {
+                conn.batch_execute("ROLLBACK").await?;
+                return Ok((batch.iter().map(|_| Err(copy_error(&err))).collect(), None));
             }
-            Err(err) => Err(err),
         };
-        answers.push(answer);
-    }
     if writes.is_empty() {
         // Nothing to make durable: no commit (and no WAL flush) needed.
         conn.batch_execute("ROLLBACK").await?;
     } else {
-        finish(conn, shared, writes).await?;
+        known.revision = writes.revision;
+        known.next_event = next_event;
+        known.writer = Some(head.me);
+        finish(conn, shared, &head, writes).await?;
     }
-    Ok(answers)
+    for key in seen {
+        let state = view.get(&key).cloned();
+        known.set(key, state);
+    }
+    known.trim();
+    Ok((answers, Some(known)))
 }
 
 // ---------------------------------------------------------------- leases
@@ -425,7 +824,7 @@ async fn delete_lease_keys(
     let mut writes = Writes::default();
     let mut next_event = head.next_event;
     writes.add(applied, &mut view, &mut next_event)?;
-    finish(conn, shared, writes).await
+    finish(conn, shared, &head, writes).await
 }
 
 /// Revokes one lease, deleting its keys in one revision.

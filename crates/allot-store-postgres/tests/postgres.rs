@@ -195,7 +195,7 @@ async fn schema_is_versioned_and_a_newer_one_refused() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     raw.execute(
         &format!("UPDATE {schema}.allot_schema_version SET version = 99"),
         &[],
@@ -356,5 +356,73 @@ async fn concurrent_small_writes_all_commit() {
             "{tasks:>3} tasks: {total} txns in {elapsed:.2?} = {:.0} txns/s",
             total as f64 / elapsed.as_secs_f64()
         );
+    }
+}
+
+/// The committer evaluates batches on what it knows of the store (keys it
+/// has not read are assumed absent) and `allot_commit` checks that under the
+/// lock: a key that exists but was never read by this store, and writes by
+/// another store in between, must send the batch to the locked path, never
+/// let it commit on a wrong assumption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculation_is_checked_against_keys_and_other_writers() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    let b = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        put(&b, &format!("pre/{i}"), "b").await;
+    }
+    let a = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    // a's first write learns the head; the keys of pre/ it has never read.
+    put(&a, "a/0", "a").await;
+    // Concurrent compare-and-create of keys that already exist: all fail.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("pre/{i}");
+            a.txn(
+                Txn::new()
+                    .when(Compare::absent(key.as_str()))
+                    .then(Op::put(key.as_str(), "a"))
+                    .otherwise(Op::get(key.as_str())),
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for task in tasks {
+        let resp = task.await.unwrap();
+        assert!(!resp.succeeded);
+        match resp.results.as_slice() {
+            [OpResult::Get(Some(kv))] => assert_eq!(kv.value, b"b"),
+            other => panic!("unexpected results {other:?}"),
+        }
+    }
+    // Now a knows pre/0; b changes it behind a's back, then a compares on
+    // the version it knew: must fail, and the value stays b's.
+    let known = a.get(b"pre/0").await.unwrap().unwrap();
+    put(&a, "a/1", "a").await;
+    put(&b, "pre/0", "b2").await;
+    let resp = a
+        .txn(
+            Txn::new()
+                .when(Compare::mod_revision("pre/0", known.mod_revision))
+                .then(Op::put("pre/0", "a")),
+        )
+        .await
+        .unwrap();
+    assert!(!resp.succeeded);
+    assert_eq!(value(&b, "pre/0").await.as_deref(), Some("b2"));
+    // Writes alternating between the stores keep one gap-free order.
+    let start = a.current_revision().await.unwrap();
+    for i in 0..20 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let rev = put(s, &format!("alt/{i}"), "x").await;
+        assert_eq!(rev, start + 1 + i as u64);
     }
 }
