@@ -86,6 +86,11 @@ pub struct PostgresOptions {
     /// The most transactions committed together in one PostgreSQL
     /// transaction (default 1,024).
     pub max_batch: usize,
+    /// Speculative batches in flight at most (default 2: one committing,
+    /// the next already waiting for the revision lock behind it; see the
+    /// `write` module). 0 puts every batch on the locked path (two round
+    /// trips, nothing assumed), as before speculation existed.
+    pub max_in_flight: usize,
     /// How often idle watchers look at the log even without a notification,
     /// and the longest the lease expiry task sleeps (default 1 s).
     pub poll_interval: Duration,
@@ -100,6 +105,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             timeout: Duration::from_secs(5),
             max_batch: 1024,
+            max_in_flight: 2,
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -188,6 +194,7 @@ impl PostgresStore {
             revision_slack: (keep_revisions / 10).min(1000),
             keep_events: cap(options.history_events),
             max_batch: options.max_batch.max(1),
+            max_in_flight: options.max_in_flight,
             timeout: options.timeout,
             poll_interval: options.poll_interval,
         };

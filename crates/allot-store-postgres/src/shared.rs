@@ -34,6 +34,7 @@ pub(crate) struct Limits {
     pub revision_slack: i64,
     pub keep_events: i64,
     pub max_batch: usize,
+    pub max_in_flight: usize,
     pub timeout: Duration,
     pub poll_interval: Duration,
 }

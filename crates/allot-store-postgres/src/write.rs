@@ -287,11 +287,6 @@ pub(crate) struct Request {
 
 type Answers = Vec<Result<TxnResponse, StoreError>>;
 
-/// Speculative batches in flight at most: one committing (its WAL flush),
-/// one waiting for the lock behind it. More would only queue in the
-/// database instead of here, where they can still merge.
-const MAX_IN_FLIGHT: usize = 2;
-
 /// Bounds of the committer's key cache; past either it starts afresh (keys
 /// it forgot are assumed absent, checked, and re-read on the locked path
 /// when that was wrong).
@@ -365,10 +360,14 @@ struct Flight {
 
 /// The committer task: takes whatever transactions are queued (up to the
 /// batch limit), commits them in one PostgreSQL transaction and answers
-/// each, with up to [`MAX_IN_FLIGHT`] batches in flight. It ends when every
+/// each, with up to `max_in_flight` speculative batches in flight (2 by
+/// default: one committing, its WAL flush, one waiting for the lock behind
+/// it; more would only queue in the database instead of here, where they
+/// can still merge). It ends when every
 /// store handle is gone (the queue closes), after answering what was queued.
 pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
     let max_batch = shared.limits.max_batch;
+    let max_in_flight = shared.limits.max_in_flight;
     let mut known: Option<Known> = None;
     let mut flights: VecDeque<Flight> = VecDeque::new();
     // The lock signal of the newest flight, until it comes.
@@ -392,7 +391,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
             break;
         }
         let can_send =
-            open && redo.is_empty() && locking.is_none() && flights.len() < MAX_IN_FLIGHT;
+            open && redo.is_empty() && locking.is_none() && flights.len() < max_in_flight.max(1);
         tokio::select! {
             biased;
             outcome = front_done(&mut flights) => {
@@ -440,7 +439,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 };
                 let mut batch = vec![first];
                 top_up(&mut rx, &mut batch, max_batch);
-                let fast = if locked_left > 0 {
+                let fast = if max_in_flight == 0 {
+                    None
+                } else if locked_left > 0 {
                     locked_left -= 1;
                     None
                 } else {

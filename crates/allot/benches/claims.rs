@@ -56,7 +56,10 @@
 //!   made (redb, log; the servers use the system temp dir);
 //! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order (also
 //!   `postgres`, `etcd`);
-//! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,skiplocked,bulk]: which parts run.
+//! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,skiplocked,bulk]: which parts run;
+//! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 2]: the PostgreSQL
+//!   store's `max_in_flight` (0: every commit on the locked two-round-trip
+//!   path, as before speculative commits; for A/B runs).
 
 #[path = "claims/skip_locked.rs"]
 mod skip_locked;
@@ -369,7 +372,12 @@ impl Opened {
             )),
             Backend::Postgres => {
                 let server = start_server(PgServer::start, "PostgreSQL").await;
-                let store = PostgresStore::connect(&server.url(), PostgresOptions::default())
+                let defaults = PostgresOptions::default();
+                let options = PostgresOptions {
+                    max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
+                    ..defaults
+                };
+                let store = PostgresStore::connect(&server.url(), options)
                     .await
                     .unwrap_or_else(|e| failed(&e));
                 println!("  {name}: PostgreSQL at {}", server.url());
