@@ -124,8 +124,29 @@ impl PgServer {
 
     /// Kills the server and every one of its processes with SIGKILL, as a
     /// crash or an `kill -9` of the whole container would.
+    ///
+    /// PostgreSQL makes every child of the postmaster (backends, WAL writer,
+    /// checkpointer, ...) the leader of its own session (`setsid`), so
+    /// killing the postmaster's process group alone leaves them running:
+    /// a backend fed requests back to back would go on committing for a
+    /// while. So the postmaster is stopped first (it forks no more), then
+    /// each child is killed, then the postmaster's group.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.postmaster.take() {
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: kill(2) has no memory effects; `pid` is our child
+            // (not reaped yet, so the id cannot have been reused), and the
+            // others are its children, found just now while it is stopped.
+            unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            }
+            for grandchild in children_of(pid) {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(-grandchild, libc::SIGKILL);
+                    libc::kill(grandchild, libc::SIGKILL);
+                }
+            }
             signal_group(&child, libc::SIGKILL);
             let _ = child.wait();
         }
@@ -284,6 +305,35 @@ impl Drop for PgServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// The processes whose parent is `pid`, from `/proc/*/stat`.
+fn children_of(pid: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for entry in dir.flatten() {
+        let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<libc::pid_t>().ok());
+        if ppid == Some(pid) {
+            children.push(id);
+        }
+    }
+    children
 }
 
 /// Sends `signal` to the process group led by `child`.
