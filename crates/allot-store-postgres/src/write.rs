@@ -363,8 +363,8 @@ struct Flight {
 /// each, with up to `max_in_flight` speculative batches in flight (2 by
 /// default: one committing, its WAL flush, one waiting for the lock behind
 /// it; more would only queue in the database instead of here, where they
-/// can still merge). It ends when every
-/// store handle is gone (the queue closes), after answering what was queued.
+/// can still merge). It ends when every store handle is gone (the queue
+/// closes), after answering what was queued.
 pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
     let max_batch = shared.limits.max_batch;
     let max_in_flight = shared.limits.max_in_flight;
