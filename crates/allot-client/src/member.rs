@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use allot::{
-    BlockScan, CommitLog, Durability, Fence, MemberOptions, OwnedBlock, OwnedBlocks, OwnedOffset,
-    OwnedValue, SystemClock, ValueSpace,
+    Batch, BlockScan, CommitLog, Durability, Fence, MemberOptions, OwnedBlock, OwnedBlocks,
+    OwnedOffset, OwnedValue, SystemClock, ValueSpace,
 };
 use allot_proto::pb;
 use futures::StreamExt;
@@ -102,10 +102,10 @@ impl Link {
             Ok(Err(_)) => return Err(self.gone()),
             Err(_) => {
                 lock(&self.pending).remove(&id);
-                return Err(Error::Api {
-                    status: 503,
-                    code: "unavailable".into(),
-                    message: format!("no answer from {} within {timeout:?}", self.url),
+                // Not an answer: the request may or may not have been done.
+                return Err(Error::Transport {
+                    url: self.url.clone(),
+                    message: format!("no answer within {timeout:?}"),
                 });
             }
         };
@@ -602,8 +602,7 @@ async fn give_back(inner: &Inner, rp: &RemotePool, block: u64) -> Result<()> {
 pub struct RemoteAllocator {
     member: RemoteMember,
     pool: Arc<RemotePool>,
-    /// Values taken from the blocks, not handed out yet; last = next.
-    batch: Vec<(u64, u64, u64)>,
+    batch: Batch,
 }
 
 impl Clone for RemoteAllocator {
@@ -612,20 +611,16 @@ impl Clone for RemoteAllocator {
         RemoteAllocator {
             member: self.member.clone(),
             pool: self.pool.clone(),
-            batch: Vec::new(),
+            batch: Batch::default(),
         }
     }
 }
 
 impl Drop for RemoteAllocator {
     fn drop(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let mut owned = lock(&self.pool.owned);
-        for (offset, block, _) in self.batch.drain(..) {
-            let _ = owned.set.release(block, offset, now);
+        if !self.batch.is_empty() {
+            let mut owned = lock(&self.pool.owned);
+            self.batch.give_back(&mut owned.set, Instant::now());
         }
     }
 }
@@ -643,12 +638,9 @@ impl RemoteAllocator {
         if self.batch.is_empty() {
             let low = {
                 let mut owned = lock(&rp.owned);
-                owned
-                    .set
-                    .allocate_many(allot::ALLOCATOR_BATCH, &mut self.batch);
+                self.batch.refill(&mut owned.set);
                 owned.set.free() < rp.low_water()
             };
-            self.batch.reverse();
             if low {
                 self.member.prefetch(rp);
             }
@@ -708,7 +700,7 @@ impl RemoteMember {
         Ok(RemoteAllocator {
             member: self.clone(),
             pool: rp,
-            batch: Vec::new(),
+            batch: Batch::default(),
         })
     }
 
@@ -934,7 +926,7 @@ async fn commit(inner: &Inner, rp: &RemotePool, seq: u64) -> Result<()> {
             .collect(),
     });
     let outcome = inner.link.call(request, CALL_TIMEOUT).await;
-    if matches!(&outcome, Err(e) if e.code() == "unavailable") {
+    if matches!(&outcome, Err(Error::Transport { .. })) {
         // No answer: the server may have stored the changes or not, and the
         // next commit sends differences from what it has. Only a new session
         // can tell, so this one ends here (the member stops; join again).

@@ -13,6 +13,6 @@ pub mod space;
 pub use block::{Block, QuarantineEntry, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::CoreError;
 pub use owned::OwnedBlock;
-pub use owned_set::{CommitLog, OwnedBlocks};
+pub use owned_set::{Batch, CommitLog, OwnedBlocks, ALLOCATOR_BATCH};
 pub use pool::{Durability, PoolSpec, PoolState, PoolStats, Strategy};
 pub use space::{parse_cidr, PoolKind, Run, ValueSpace, MAX_POOL_SIZE};

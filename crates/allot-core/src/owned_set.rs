@@ -182,6 +182,60 @@ impl<T, S: Copy + Ord> OwnedBlocks<T, S> {
     }
 }
 
+/// How many values a per-thread allocator takes from the shared blocks at
+/// once.
+pub const ALLOCATOR_BATCH: usize = 64;
+
+/// The values a per-thread allocator took from a member's shared
+/// [`OwnedBlocks`] and has not handed out yet: threads take the shared lock
+/// once per [`ALLOCATOR_BATCH`] values instead of once per value. What is
+/// left when the allocator goes must be given back.
+///
+/// ```
+/// use allot_core::owned::OwnedBlock;
+/// use allot_core::owned_set::{Batch, OwnedBlocks};
+/// let mut set: OwnedBlocks<(), u64> = OwnedBlocks::default();
+/// set.insert(0, OwnedBlock::new(0, 128, 128, &[]).unwrap(), 1, (), 0);
+/// let mut batch = Batch::default();
+/// batch.refill(&mut set);
+/// assert_eq!(batch.pop(), Some((0, 0, 1)));
+/// assert_eq!(set.free(), 64);
+/// batch.give_back(&mut set, 0);
+/// assert_eq!(set.free(), 127);
+/// ```
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Last = next to hand out.
+    taken: Vec<(u64, u64, u64)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
+
+    /// The next value as `(offset, block, epoch)`.
+    #[inline]
+    pub fn pop(&mut self) -> Option<(u64, u64, u64)> {
+        self.taken.pop()
+    }
+
+    /// Takes the next [`ALLOCATOR_BATCH`] values (or fewer) from `set`.
+    pub fn refill<T, S: Copy + Ord>(&mut self, set: &mut OwnedBlocks<T, S>) {
+        set.allocate_many(ALLOCATOR_BATCH, &mut self.taken);
+        // Handed out in the order the set gave them.
+        self.taken.reverse();
+    }
+
+    /// Returns the values not handed out to `set` (a block no longer owned
+    /// is gone with its values).
+    pub fn give_back<T, S: Copy + Ord>(&mut self, set: &mut OwnedBlocks<T, S>, now: S) {
+        for (offset, block, _) in self.taken.drain(..) {
+            let _ = set.release(block, offset, now);
+        }
+    }
+}
+
 /// The outcome of a member's group commits (`sync` durability): changes
 /// are numbered as they happen; one commit stores every change up to the
 /// newest number and answers all the callers waiting for those.

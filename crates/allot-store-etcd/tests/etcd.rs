@@ -3,7 +3,6 @@
 //! transactions etcd cannot express natively. The backend-independent
 //! semantics are in `tests/conformance.rs`.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use allot_store::conformance::{
@@ -69,47 +68,7 @@ async fn two_stores_on_one_namespace_act_as_one() {
 
     // Compare-and-swap increments through both lose no update and share
     // one sequence of revisions.
-    const TASKS: usize = 8;
-    const EACH: usize = 20;
-    let start = a.current_revision().await.unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
-        tasks.push(tokio::spawn(async move {
-            let mut revisions = Vec::new();
-            while revisions.len() < EACH {
-                let current = s.get(b"counter").await.unwrap();
-                let (cmp, next) = match &current {
-                    None => (Compare::absent("counter"), 1),
-                    Some(kv) => (
-                        Compare::mod_revision("counter", kv.mod_revision),
-                        String::from_utf8_lossy(&kv.value).parse::<u64>().unwrap() + 1,
-                    ),
-                };
-                let resp = s
-                    .txn(
-                        Txn::new()
-                            .when(cmp)
-                            .then(Op::put("counter", next.to_string())),
-                    )
-                    .await
-                    .unwrap();
-                if resp.succeeded {
-                    revisions.push(resp.revision);
-                }
-            }
-            revisions
-        }));
-    }
-    let mut all = BTreeSet::new();
-    for task in tasks {
-        for rev in task.await.unwrap() {
-            assert!(all.insert(rev), "revision {rev} acknowledged twice");
-        }
-    }
-    let total = (TASKS * EACH) as u64;
-    assert_eq!(value(&b, "counter").await, Some(total.to_string()));
-    assert_eq!(all, (start + 1..=start + total).collect());
+    allot_store::conformance::cas_increments_through_two_stores(&a, &b, 8, 20).await;
 
     // A lease granted through `b` and kept alive through `a` is one lease.
     let lease = b.lease_grant(Duration::from_secs(2)).await.unwrap();

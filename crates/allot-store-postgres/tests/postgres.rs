@@ -88,45 +88,7 @@ async fn two_stores_on_one_schema_act_as_one() {
     // share one sequence of revisions.
     const TASKS: usize = 16;
     const EACH: usize = 25;
-    let start = a.current_revision().await.unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
-        tasks.push(tokio::spawn(async move {
-            let mut revisions = Vec::new();
-            while revisions.len() < EACH {
-                let current = s.get(b"counter").await.unwrap();
-                let (cmp, next) = match &current {
-                    None => (Compare::absent("counter"), 1),
-                    Some(kv) => (
-                        Compare::mod_revision("counter", kv.mod_revision),
-                        String::from_utf8_lossy(&kv.value).parse::<u64>().unwrap() + 1,
-                    ),
-                };
-                let resp = s
-                    .txn(
-                        Txn::new()
-                            .when(cmp)
-                            .then(Op::put("counter", next.to_string())),
-                    )
-                    .await
-                    .unwrap();
-                if resp.succeeded {
-                    revisions.push(resp.revision);
-                }
-            }
-            revisions
-        }));
-    }
-    let mut all = BTreeSet::new();
-    for task in tasks {
-        for rev in task.await.unwrap() {
-            assert!(all.insert(rev), "revision {rev} acknowledged twice");
-        }
-    }
-    let total = (TASKS * EACH) as u64;
-    assert_eq!(value(&b, "counter").await, Some(total.to_string()));
-    assert_eq!(all, (start + 1..=start + total).collect());
+    allot_store::conformance::cas_increments_through_two_stores(&a, &b, TASKS, EACH).await;
     let events = {
         let mut events = Vec::new();
         while events.len() < TASKS * EACH {

@@ -723,6 +723,57 @@ pub async fn concurrent_cas_increments_lose_no_update<
     assert_eq!(all_revisions, (start + 1..=start + total).collect());
 }
 
+/// Two stores over the same data (two processes sharing one database):
+/// compare-and-swap increments of one counter, `tasks` of them alternating
+/// between the stores, `each` increments per task, lose no update and
+/// share one sequence of revisions.
+pub async fn cas_increments_through_two_stores<S: Store + Clone + 'static>(
+    a: &S,
+    b: &S,
+    tasks: usize,
+    each: usize,
+) {
+    let start = a.current_revision().await.unwrap();
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        running.push(tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            while revisions.len() < each {
+                let current = s.get(b"counter").await.unwrap();
+                let (cmp, next) = match &current {
+                    None => (Compare::absent("counter"), 1),
+                    Some(kv) => (
+                        Compare::mod_revision("counter", kv.mod_revision),
+                        String::from_utf8_lossy(&kv.value).parse::<u64>().unwrap() + 1,
+                    ),
+                };
+                let resp = s
+                    .txn(
+                        Txn::new()
+                            .when(cmp)
+                            .then(Op::put("counter", next.to_string())),
+                    )
+                    .await
+                    .unwrap();
+                if resp.succeeded {
+                    revisions.push(resp.revision);
+                }
+            }
+            revisions
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for task in running {
+        for rev in task.await.unwrap() {
+            assert!(all.insert(rev), "revision {rev} acknowledged twice");
+        }
+    }
+    let total = (tasks * each) as u64;
+    assert_eq!(value(b, "counter").await, Some(total.to_string()));
+    assert_eq!(all, (start + 1..=start + total).collect());
+}
+
 // ---------------------------------------------------------------- leases
 
 pub async fn lease_expiry_deletes_keys_in_one_revision<S: Store, G, F: Future<Output = (S, G)>>(

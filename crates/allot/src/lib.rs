@@ -45,8 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use allot_core::{
-    parse_cidr, CommitLog, CoreError, Durability, OwnedBlock, OwnedBlocks, PoolKind, PoolSpec,
-    PoolStats, Strategy, ValueSpace, DEFAULT_BLOCK_SIZE,
+    parse_cidr, Batch, CommitLog, CoreError, Durability, OwnedBlock, OwnedBlocks, PoolKind,
+    PoolSpec, PoolStats, Strategy, ValueSpace, ALLOCATOR_BATCH, DEFAULT_BLOCK_SIZE,
 };
 use allot_core::{Block, PoolState, Run};
 
@@ -54,7 +54,7 @@ use allot_store::{Compare, KeyValue, Op, OpResult, Revision, Store, Txn};
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use error::{http_status, Error, Result};
 pub use events::{is_compacted, Change, Event, EventClaim};
-pub use member_blocks::{OwnedOffset, OwnedValue, PoolAllocator, ALLOCATOR_BATCH};
+pub use member_blocks::{OwnedOffset, OwnedValue, PoolAllocator};
 pub use member_session::{BlockChange, CommitOutcome, Grant, MemberSession, SessionNews};
 pub use members::{
     BlockOwner, BlockScan, Fence, Member, MemberInfo, MemberOptions, MemberRecord, ScanFn,

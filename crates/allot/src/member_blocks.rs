@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use allot_core::{Block, CommitLog, Durability, OwnedBlock, OwnedBlocks};
+use allot_core::{Batch, Block, CommitLog, Durability, OwnedBlock, OwnedBlocks};
 use allot_store::{Compare, Op, OpResult, Revision, Txn};
 
 use crate::error::{Error, Result};
@@ -117,7 +117,7 @@ pub struct OwnedOffset {
 /// A member's handle on one `block`-durability pool for the hot path:
 /// [`PoolAllocator::try_allocate`] takes a value from the owned blocks
 /// without awaiting anything. Use one per thread: each takes values from
-/// the shared blocks [`ALLOCATOR_BATCH`] at a time under the member's lock
+/// the shared blocks [`allot_core::ALLOCATOR_BATCH`] at a time under the member's lock
 /// and hands them out from its own batch, so threads do not contend per
 /// value (the fence is still checked on every value). Values left in the
 /// batch go back when the allocator is dropped. When the owned blocks run
@@ -126,12 +126,8 @@ pub struct OwnedOffset {
 pub struct PoolAllocator {
     member: Member,
     pool: Arc<MemberPool>,
-    /// Values taken from the blocks, not handed out yet; last = next.
-    batch: Vec<(u64, u64, u64)>,
+    batch: Batch,
 }
-
-/// How many values a [`PoolAllocator`] takes from the shared blocks at once.
-pub const ALLOCATOR_BATCH: usize = 64;
 
 impl Clone for PoolAllocator {
     /// Another allocator on the same pool, with an empty batch of its own.
@@ -139,21 +135,16 @@ impl Clone for PoolAllocator {
         PoolAllocator {
             member: self.member.clone(),
             pool: self.pool.clone(),
-            batch: Vec::new(),
+            batch: Batch::default(),
         }
     }
 }
 
 impl Drop for PoolAllocator {
     fn drop(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let mut owned = lock(&self.pool.owned);
-        for (offset, block, _) in self.batch.drain(..) {
-            // A block lost meanwhile is gone with its values.
-            let _ = owned.set.release(block, offset, now);
+        if !self.batch.is_empty() {
+            let mut owned = lock(&self.pool.owned);
+            self.batch.give_back(&mut owned.set, Instant::now());
         }
     }
 }
@@ -170,10 +161,9 @@ impl PoolAllocator {
         if self.batch.is_empty() {
             let low = {
                 let mut owned = lock(&mp.owned);
-                owned.set.allocate_many(ALLOCATOR_BATCH, &mut self.batch);
+                self.batch.refill(&mut owned.set);
                 owned.is_low(mp.low_water())
             };
-            self.batch.reverse();
             if low {
                 self.member.prefetch(mp);
             }
@@ -205,7 +195,7 @@ impl Member {
         Ok(PoolAllocator {
             member: self.clone(),
             pool: mp,
-            batch: Vec::new(),
+            batch: Batch::default(),
         })
     }
 

@@ -144,6 +144,12 @@ impl MemberSession {
         self.inner.options.ttl
     }
 
+    /// How long before the lease's end the member should stop allocating
+    /// (the option given, or the engine's default for its TTL).
+    pub fn margin(&self) -> Duration {
+        crate::members::margin(&self.inner.options)
+    }
+
     /// Renews the lease. [`Error::Fenced`] once the lease is gone: the
     /// member must stop at once and join again.
     pub async fn keep_alive(&self) -> Result<()> {
@@ -272,11 +278,18 @@ impl MemberSession {
         Ok(news)
     }
 
-    /// Waits until members or block owners change (or `at_most` passes):
-    /// the moment for the next [`MemberSession::tend`].
-    pub async fn changed(&self, at_most: Duration) {
-        let owners = &self.inner.owners;
-        owners.changed_since(owners.version(), at_most).await;
+    /// The version of what [`MemberSession::tend`] looks at (members and
+    /// block owners); read it before a round, then wait with
+    /// [`MemberSession::changed_since`], so a change during the round is not
+    /// missed.
+    pub fn version(&self) -> u64 {
+        self.inner.owners.version()
+    }
+
+    /// Waits until members or block owners change after `seen` (or
+    /// `at_most` passes): the moment for the next [`MemberSession::tend`].
+    pub async fn changed_since(&self, seen: u64, at_most: Duration) {
+        self.inner.owners.changed_since(seen, at_most).await;
     }
 
     /// Stores the changes of a `sync`-durability pool's blocks in one

@@ -494,7 +494,7 @@ impl Allot {
     }
 }
 
-fn margin(options: &MemberOptions) -> Duration {
+pub(crate) fn margin(options: &MemberOptions) -> Duration {
     options
         .margin
         .unwrap_or_else(|| (options.ttl / 10).max(Duration::from_millis(100)))

@@ -44,11 +44,11 @@ pub(super) async fn open(
             "the first request of a member session must be join",
         ));
     };
-    let can_scan = join.can_scan;
-    let options = member_options(join.clone());
+    let (name, can_scan) = (join.name.clone(), join.can_scan);
+    let options = member_options(join);
     let session = service
         .allot
-        .open_session(&join.name, options, can_scan)
+        .open_session(&name, options, can_scan)
         .await
         .map_err(errors::from_engine)?;
     let record = session.record().clone();
@@ -59,7 +59,7 @@ pub(super) async fn open(
             name: record.name.clone(),
             incarnation: record.incarnation,
             ttl_ms: session.ttl().as_millis() as u64,
-            margin_ms: margin_ms(&join),
+            margin_ms: session.margin().as_millis() as u64,
         })),
     };
     let (tx, rx) = mpsc::channel::<Answer>(256);
@@ -82,15 +82,6 @@ fn member_options(join: pb::JoinMember) -> MemberOptions {
     options.zone = join.zone;
     options.attributes = join.attributes;
     options
-}
-
-/// The margin the member should use (what the engine would choose).
-fn margin_ms(join: &pb::JoinMember) -> u64 {
-    if join.margin_ms != 0 {
-        return join.margin_ms;
-    }
-    let ttl = if join.ttl_ms == 0 { 5000 } else { join.ttl_ms };
-    (ttl / 10).max(100)
 }
 
 async fn serve(
@@ -237,6 +228,7 @@ fn grant_to_pb(g: Grant) -> pb::BlockGrant {
 /// and tells it.
 async fn tend(session: Arc<MemberSession>, tx: mpsc::Sender<Answer>) {
     loop {
+        let seen = session.version();
         match session.tend().await {
             Ok(news) => {
                 for n in news {
@@ -257,7 +249,7 @@ async fn tend(session: Arc<MemberSession>, tx: mpsc::Sender<Answer>) {
         }
         tokio::select! {
             () = tx.closed() => return,
-            () = session.changed(TEND_EVERY) => {}
+            () = session.changed_since(seen, TEND_EVERY) => {}
         }
     }
 }
