@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use allot_bench::allot_client::{self, AllotClient, Workload};
 use allot_bench::driver::{self, LevelResult, Timing};
+use allot_bench::grpc_client::GrpcClient;
 use allot_bench::redis_client::{self, RedisClient};
 use allot_bench::stats;
 use anyhow::{bail, Context, Result};
@@ -15,9 +16,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "allot-bench",
-    about = "Claims per second and latency through a running `allot serve` (REST) or redis-server (SPOP/SADD), loopback only",
+    about = "Claims per second and latency through a running `allot serve` (REST or gRPC) or redis-server (SPOP/SADD), loopback only",
     after_help = "Examples:
   allot-bench allot --server http://127.0.0.1:7070 --workload claim --clients 1,8,64 --secs 5
+  allot-bench allot --server http://127.0.0.1:7070 --protocol grpc
   allot-bench redis --server 127.0.0.1:6379 --workload claim-release
   allot-bench free-port
 scripts/bench-server starts both servers and runs everything."
@@ -29,7 +31,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Claims through a running `allot serve` over REST.
+    /// Claims through a running `allot serve` over REST or gRPC.
     Allot(AllotArgs),
     /// SPOP (and SADD) on a SET of free IDs in a running redis-server.
     Redis(RedisArgs),
@@ -62,6 +64,15 @@ impl WorkloadArg {
     }
 }
 
+/// How allot-bench talks to `allot serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    /// REST/JSON over HTTP/1.1 (`POST /v1/pools/{pool}/allocate`, `/release`).
+    Rest,
+    /// gRPC over HTTP/2 (`allot.v1.Allot/Allocate`, `/Release`).
+    Grpc,
+}
+
 #[derive(Debug, Args)]
 struct Common {
     /// What each operation does.
@@ -80,7 +91,8 @@ struct Common {
     /// leaving the other core to the server).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Name of the target in the results file [default: allot or redis].
+    /// Name of the target in the results file [default: allot, allot-grpc
+    /// or redis].
     #[arg(long)]
     label: Option<String>,
     /// Appends one tab-separated line per level to this file: label,
@@ -104,6 +116,10 @@ struct AllotArgs {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "ALLOT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// API the clients use (the pool is created over REST either way; both
+    /// are served on the same port).
+    #[arg(long, value_enum, default_value = "rest")]
+    protocol: Protocol,
     #[command(flatten)]
     common: Common,
 }
@@ -273,15 +289,24 @@ async fn bench_allot(a: AllotArgs) -> Result<()> {
         .with_context(|| format!("creating pool {}", a.pool))?;
     drop(conn);
     let wl = a.common.workload;
-    let what = match wl {
-        WorkloadArg::Claim => "1 request = POST /allocate {\"key\": <new key>}",
-        WorkloadArg::ClaimRelease => {
+    let what = match (a.protocol, wl) {
+        (Protocol::Rest, WorkloadArg::Claim) => "1 request = POST /allocate {\"key\": <new key>}",
+        (Protocol::Rest, WorkloadArg::ClaimRelease) => {
             "1 request = POST /allocate {} + POST /release {\"value\": ..} (2 round trips)"
         }
+        (Protocol::Grpc, WorkloadArg::Claim) => "1 request = Allocate {key: <new key>}",
+        (Protocol::Grpc, WorkloadArg::ClaimRelease) => {
+            "1 request = Allocate {} + Release {value: ..} (2 round trips)"
+        }
+    };
+    let via = match a.protocol {
+        Protocol::Rest => "REST",
+        Protocol::Grpc => "gRPC",
     };
     println!(
-        "== allot {} via REST, {} ({}), pool {} ({}); {} s measured after {} s warm-up per level; {} ==",
+        "== allot {} via {}, {} ({}), pool {} ({}); {} s measured after {} s warm-up per level; {} ==",
         wl.name(),
+        via,
         a.server,
         what,
         a.pool,
@@ -291,17 +316,34 @@ async fn bench_allot(a: AllotArgs) -> Result<()> {
         client_threads(a.common.threads)
     );
     println!("{}", stats::header());
-    let mut report = Report::new(&a.common, "allot")?;
+    let default_label = match a.protocol {
+        Protocol::Rest => "allot",
+        Protocol::Grpc => "allot-grpc",
+    };
+    let mut report = Report::new(&a.common, default_label)?;
     let run = run_id();
     let mut all_values = Vec::new();
     for (level, &n) in a.common.clients.iter().enumerate() {
         let run = format!("{run}-{level}");
-        let clients = (0..n)
-            .map(|i| AllotClient::new(target.clone(), &a.pool, wl.workload(), &run, i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(anyhow::Error::msg)?;
         let keep = wl == WorkloadArg::Claim;
-        let r = driver::run_level(clients, t, keep, a.common.server_pid).await;
+        let r = match a.protocol {
+            Protocol::Rest => {
+                let clients = (0..n)
+                    .map(|i| AllotClient::new(target.clone(), &a.pool, wl.workload(), &run, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                driver::run_level(clients, t, keep, a.common.server_pid).await
+            }
+            Protocol::Grpc => {
+                let clients = (0..n)
+                    .map(|i| {
+                        GrpcClient::new(addr, a.token.as_deref(), &a.pool, wl.workload(), &run, i)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                driver::run_level(clients, t, keep, a.common.server_pid).await
+            }
+        };
         report.level(&r)?;
         all_values.extend_from_slice(&r.values);
     }
