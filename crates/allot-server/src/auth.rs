@@ -2,10 +2,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -47,15 +43,6 @@ impl Auth {
         } else {
             Err(ApiError::unauthenticated("invalid bearer token"))
         }
-    }
-}
-
-/// Middleware: refuses requests without the token with 401.
-pub(crate) async fn require_token(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-    match auth.check(header) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
     }
 }
 

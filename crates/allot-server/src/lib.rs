@@ -37,6 +37,7 @@ mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
+mod guard;
 pub mod members;
 mod metrics;
 mod openapi;
@@ -150,9 +151,10 @@ pub(crate) struct AppState {
     pub(crate) openapi: Arc<String>,
 }
 
-/// The routes with their OpenAPI document, before state and the layers
-/// that need it. `auth` guards `/v1` and `/metrics`.
-fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
+/// The routes with their OpenAPI document, before state and the layer
+/// that needs it ([`guard`]: the token where an operation declares `bearer`
+/// security, which every `/v1` route and `/metrics` do).
+fn api_router() -> OpenApiRouter<AppState> {
     let protected = OpenApiRouter::new()
         .routes(routes!(routes::create_pool, routes::list_pools))
         .routes(routes!(routes::get_pool, routes::delete_pool))
@@ -165,8 +167,7 @@ fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
         .routes(routes!(routes::watch))
         .routes(routes!(members::list_members))
         .routes(routes!(members::owner))
-        .routes(routes!(metrics::metrics))
-        .route_layer(middleware::from_fn_with_state(auth, auth::require_token));
+        .routes(routes!(metrics::metrics));
     let open = OpenApiRouter::new()
         .routes(routes!(routes::healthz))
         .routes(routes!(routes::readyz))
@@ -177,19 +178,20 @@ fn api_router(auth: auth::Auth) -> OpenApiRouter<AppState> {
 }
 
 /// The routes and their finished document.
-fn build(auth: auth::Auth) -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let (router, mut doc) = api_router(auth).split_for_parts();
+fn build() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api_router().split_for_parts();
     openapi::add_common_responses(&mut doc);
     (router, doc)
 }
 
 /// The OpenAPI document the server serves at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    build(auth::Auth::new(None)).1
+    build().1
 }
 
-/// Operation ids by (method, route), for metric labels.
-fn operation_ids(doc: &utoipa::openapi::OpenApi) -> HashMap<(Method, String), String> {
+/// Operation ids by (method, route), for metric labels, and whether each
+/// declares `bearer` security (then [`guard`] asks for the token).
+fn operation_ids(doc: &utoipa::openapi::OpenApi) -> HashMap<(Method, String), (String, bool)> {
     let mut out = HashMap::new();
     for (path, item) in &doc.paths.paths {
         for (method, op) in [
@@ -199,8 +201,10 @@ fn operation_ids(doc: &utoipa::openapi::OpenApi) -> HashMap<(Method, String), St
             (Method::DELETE, &item.delete),
             (Method::PATCH, &item.patch),
         ] {
-            if let Some(id) = op.as_ref().and_then(|o| o.operation_id.clone()) {
-                out.insert((method, path.clone()), id);
+            let Some(op) = op else { continue };
+            if let Some(id) = op.operation_id.clone() {
+                let needs_token = op.security.as_ref().is_some_and(|s| !s.is_empty());
+                out.insert((method, path.clone()), (id, needs_token));
             }
         }
     }
@@ -215,7 +219,7 @@ fn app(
     ready: Arc<Readiness>,
 ) -> Result<Router, ServerError> {
     let auth = auth::Auth::new(token);
-    let (router, doc) = build(auth.clone());
+    let (router, doc) = build();
     let metrics = metrics::Metrics::new(operation_ids(&doc))
         .map_err(|e| ServerError::Config(format!("setting up metrics: {e}")))?;
     let openapi = doc
@@ -227,12 +231,13 @@ fn app(
         metrics: Arc::new(metrics),
         openapi: Arc::new(openapi),
     };
+    let route_guard = guard::RouteGuard {
+        metrics: state.metrics.clone(),
+        auth: auth.clone(),
+    };
     Ok(router
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
+        .route_layer(middleware::from_fn_with_state(route_guard, guard::guard))
         // After the REST route layers, which cannot read gRPC statuses
         // (trailers): the gRPC service checks the token and counts calls
         // itself.
@@ -475,7 +480,13 @@ mod tests {
         assert_eq!(ids.len(), 17);
         assert_eq!(
             ids[&(Method::POST, "/v1/pools/{pool}/allocate".to_string())],
-            "allocate"
+            ("allocate".to_string(), true)
         );
+        // The guard asks for the token exactly where the document says so:
+        // everything under /v1 and /metrics, nothing else.
+        for ((method, route), (id, needs_token)) in &ids {
+            let protected = route.starts_with("/v1/") || route == "/metrics";
+            assert_eq!(*needs_token, protected, "{method} {route} ({id})");
+        }
     }
 }

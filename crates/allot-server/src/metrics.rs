@@ -10,11 +10,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{header, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
     GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
@@ -28,8 +26,11 @@ use crate::AppState;
 /// at its first success (not up front, so that /metrics lists only series
 /// that counted something), which keeps the label hashing and the
 /// registry's lock off the path of every successful request.
-struct Operation {
+pub(crate) struct Operation {
     name: String,
+    /// Whether its OpenAPI operation declares `bearer` security: then the
+    /// route guard asks for the token (when the server has one).
+    pub(crate) needs_token: bool,
     ok: OnceLock<(IntCounter, Histogram)>,
 }
 
@@ -51,8 +52,10 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
+    /// `operations`: each route's operation id and whether it needs the
+    /// token, by method and route.
     pub(crate) fn new(
-        operations: HashMap<(Method, String), String>,
+        operations: HashMap<(Method, String), (String, bool)>,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
@@ -90,9 +93,10 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
         }
         let mut by_route: HashMap<String, Vec<(Method, Operation)>> = HashMap::new();
-        for ((method, route), name) in operations {
+        for ((method, route), (name, needs_token)) in operations {
             let op = Operation {
                 name,
+                needs_token,
                 ok: OnceLock::new(),
             };
             by_route.entry(route).or_default().push((method, op));
@@ -110,7 +114,8 @@ impl Metrics {
         })
     }
 
-    fn operation(&self, method: &Method, route: &str) -> Option<&Operation> {
+    /// The operation of a matched route.
+    pub(crate) fn operation(&self, method: &Method, route: &str) -> Option<&Operation> {
         let ops = self.operations.get(route)?;
         ops.iter().find(|(m, _)| m == method).map(|(_, op)| op)
     }
@@ -139,44 +144,42 @@ impl Metrics {
     }
 }
 
-/// Middleware (on matched routes): counts and times every request.
-pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
-    let known = s.metrics.operation(req.method(), route.unwrap_or_default());
-    // Routes without an operation id (none today) are named by method and
-    // route; only they pay for formatting the name.
-    let unnamed = match known {
-        Some(_) => None,
-        None => Some(format!("{} {}", req.method(), route.unwrap_or_default())),
-    };
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    let elapsed = start.elapsed();
-    let code = match resp.extensions().get::<OutcomeCode>() {
-        Some(c) => c.0,
-        None if resp.status().is_success() => "ok",
-        None => "other",
-    };
-    let seconds = elapsed.as_secs_f64();
-    let operation = match (known, &unnamed) {
-        (Some(op), _) => {
-            s.metrics.observe_operation(op, code, seconds);
-            op.name.as_str()
-        }
-        (None, name) => {
-            let name = name.as_deref().unwrap_or_default();
-            s.metrics.observe(name, code, seconds);
-            name
-        }
-    };
-    tracing::debug!(
-        operation,
-        code,
-        status = resp.status().as_u16(),
-        ?elapsed,
-        "request"
-    );
-    resp
+impl Metrics {
+    /// Counts and times one answered request: `known` is its operation
+    /// (from [`Metrics::operation`]), `unnamed` the name of a route without
+    /// an operation id (none today).
+    pub(crate) fn record(
+        &self,
+        known: Option<&Operation>,
+        unnamed: Option<&str>,
+        resp: &Response,
+        elapsed: std::time::Duration,
+    ) {
+        let code = match resp.extensions().get::<OutcomeCode>() {
+            Some(c) => c.0,
+            None if resp.status().is_success() => "ok",
+            None => "other",
+        };
+        let seconds = elapsed.as_secs_f64();
+        let operation = match known {
+            Some(op) => {
+                self.observe_operation(op, code, seconds);
+                op.name.as_str()
+            }
+            None => {
+                let name = unnamed.unwrap_or_default();
+                self.observe(name, code, seconds);
+                name
+            }
+        };
+        tracing::debug!(
+            operation,
+            code,
+            status = resp.status().as_u16(),
+            ?elapsed,
+            "request"
+        );
+    }
 }
 
 /// Prometheus text exposition.
