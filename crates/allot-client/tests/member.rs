@@ -90,20 +90,22 @@ async fn remote_members_allocate_in_process_and_the_server_knows_the_owners() {
         assert!(ba.contains(&o.block));
     }
     // The server's map follows the store's watch: a moment behind at most.
+    // The member may take a block more meanwhile (its allocator runs ahead
+    // by a batch), so compare with what it holds at each look.
     let mut listed = Vec::new();
+    let mut held = 0;
     for _ in 0..100 {
         listed = client.members().await.unwrap();
-        if listed
-            .first()
-            .is_some_and(|m| m.blocks as usize == ba.len())
-        {
+        held = a.owned_blocks("teids").len();
+        if listed.first().is_some_and(|m| m.blocks as usize == held) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let names: Vec<&str> = listed.iter().map(|m| m.record.name.as_str()).collect();
     assert_eq!(names, ["smf-a", "smf-b"]);
-    assert_eq!(listed[0].blocks as usize, ba.len());
+    assert_eq!(listed[0].blocks as usize, held);
+    assert!(held >= ba.len());
 
     // Release works on owned values and is refused for others' values.
     a.release("teids", &va[0].to_string()).await.unwrap();
