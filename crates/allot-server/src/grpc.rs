@@ -9,9 +9,9 @@
 //! Each RPC calls the engine method its REST route calls, checks input the
 //! same way, and reports errors with the status codes documented in the
 //! proto plus the stable machine code in the `allot-code` metadata. The
-//! REST route layers (bearer auth, per-route metrics) do not wrap this
-//! route: a gRPC error travels in trailers of a 200 response, which those
-//! layers cannot read, so each RPC checks the token and counts itself.
+//! REST route guard (bearer auth, per-route metrics) does not wrap this
+//! route: a gRPC error travels in trailers of a 200 response, which the
+//! guard cannot read, so each RPC checks the token and counts itself.
 
 mod convert;
 mod errors;

@@ -238,7 +238,7 @@ fn app(
     Ok(router
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(route_guard, guard::guard))
-        // After the REST route layers, which cannot read gRPC statuses
+        // After the REST route guard, which cannot read gRPC statuses
         // (trailers): the gRPC service checks the token and counts calls
         // itself.
         .merge(grpc::router(&state, auth, max_body_bytes))
