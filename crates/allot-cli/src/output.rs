@@ -405,9 +405,7 @@ fn members_table(w: &mut impl Write, list: &[MemberInfo]) -> std::io::Result<()>
     if list.is_empty() {
         return writeln!(w, "no members");
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = allot::Clock::now_ms(&allot::SystemClock);
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|m| {

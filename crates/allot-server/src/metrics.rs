@@ -142,9 +142,7 @@ impl Metrics {
             .with_label_values(&[operation, code])
             .observe(seconds);
     }
-}
 
-impl Metrics {
     /// Counts and times one answered request: `known` is its operation
     /// (from [`Metrics::operation`]), `unnamed` the name of a route without
     /// an operation id (none today).

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use allot::{Allot, MemberOptions};
 use allot_backends::StoreUrl;
-use allot_store_postgres::testing::PgServer;
 use allot_store_postgres::{PostgresOptions, PostgresStore};
 use common::TestServer;
 use serde_json::json;
@@ -29,10 +28,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_and_owners_over_rest() {
-    let pg = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("no PostgreSQL server for the tests: {e}"));
+    let pg = allot_store_postgres::testing::start_server().await;
     let url = pg.url();
     let s = TestServer::start_with(|c| {
         c.store = StoreUrl::Postgres {

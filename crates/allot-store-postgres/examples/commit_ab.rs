@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allot_store::{Compare, Op, Store, Txn};
-use allot_store_postgres::testing::PgServer;
 use allot_store_postgres::{PostgresOptions, PostgresStore};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -75,10 +74,7 @@ async fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("join")
-        .expect("PostgreSQL");
+    let server = allot_store_postgres::testing::start_server().await;
     let open = |schema: &str, in_flight: usize| {
         let url = server.url();
         let opts = PostgresOptions {

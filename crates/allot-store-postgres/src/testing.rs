@@ -433,6 +433,16 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("finding a free port: {e}"))
 }
 
+/// Starts a server of its own off the async runtime's threads, panicking
+/// with the reason if it cannot.
+pub async fn start_server() -> PgServer {
+    match tokio::task::spawn_blocking(PgServer::start).await {
+        Ok(Ok(server)) => server,
+        Ok(Err(err)) => panic!("no PostgreSQL server for the tests: {err}"),
+        Err(err) => panic!("starting PostgreSQL: {err}"),
+    }
+}
+
 static SHARED: OnceLock<Result<PgServer, String>> = OnceLock::new();
 
 /// One server for the whole test binary, started on first use (blocking)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use allot_store::conformance::{key_of, next_event, outage_and_reconnect, put, value, CALL_BOUND};
 use allot_store::{Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
-use allot_store_postgres::testing::{fresh_store, shared_server, unique_schema, PgServer};
+use allot_store_postgres::testing::{fresh_store, shared_server, unique_schema};
 use allot_store_postgres::{PostgresOptions, PostgresStore, MAX_KEY_LEN};
 use futures::StreamExt;
 use tokio::time::timeout;
@@ -38,10 +38,7 @@ async fn raw_client(url: &str) -> tokio_postgres::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_fails_fast_and_the_store_reconnects_by_itself() {
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .unwrap()
-        .expect("starting PostgreSQL");
+    let server = allot_store_postgres::testing::start_server().await;
     let url = server.url();
     let opts = PostgresOptions {
         timeout: Duration::from_secs(2),

@@ -241,10 +241,7 @@ async fn scenario(engine: &Allot, url: &str, dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_pods_on_postgres_kill_9_and_freeze() {
-    let pg = tokio::task::spawn_blocking(allot_store_postgres::testing::PgServer::start)
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("no PostgreSQL server for the tests: {e}"));
+    let pg = allot_store_postgres::testing::start_server().await;
     // Fifty processes on one server: a few connections each.
     on_store(&format!("{}?pool_size=3", pg.url())).await;
 }

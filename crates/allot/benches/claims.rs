@@ -371,7 +371,7 @@ impl Opened {
                 LogStore::open(&path, LogOptions::default()).unwrap_or_else(|e| failed(&e)),
             )),
             Backend::Postgres => {
-                let server = start_server(PgServer::start, "PostgreSQL").await;
+                let server = allot_store_postgres::testing::start_server().await;
                 let defaults = PostgresOptions::default();
                 let options = PostgresOptions {
                     max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
@@ -385,7 +385,7 @@ impl Opened {
                 Allot::new(Arc::new(store))
             }
             Backend::Etcd => {
-                let server = start_server(EtcdServer::start, "etcd").await;
+                let server = allot_store_etcd::testing::start_server().await;
                 let store = EtcdStore::connect(&server.endpoints(), EtcdOptions::default())
                     .await
                     .unwrap_or_else(|e| failed(&e));
@@ -444,15 +444,6 @@ impl Opened {
         })
         .await
         .expect("stopping the servers");
-    }
-}
-
-/// Starts a throw-away server (blocking) off the runtime's threads.
-async fn start_server<S: Send + 'static>(start: fn() -> Result<S, String>, what: &str) -> S {
-    match tokio::task::spawn_blocking(start).await {
-        Ok(Ok(server)) => server,
-        Ok(Err(e)) => panic!("starting {what}: {e}"),
-        Err(e) => panic!("starting {what}: {e}"),
     }
 }
 

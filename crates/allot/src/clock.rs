@@ -40,7 +40,9 @@ impl Clock for SystemClock {
         // SAFETY: clock_gettime only writes the timespec we own.
         let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
         if rc != 0 {
-            return 0;
+            // Fail closed: "time far past every lease end", so a member
+            // stops trusting its lease rather than trusting it forever.
+            return u64::MAX;
         }
         (ts.tv_sec as u64)
             .saturating_mul(1_000_000_000)

@@ -65,9 +65,9 @@ pub struct BlockChange {
 pub enum CommitOutcome {
     /// Every change is stored.
     Stored,
-    /// Nothing was stored: these blocks were taken over by another member
-    /// (the member must drop them); changes to its other blocks may be sent
-    /// again.
+    /// Nothing was stored: these blocks (never none) were taken over by
+    /// another member (the member must drop them); changes to its other
+    /// blocks may be sent again.
     Lost(Vec<u64>),
 }
 
@@ -357,6 +357,12 @@ impl MemberSession {
             .map(|p| p.blocks.iter().map(|(&i, b)| (i, b.owner_rev)).collect())
             .unwrap_or_default();
         let lost = lost_blocks(&self.inner, pool, ours).await?;
+        if lost.is_empty() {
+            // Nothing stored, yet every block is still ours (the pool was
+            // deleted or reopened meanwhile): an empty `Lost` would read as
+            // "stored" on the wire, so refuse instead.
+            return Err(Error::Contention(pool.to_string()));
+        }
         if let Some(p) = lock(&self.pools).get_mut(pool) {
             for idx in &lost {
                 p.blocks.remove(idx);
