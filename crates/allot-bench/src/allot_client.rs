@@ -33,6 +33,9 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 pub enum Workload {
     /// Claim with a key never used before (`{"key": ...}`): one request.
     Claim,
+    /// Claim any value (`{}`), keep it: one request. The like-for-like of
+    /// Redis's SPOP, which binds no key either.
+    ClaimAny,
     /// Claim any value (`{}`), then release it by value: two requests.
     ClaimRelease,
 }
@@ -341,7 +344,7 @@ impl AllotClient {
         Ok(value)
     }
 
-    async fn claim_release(&mut self) -> Result<u64, OpError> {
+    async fn claim_any(&mut self) -> Result<u64, OpError> {
         let (status, answer) = self
             .conn
             .request(
@@ -353,7 +356,11 @@ impl AllotClient {
         if status != StatusCode::OK {
             return Err(refused(status, &answer));
         }
-        let value = first_value(&answer).ok_or_else(|| refused(status, &answer))?;
+        first_value(&answer).ok_or_else(|| refused(status, &answer))
+    }
+
+    async fn claim_release(&mut self) -> Result<u64, OpError> {
+        let value = self.claim_any().await?;
         let body = format!("{{\"value\":\"{value}\"}}");
         let (status, answer) = self
             .conn
@@ -376,6 +383,7 @@ impl Client for AllotClient {
     async fn op(&mut self, seq: u64) -> Result<u64, OpError> {
         match self.workload {
             Workload::Claim => self.claim(seq).await,
+            Workload::ClaimAny => self.claim_any().await,
             Workload::ClaimRelease => self.claim_release().await,
         }
     }

@@ -137,14 +137,18 @@ impl GrpcClient {
         Ok(value)
     }
 
-    async fn claim_release(&mut self) -> Result<u64, OpError> {
+    async fn claim_any(&mut self) -> Result<u64, OpError> {
         let answer = self
             .allocate(pb::AllocateRequest {
                 pool: self.pool.clone(),
                 ..Default::default()
             })
             .await?;
-        let value = first_value(&answer)?;
+        first_value(&answer)
+    }
+
+    async fn claim_release(&mut self) -> Result<u64, OpError> {
+        let value = self.claim_any().await?;
         let released = self
             .release(pb::ReleaseRequest {
                 pool: self.pool.clone(),
@@ -180,6 +184,7 @@ impl Client for GrpcClient {
     async fn op(&mut self, seq: u64) -> Result<u64, OpError> {
         match self.workload {
             Workload::Claim => self.claim(seq).await,
+            Workload::ClaimAny => self.claim_any().await,
             Workload::ClaimRelease => self.claim_release().await,
         }
     }

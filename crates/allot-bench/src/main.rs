@@ -43,6 +43,9 @@ enum Cmd {
 enum WorkloadArg {
     /// allot: claim a key never used before; Redis: SPOP. One round trip.
     Claim,
+    /// allot: claim any value and keep it (no key, like SPOP); Redis: SPOP.
+    /// One round trip.
+    ClaimAny,
     /// allot: claim any value, release it by value; Redis: SPOP then SADD
     /// the same ID back. Two round trips per operation.
     ClaimRelease,
@@ -52,13 +55,20 @@ impl WorkloadArg {
     fn workload(self) -> Workload {
         match self {
             WorkloadArg::Claim => Workload::Claim,
+            WorkloadArg::ClaimAny => Workload::ClaimAny,
             WorkloadArg::ClaimRelease => Workload::ClaimRelease,
         }
+    }
+
+    /// Whether claimed values stay claimed, so every one must be distinct.
+    fn keeps(self) -> bool {
+        self != WorkloadArg::ClaimRelease
     }
 
     fn name(self) -> &'static str {
         match self {
             WorkloadArg::Claim => "claim",
+            WorkloadArg::ClaimAny => "claim-any",
             WorkloadArg::ClaimRelease => "claim-release",
         }
     }
@@ -291,10 +301,12 @@ async fn bench_allot(a: AllotArgs) -> Result<()> {
     let wl = a.common.workload;
     let what = match (a.protocol, wl) {
         (Protocol::Rest, WorkloadArg::Claim) => "1 request = POST /allocate {\"key\": <new key>}",
+        (Protocol::Rest, WorkloadArg::ClaimAny) => "1 request = POST /allocate {}",
         (Protocol::Rest, WorkloadArg::ClaimRelease) => {
             "1 request = POST /allocate {} + POST /release {\"value\": ..} (2 round trips)"
         }
         (Protocol::Grpc, WorkloadArg::Claim) => "1 request = Allocate {key: <new key>}",
+        (Protocol::Grpc, WorkloadArg::ClaimAny) => "1 request = Allocate {}",
         (Protocol::Grpc, WorkloadArg::ClaimRelease) => {
             "1 request = Allocate {} + Release {value: ..} (2 round trips)"
         }
@@ -325,7 +337,7 @@ async fn bench_allot(a: AllotArgs) -> Result<()> {
     let mut all_values = Vec::new();
     for (level, &n) in a.common.clients.iter().enumerate() {
         let run = format!("{run}-{level}");
-        let keep = wl == WorkloadArg::Claim;
+        let keep = wl.keeps();
         let r = match a.protocol {
             Protocol::Rest => {
                 let clients = (0..n)
@@ -347,7 +359,7 @@ async fn bench_allot(a: AllotArgs) -> Result<()> {
         report.level(&r)?;
         all_values.extend_from_slice(&r.values);
     }
-    if wl == WorkloadArg::Claim {
+    if wl.keeps() {
         check_distinct(&mut all_values, "claims")?;
     }
     Ok(())
@@ -390,7 +402,7 @@ async fn bench_redis(a: RedisArgs) -> Result<()> {
     }
     let wl = a.common.workload;
     let what = match wl {
-        WorkloadArg::Claim => "1 request = SPOP",
+        WorkloadArg::Claim | WorkloadArg::ClaimAny => "1 request = SPOP",
         WorkloadArg::ClaimRelease => "1 request = SPOP + SADD of the same ID (2 round trips)",
     };
     println!(
@@ -429,7 +441,7 @@ async fn bench_redis(a: RedisArgs) -> Result<()> {
         let clients = (0..n)
             .map(|_| RedisClient::new(addr, &a.set, wl.workload()))
             .collect();
-        let keep = wl == WorkloadArg::Claim;
+        let keep = wl.keeps();
         let mut r = driver::run_level(clients, t, keep, a.common.server_pid).await;
         report.level(&r)?;
         if keep {
