@@ -91,6 +91,10 @@ struct SessionPool {
     meta: PoolMeta,
     durability: Durability,
     blocks: BTreeMap<u64, SessionBlock>,
+    /// Serializes the writes of this pool's blocks (commit, give-back,
+    /// takeover), so a mirror always matches what is stored. Per pool:
+    /// one pool's store round trips never hold up another's commits.
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The engine's side of one remote member. See the module docs.
@@ -99,9 +103,6 @@ pub struct MemberSession {
     /// The remote process can answer scans (`block`-durability orphans).
     can_scan: bool,
     pools: std::sync::Mutex<HashMap<String, SessionPool>>,
-    /// Serializes the writes of one pool's blocks (commit, give-back,
-    /// takeover), so a mirror always matches what is stored.
-    writing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for MemberSession {
@@ -128,7 +129,6 @@ impl Allot {
             inner,
             can_scan,
             pools: std::sync::Mutex::new(HashMap::new()),
-            writing: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -171,6 +171,7 @@ impl MemberSession {
                     meta,
                     durability,
                     blocks: BTreeMap::new(),
+                    writing: Arc::default(),
                 },
             );
         }
@@ -181,15 +182,23 @@ impl MemberSession {
         lock(&self.pools)
             .get(pool)
             .map(|p| (p.meta.clone(), p.durability))
-            .ok_or_else(|| {
-                Error::InvalidInput(format!("pool '{pool}' is not open in this session"))
-            })
+            .ok_or_else(|| not_open(pool))
     }
 
-    /// Takes one free block of `pool` for the member.
+    /// The lock serializing writes of `pool`'s blocks.
+    fn writing(&self, pool: &str) -> Result<Arc<tokio::sync::Mutex<()>>> {
+        lock(&self.pools)
+            .get(pool)
+            .map(|p| p.writing.clone())
+            .ok_or_else(|| not_open(pool))
+    }
+
+    /// Takes one free block of `pool` for the member. Not under the pool's
+    /// write lock: a free block is claimed by a compare on its owner record
+    /// and is new to this session, so no mirror can be out of step with it,
+    /// and a prefetch (up to five store rounds) must not hold up commits.
     pub async fn acquire(&self, pool: &str) -> Result<Grant> {
         let (meta, durability) = self.meta(pool)?;
-        let _w = self.writing.lock().await;
         let taken = take_free_block(&self.inner, pool, &meta).await?;
         self.grant(pool, &meta, durability, taken, None)
     }
@@ -258,9 +267,10 @@ impl MemberSession {
                 continue;
             }
             let (meta, _) = self.meta(&pool)?;
+            let writing = self.writing(&pool)?;
             for (idx, rev, epoch, gone, from) in takeable_orphans(&self.inner, &pool) {
                 self.inner.fence.check()?;
-                let _w = self.writing.lock().await;
+                let _w = writing.lock().await;
                 let claimed = claim_block(&self.inner, &pool, &meta, idx, rev, epoch, Some(gone));
                 if let Some(taken) = claimed.await? {
                     tracing::info!(%pool, block = idx, %from, member = %self.inner.record.name,
@@ -298,13 +308,12 @@ impl MemberSession {
     /// with nothing stored.
     pub async fn commit(&self, pool: &str, changes: &[BlockChange]) -> Result<CommitOutcome> {
         self.inner.fence.check()?;
-        let _w = self.writing.lock().await;
+        let writing = self.writing(pool)?;
+        let _w = writing.lock().await;
         let mut next: Vec<(u64, OwnedBlock, Revision)> = Vec::with_capacity(changes.len());
         {
             let pools = lock(&self.pools);
-            let p = pools.get(pool).ok_or_else(|| {
-                Error::InvalidInput(format!("pool '{pool}' is not open in this session"))
-            })?;
+            let p = pools.get(pool).ok_or_else(|| not_open(pool))?;
             if p.durability != Durability::Sync {
                 return Err(Error::InvalidInput(format!(
                     "pool '{pool}' stores only block ownership (block durability): \
@@ -375,12 +384,11 @@ impl MemberSession {
     /// from it any more (it said it is empty). Whether it was still ours.
     pub async fn give_back(&self, pool: &str, block: u64) -> Result<bool> {
         self.inner.fence.check()?;
-        let _w = self.writing.lock().await;
+        let writing = self.writing(pool)?;
+        let _w = writing.lock().await;
         let held = {
             let mut pools = lock(&self.pools);
-            let p = pools.get_mut(pool).ok_or_else(|| {
-                Error::InvalidInput(format!("pool '{pool}' is not open in this session"))
-            })?;
+            let p = pools.get_mut(pool).ok_or_else(|| not_open(pool))?;
             if let Some(mirror) = p.blocks.get(&block).and_then(|b| b.mirror.as_ref()) {
                 if mirror.allocated() != 0 {
                     return Err(Error::Conflict(format!(
@@ -403,6 +411,10 @@ impl MemberSession {
     pub async fn leave(&self) -> Result<()> {
         self.inner.leave().await
     }
+}
+
+fn not_open(pool: &str) -> Error {
+    Error::InvalidInput(format!("pool '{pool}' is not open in this session"))
 }
 
 /// The allocated offsets of stored block `idx` as runs `[start, end)`.

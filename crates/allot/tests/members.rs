@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use allot::{
-    AllocRequest, Allot, BlockScan, Durability, Error, Member, MemberOptions, PoolKind, PoolSpec,
-    ScanFn,
+    AllocRequest, Allot, BlockChange, BlockScan, CommitOutcome, Durability, Error, Member,
+    MemberOptions, PoolKind, PoolSpec, ScanFn,
 };
 use allot_store::{
     KeyValue, LeaseId, MemoryStore, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
@@ -598,4 +598,129 @@ async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
         assert!(start.elapsed() < TTL * 4, "old blocks never taken");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A store in front of another that holds back every transaction writing a
+/// key under `prefix` while the test holds `gate` for writing.
+struct Gate {
+    inner: Arc<MemoryStore>,
+    prefix: Vec<u8>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Transactions waiting at the gate now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Gate {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn range(&self, s: &[u8], e: &[u8], l: usize) -> Result<RangeResult, StoreError> {
+        self.inner.range(s, e, l).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let gated = txn.success.iter().any(|op| match op {
+            allot_store::Op::Put { key, .. } | allot_store::Op::Delete { key } => {
+                key.starts_with(&self.prefix)
+            }
+            _ => false,
+        });
+        if !gated {
+            return self.inner.txn(txn).await;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let open = self.gate.read().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let result = self.inner.txn(txn).await;
+        drop(open);
+        result
+    }
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        self.inner.current_revision().await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner.compact(revision).await
+    }
+}
+
+/// A remote member's session writes each pool's blocks in order, but one
+/// pool's slow block take (a prefetch: several store rounds) does not hold
+/// up the `sync` commits of another pool.
+#[tokio::test(start_paused = true)]
+async fn a_session_commit_does_not_wait_for_a_block_taken_in_another_pool() {
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let store = Arc::new(Gate {
+        inner: Arc::new(MemoryStore::new()),
+        // Block owner records of pool "slow" (keys::owner).
+        prefix: b"o/slow/".to_vec(),
+        gate: gate.clone(),
+        waiting: Default::default(),
+    });
+    let allot = engine(store.clone());
+    for pool in ["slow", "fast"] {
+        allot
+            .create_pool(pool, spec(4095, 64, Durability::Sync), Default::default())
+            .await
+            .unwrap();
+    }
+    let session = Arc::new(
+        allot
+            .open_session("amf-r", options("r"), false)
+            .await
+            .unwrap(),
+    );
+    session.open_pool("slow").await.unwrap();
+    session.open_pool("fast").await.unwrap();
+    let fast = session.acquire("fast").await.unwrap();
+
+    let closed = gate.clone().write_owned().await;
+    let taking = tokio::spawn({
+        let session = session.clone();
+        async move { session.acquire("slow").await }
+    });
+    eventually(
+        "the block take waits at the gate",
+        Duration::from_secs(1),
+        || store.waiting.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+
+    let offset = fast.block * 64 + 5;
+    let change = BlockChange {
+        block: fast.block,
+        allocated: vec![offset],
+        released: vec![],
+    };
+    let committed = tokio::time::timeout(Duration::from_secs(1), session.commit("fast", &[change]))
+        .await
+        .expect("the commit in pool fast waited for the block take in pool slow");
+    assert_eq!(committed.unwrap(), CommitOutcome::Stored);
+    assert!(!taking.is_finished(), "the gate let the block take through");
+
+    drop(closed);
+    let slow = taking.await.unwrap().unwrap();
+    assert_eq!(slow.pool, "slow");
+    // The commit is stored: the value is in use in the stored block.
+    let stored = store
+        .get(&allot::keys::block("fast", fast.block))
+        .await
+        .unwrap()
+        .expect("the block of pool fast is stored");
+    let block = allot_core::Block::decode(&stored.value).unwrap();
+    assert!(
+        block.bits.contains(5),
+        "offset {offset} not stored as in use"
+    );
 }
