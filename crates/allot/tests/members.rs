@@ -334,14 +334,44 @@ async fn sync_mode_takeover_and_restart_under_the_same_name() {
     assert_eq!(handed.len(), 1024);
 }
 
-/// A store in front of another that can drop one member's traffic, as a
-/// network partition would.
-struct Partition {
+/// A store in front of another, for faults: with `cut` set it fails every
+/// call, as a network partition would; with a `gate`, it holds back every
+/// transaction writing a key under the gate's prefix while the test holds
+/// the gate's lock for writing.
+struct Interposed {
     inner: Arc<MemoryStore>,
     cut: Arc<AtomicBool>,
+    gate: Option<Gate>,
 }
 
-impl Partition {
+struct Gate {
+    prefix: Vec<u8>,
+    lock: Arc<tokio::sync::RwLock<()>>,
+    /// Transactions waiting at the gate now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Interposed {
+    fn partition(inner: Arc<MemoryStore>, cut: Arc<AtomicBool>) -> Self {
+        Interposed {
+            inner,
+            cut,
+            gate: None,
+        }
+    }
+
+    fn gated(inner: Arc<MemoryStore>, prefix: &[u8], lock: Arc<tokio::sync::RwLock<()>>) -> Self {
+        Interposed {
+            inner,
+            cut: Arc::default(),
+            gate: Some(Gate {
+                prefix: prefix.to_vec(),
+                lock,
+                waiting: Default::default(),
+            }),
+        }
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         if self.cut.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable("partitioned".into()))
@@ -349,10 +379,17 @@ impl Partition {
             Ok(())
         }
     }
+
+    /// Transactions waiting at the gate now.
+    fn waiting(&self) -> usize {
+        self.gate
+            .as_ref()
+            .map_or(0, |g| g.waiting.load(Ordering::SeqCst))
+    }
 }
 
 #[async_trait]
-impl Store for Partition {
+impl Store for Interposed {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         self.check()?;
         self.inner.get(key).await
@@ -363,7 +400,23 @@ impl Store for Partition {
     }
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         self.check()?;
-        self.inner.txn(txn).await
+        let gate = self.gate.as_ref().filter(|g| {
+            txn.success.iter().any(|op| match op {
+                allot_store::Op::Put { key, .. } | allot_store::Op::Delete { key } => {
+                    key.starts_with(&g.prefix)
+                }
+                _ => false,
+            })
+        });
+        let Some(gate) = gate else {
+            return self.inner.txn(txn).await;
+        };
+        gate.waiting.fetch_add(1, Ordering::SeqCst);
+        let open = gate.lock.read().await;
+        gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        let result = self.inner.txn(txn).await;
+        drop(open);
+        result
     }
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         self.check()?;
@@ -404,10 +457,7 @@ async fn a_partitioned_member_fences_itself_before_takeover() {
         .await
         .unwrap();
     let in_use = Arc::new(InUse::default());
-    let cut_off = engine(Arc::new(Partition {
-        inner: store.clone(),
-        cut: cut.clone(),
-    }));
+    let cut_off = engine(Arc::new(Interposed::partition(store.clone(), cut.clone())));
     let opts = |addr: &str| MemberOptions {
         scan: Some(in_use.scan()),
         ..options(addr)
@@ -600,74 +650,18 @@ async fn a_zombie_incarnation_stops_before_its_blocks_are_taken() {
     }
 }
 
-/// A store in front of another that holds back every transaction writing a
-/// key under `prefix` while the test holds `gate` for writing.
-struct Gate {
-    inner: Arc<MemoryStore>,
-    prefix: Vec<u8>,
-    gate: Arc<tokio::sync::RwLock<()>>,
-    /// Transactions waiting at the gate now.
-    waiting: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait]
-impl Store for Gate {
-    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn range(&self, s: &[u8], e: &[u8], l: usize) -> Result<RangeResult, StoreError> {
-        self.inner.range(s, e, l).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let gated = txn.success.iter().any(|op| match op {
-            allot_store::Op::Put { key, .. } | allot_store::Op::Delete { key } => {
-                key.starts_with(&self.prefix)
-            }
-            _ => false,
-        });
-        if !gated {
-            return self.inner.txn(txn).await;
-        }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let open = self.gate.read().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        let result = self.inner.txn(txn).await;
-        drop(open);
-        result
-    }
-    async fn current_revision(&self) -> Result<Revision, StoreError> {
-        self.inner.current_revision().await
-    }
-    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.lease_grant(ttl).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.lease_revoke(lease).await
-    }
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-}
-
 /// A remote member's session writes each pool's blocks in order, but one
 /// pool's slow block take (a prefetch: several store rounds) does not hold
 /// up the `sync` commits of another pool.
 #[tokio::test(start_paused = true)]
 async fn a_session_commit_does_not_wait_for_a_block_taken_in_another_pool() {
     let gate = Arc::new(tokio::sync::RwLock::new(()));
-    let store = Arc::new(Gate {
-        inner: Arc::new(MemoryStore::new()),
-        // Block owner records of pool "slow" (keys::owner).
-        prefix: b"o/slow/".to_vec(),
-        gate: gate.clone(),
-        waiting: Default::default(),
-    });
+    // Held back: writes of pool "slow"'s block owner records (keys::owner).
+    let store = Arc::new(Interposed::gated(
+        Arc::new(MemoryStore::new()),
+        b"o/slow/",
+        gate.clone(),
+    ));
     let allot = engine(store.clone());
     for pool in ["slow", "fast"] {
         allot
@@ -693,7 +687,7 @@ async fn a_session_commit_does_not_wait_for_a_block_taken_in_another_pool() {
     eventually(
         "the block take waits at the gate",
         Duration::from_secs(1),
-        || store.waiting.load(Ordering::SeqCst) == 1,
+        || store.waiting() == 1,
     )
     .await;
 
