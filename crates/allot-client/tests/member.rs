@@ -11,13 +11,40 @@ use allot::{Durability, MemberOptions, PoolKind, PoolSpec};
 use allot_client::{Client, RemoteMember};
 
 mod common;
-use common::start;
+use common::{start, Srv};
 
 fn member_pool(hi: u64, block_size: u64, durability: Durability) -> PoolSpec {
     let mut spec = PoolSpec::new(PoolKind::Range { lo: 0, hi });
     spec.block_size = block_size;
     spec.member_blocks = Some(durability);
     spec
+}
+
+/// A server on a fresh data dir (`token` required if given) and a client of
+/// it, with member-blocks pool `pool` of values `0..=hi` created.
+async fn server_with_pool(
+    token: Option<&str>,
+    pool: &str,
+    hi: u64,
+    block_size: u64,
+    durability: Durability,
+) -> (tempfile::TempDir, Srv, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), "127.0.0.1:0", token).await;
+    let mut client = Client::new(srv.url()).unwrap();
+    if let Some(t) = token {
+        client = client.with_token(t);
+    }
+    client
+        .create_pool(
+            pool,
+            member_pool(hi, block_size, durability),
+            BTreeMap::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    (dir, srv, client)
 }
 
 /// Leases of 3 s: short enough for takeover tests, long enough that a busy
@@ -60,18 +87,8 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_members_allocate_in_process_and_the_server_knows_the_owners() {
-    let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), "127.0.0.1:0", Some("t0k")).await;
-    let client = Client::new(srv.url()).unwrap().with_token("t0k");
-    client
-        .create_pool(
-            "teids",
-            member_pool(4095, 64, Durability::Block),
-            BTreeMap::new(),
-            None,
-        )
-        .await
-        .unwrap();
+    let (_dir, srv, client) =
+        server_with_pool(Some("t0k"), "teids", 4095, 64, Durability::Block).await;
 
     let a = client.join("smf-a", options(3000)).await.unwrap();
     let b = client.join("smf-b", options(3000)).await.unwrap();
@@ -144,19 +161,8 @@ async fn remote_members_allocate_in_process_and_the_server_knows_the_owners() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
-    let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), "127.0.0.1:0", None).await;
-    let client = Client::new(srv.url()).unwrap();
     // 512 values in 8 blocks.
-    client
-        .create_pool(
-            "ids",
-            member_pool(511, 64, Durability::Sync),
-            BTreeMap::new(),
-            None,
-        )
-        .await
-        .unwrap();
+    let (_dir, srv, client) = server_with_pool(None, "ids", 511, 64, Durability::Sync).await;
     let a = client.join("amf-a", options(3000)).await.unwrap();
     let mut held_by_a = BTreeSet::new();
     for _ in 0..150 {
@@ -205,18 +211,7 @@ async fn sync_pool_orphans_are_taken_over_with_their_stored_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_pool_orphans_are_scanned_by_the_new_owner() {
-    let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path(), "127.0.0.1:0", None).await;
-    let client = Client::new(srv.url()).unwrap();
-    client
-        .create_pool(
-            "sessions",
-            member_pool(255, 64, Durability::Block),
-            BTreeMap::new(),
-            None,
-        )
-        .await
-        .unwrap();
+    let (_dir, srv, client) = server_with_pool(None, "sessions", 255, 64, Durability::Block).await;
     let a = client.join("upf-a", options(3000)).await.unwrap();
     let in_use: Vec<u64> = take(&a, "sessions", 40).await;
     let a_blocks = a.owned_blocks("sessions");
