@@ -468,16 +468,19 @@ impl Sql {
                  WHERE id = $1 AND expires_at > clock_timestamp() RETURNING ttl_ms"
             ),
             // The lease row goes first; its keys are read in the same
-            // statement (the revision row lock keeps them stable).
+            // statement (the revision row lock keeps them stable). `lease <>
+            // 0` lets the partial index on leased keys serve the join.
             revoke: format!(
                 "WITH gone AS (DELETE FROM {s}.allot_leases \
                    WHERE id = $1 AND expires_at > clock_timestamp() RETURNING id) \
-                 SELECT g.id, {kv_k} FROM gone g LEFT JOIN {s}.allot_kv k ON k.lease = g.id"
+                 SELECT g.id, {kv_k} FROM gone g \
+                 LEFT JOIN {s}.allot_kv k ON k.lease = g.id AND k.lease <> 0"
             ),
             expire: format!(
                 "WITH gone AS (DELETE FROM {s}.allot_leases \
                    WHERE expires_at <= clock_timestamp() RETURNING id) \
-                 SELECT g.id, {kv_k} FROM gone g LEFT JOIN {s}.allot_kv k ON k.lease = g.id"
+                 SELECT g.id, {kv_k} FROM gone g \
+                 LEFT JOIN {s}.allot_kv k ON k.lease = g.id AND k.lease <> 0"
             ),
             next_deadline: format!(
                 "SELECT EXTRACT(EPOCH FROM (min(expires_at) - clock_timestamp()))::float8 \
