@@ -936,10 +936,17 @@ impl Work {
         if !consistent {
             return Err(Error::Contention(name.to_string()));
         }
-        let keyed = ops
+        // Open resyncs only judge claims that already exist: a batch of
+        // fresh keys (the common case) skips the read, a round trip on a
+        // shared store.
+        let reclaims = ops
             .iter()
-            .any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })));
-        if keyed {
+            .any(|op| matches!(op, PendingOp::Alloc(AllocRequest { key: Some(_), .. })))
+            && work
+                .records
+                .iter()
+                .any(|(k, v)| k.starts_with(b"k/") && v.is_some());
+        if reclaims {
             let prefix = keys::resyncs_prefix(name);
             let res = store
                 .range(&prefix, &allot_store::prefix_end(&prefix), 0)
