@@ -27,7 +27,7 @@ use deadpool_postgres::Object;
 use crate::error::{CallError, PgError};
 
 /// The layout version this build writes and reads.
-pub(crate) const SCHEMA_VERSION: i32 = 2;
+pub(crate) const SCHEMA_VERSION: i32 = 3;
 
 /// Migration `i` (0-based) brings a schema from version `i` to `i + 1`.
 /// `{s}` stands for the quoted schema name.
@@ -276,6 +276,91 @@ BEGIN
 END
 $$;
 "#,
+    r#"
+-- allot_commit's successor (v3): a key the batch assumes absent is written
+-- with a plain INSERT, which is its own check (a key that exists fails it
+-- with unique_violation, SQLSTATE 23505, and the committer treats that like
+-- AL002). Against allot_commit this drops, for every key a batch creates
+-- (two per keyed claim), an index probe and the upsert's conflict handling,
+-- the most of the per-claim work done under the revision lock. Keys that
+-- exist are upserted and checked as before (measured: an UPDATE ... FROM
+-- that checks as it writes costs more than probe + upsert for the few keys
+-- a batch rewrites). allot_commit stays for servers of the previous build.
+CREATE FUNCTION {s}.allot_write(
+    p_expected bigint,
+    p_writer bigint,
+    p_check_keys bytea[],
+    p_check_mods int8[],
+    p_ins_keys bytea[],
+    p_ins_values bytea[],
+    p_ins_creates int8[],
+    p_ins_mods int8[],
+    p_ins_versions int8[],
+    p_ins_leases int8[],
+    p_keys bytea[],
+    p_values bytea[],
+    p_creates int8[],
+    p_mods int8[],
+    p_versions int8[],
+    p_leases int8[],
+    p_deleted bytea[],
+    p_log_revisions int8[],
+    p_log_seqs int8[],
+    p_log_keys bytea[],
+    p_log_kinds int2[],
+    p_log_values bytea[],
+    p_log_creates int8[],
+    p_log_versions int8[],
+    p_log_leases int8[],
+    p_revision bigint,
+    p_keep_revisions bigint,
+    p_revision_slack bigint,
+    p_keep_events bigint,
+    p_channel text
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_revision bigint;
+    v_writer bigint;
+BEGIN
+    SELECT revision, writer INTO v_revision, v_writer FROM {s}.allot_revision FOR UPDATE;
+    IF v_revision IS DISTINCT FROM p_expected OR v_writer IS DISTINCT FROM p_writer THEN
+        RAISE EXCEPTION 'allot: the store is at revision % by %, not % by %',
+            v_revision, v_writer, p_expected, p_writer USING ERRCODE = 'AL001';
+    END IF;
+    -- One index probe per key (a correlated subquery), whatever the
+    -- planner thinks of the array's size: a join could scan allot_kv.
+    IF cardinality(p_check_keys) > 0 AND EXISTS (
+        SELECT 1 FROM unnest(p_check_keys, p_check_mods) AS c(key, mod_revision)
+         WHERE c.mod_revision <> coalesce(
+            (SELECT k.mod_revision FROM {s}.allot_kv k WHERE k.key = c.key), 0)) THEN
+        RAISE EXCEPTION 'allot: a key read is not as assumed' USING ERRCODE = 'AL002';
+    END IF;
+    IF cardinality(p_ins_keys) > 0 THEN
+        INSERT INTO {s}.allot_kv (key, value, create_revision, mod_revision, version, lease)
+        SELECT * FROM unnest(p_ins_keys, p_ins_values, p_ins_creates, p_ins_mods,
+                             p_ins_versions, p_ins_leases);
+    END IF;
+    IF cardinality(p_keys) > 0 THEN
+        INSERT INTO {s}.allot_kv (key, value, create_revision, mod_revision, version, lease)
+        SELECT * FROM unnest(p_keys, p_values, p_creates, p_mods, p_versions, p_leases)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
+          create_revision = EXCLUDED.create_revision,
+          mod_revision = EXCLUDED.mod_revision,
+          version = EXCLUDED.version, lease = EXCLUDED.lease;
+    END IF;
+    IF cardinality(p_deleted) > 0 THEN
+        DELETE FROM {s}.allot_kv WHERE key = ANY(p_deleted);
+    END IF;
+    INSERT INTO {s}.allot_log
+        (revision, seq, key, kind, value, create_revision, version, lease)
+    SELECT * FROM unnest(p_log_revisions, p_log_seqs, p_log_keys, p_log_kinds,
+                         p_log_values, p_log_creates, p_log_versions, p_log_leases);
+    PERFORM {s}.allot_finish(p_revision, cardinality(p_log_seqs)::bigint, p_keep_revisions,
+                             p_revision_slack, p_keep_events, p_channel);
+END
+$$;
+"#,
 ];
 
 /// Checks that `schema` is a plain lower-case identifier, so that it can be
@@ -402,8 +487,8 @@ pub(crate) struct Sql {
     pub scan: String,
     pub scan_from: String,
     pub live_leases: String,
-    /// `allot_commit`: every write of a batch, checked, in one call.
-    pub commit: String,
+    /// `allot_write`: every write of a batch, checked, in one call.
+    pub write: String,
     pub drop_history: String,
     pub grant: String,
     pub keep_alive: String,
@@ -449,12 +534,14 @@ impl Sql {
                 "SELECT id FROM {s}.allot_leases \
                  WHERE id = ANY($1::int8[]) AND expires_at > clock_timestamp()"
             ),
-            commit: format!(
-                "SELECT {s}.allot_commit($1::int8, $2::int8, $3::bytea[], $4::int8[], \
+            write: format!(
+                "SELECT {s}.allot_write($1::int8, $2::int8, $3::bytea[], $4::int8[], \
                  $5::bytea[], $6::bytea[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], \
-                 $11::bytea[], $12::int8[], $13::int8[], $14::bytea[], $15::int2[], \
-                 $16::bytea[], $17::int8[], $18::int8[], $19::int8[], \
-                 $20::int8, $21::int8, $22::int8, $23::int8, $24::text)"
+                 $11::bytea[], $12::bytea[], $13::int8[], $14::int8[], $15::int8[], \
+                 $16::int8[], $17::bytea[], \
+                 $18::int8[], $19::int8[], $20::bytea[], $21::int2[], $22::bytea[], \
+                 $23::int8[], $24::int8[], $25::int8[], \
+                 $26::int8, $27::int8, $28::int8, $29::int8, $30::text)"
             ),
             drop_history: format!("SELECT {s}.allot_drop_history($1::int8)"),
             grant: format!(

@@ -5,11 +5,12 @@
 //! revision row's lock (`SELECT ... FOR UPDATE`) until its commit is
 //! durable, so revision N+1 can only commit after N is visible: a watcher
 //! reading the log never sees a gap that later fills in. All writes of a
-//! transaction go through one call of the `allot_commit` function, which
-//! first checks, under that lock, that the store is where the writer
-//! assumed it to be (the revision, the id of the PostgreSQL transaction that
-//! made it, and the mod revision of every key read), and writes nothing
-//! otherwise.
+//! transaction go through one call of the `allot_write` function (schema
+//! v3; `allot_commit` before), which first checks, under that lock, that the
+//! store is where the writer assumed it to be (the revision, the id of the
+//! PostgreSQL transaction that made it, and the mod revision of every key
+//! read; a key assumed absent and created is checked by its plain INSERT),
+//! and writes nothing otherwise.
 //!
 //! The committer batches the transactions queued by concurrent callers into
 //! one PostgreSQL transaction (each still gets its own revision), so they
@@ -19,19 +20,19 @@
 //!   writes, it knows the store's state: the head of the revision row and
 //!   every key it read or wrote since (a bounded cache; keys it does not
 //!   know are assumed absent). It evaluates the batch on that knowledge and
-//!   sends `BEGIN`, the lock, `allot_commit` and `COMMIT` at once. It does
+//!   sends `BEGIN`, the lock, `allot_write` and `COMMIT` at once. It does
 //!   not wait for that commit: as soon as the lock is granted, the next
 //!   batch (evaluated on top of the first, assuming it commits) is sent on
 //!   another connection, where it waits for the lock, which PostgreSQL
 //!   grants right when the first commit is durable. So the lock round trip
 //!   of the next batch overlaps the WAL flush of the previous one, and the
-//!   queue keeps filling in the meantime. The check in `allot_commit` makes
+//!   queue keeps filling in the meantime. The check in `allot_write` makes
 //!   this safe: a batch whose assumptions failed (another server wrote, a
 //!   key was not as cached, or the batch it was stacked on failed) raises
 //!   before writing, and its transactions are run again on the locked path.
 //! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
 //!   key the batch depends on (after the lock: in READ COMMITTED each read
-//!   sees every earlier commit), evaluate, then `allot_commit` and `COMMIT`.
+//!   sees every earlier commit), evaluate, then `allot_write` and `COMMIT`.
 //!   Used when the state is not known (at start, after another writer or a
 //!   failure) and for batches the speculative path does not take (range
 //!   deletes, puts attached to leases, batches that write nothing); it
@@ -87,6 +88,9 @@ impl Head {
 #[derive(Default)]
 struct Writes {
     keys: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// The mod revision each written key had before the batch, as the
+    /// batch assumed it (0: absent): what its write replaces.
+    priors: BTreeMap<Vec<u8>, Revision>,
     log_revision: Vec<i64>,
     log_seq: Vec<i64>,
     log_key: Vec<Vec<u8>>,
@@ -113,6 +117,8 @@ impl Writes {
         next_event: &mut i64,
     ) -> Result<(), StoreError> {
         for change in applied.changes {
+            let prior = view.get(&change.key).map_or(0, |kv| kv.mod_revision);
+            self.priors.entry(change.key.clone()).or_insert(prior);
             match &change.new {
                 Some(kv) => view.insert(change.key.clone(), kv.clone()),
                 None => view.remove(&change.key),
@@ -140,19 +146,40 @@ impl Writes {
     }
 }
 
-/// The arguments of one `allot_commit` call, owned, so that a spawned task
-/// can send them.
-struct CommitArgs {
-    expected: i64,
-    writer: i64,
-    check_keys: Vec<Vec<u8>>,
-    check_mods: Vec<i64>,
+/// One row of `allot_kv` as written: key, value, create, mod, version, lease.
+#[derive(Default)]
+struct Rows {
     keys: Vec<Vec<u8>>,
     values: Vec<Vec<u8>>,
     creates: Vec<i64>,
     mods: Vec<i64>,
     versions: Vec<i64>,
     leases: Vec<i64>,
+}
+
+impl Rows {
+    fn push(&mut self, key: Vec<u8>, kv: KeyValue) -> Result<(), StoreError> {
+        self.keys.push(key);
+        self.values.push(kv.value);
+        self.creates.push(to_i64(kv.create_revision, "revision")?);
+        self.mods.push(to_i64(kv.mod_revision, "revision")?);
+        self.versions.push(to_i64(kv.version, "version")?);
+        self.leases.push(to_i64(kv.lease, "lease")?);
+        Ok(())
+    }
+}
+
+/// The arguments of one `allot_write` call, owned, so that a spawned task
+/// can send them.
+struct CommitArgs {
+    expected: i64,
+    writer: i64,
+    check_keys: Vec<Vec<u8>>,
+    check_mods: Vec<i64>,
+    /// Keys assumed absent: plain inserts, their own check.
+    inserts: Rows,
+    /// Keys that exist: upserted, checked by `check_*`.
+    upserts: Rows,
     deleted: Vec<Vec<u8>>,
     log: Writes,
     revision: i64,
@@ -162,7 +189,8 @@ struct CommitArgs {
 
 impl CommitArgs {
     /// `expected`/`writer`: the revision row as assumed; `checks`: every key
-    /// read with its assumed mod revision (0: absent).
+    /// read with its assumed mod revision (0: absent). A key created by the
+    /// batch is checked by its insert, so its check (absent) is dropped.
     fn new(
         mut writes: Writes,
         expected: Revision,
@@ -174,32 +202,29 @@ impl CommitArgs {
             writer,
             check_keys: Vec::with_capacity(checks.len()),
             check_mods: Vec::with_capacity(checks.len()),
-            keys: Vec::new(),
-            values: Vec::new(),
-            creates: Vec::new(),
-            mods: Vec::new(),
-            versions: Vec::new(),
-            leases: Vec::new(),
+            inserts: Rows::default(),
+            upserts: Rows::default(),
             deleted: Vec::new(),
             revision: to_i64(writes.revision, "revision")?,
             last: writes.revision,
             log: Writes::default(),
         };
-        for (key, mod_revision) in checks {
-            args.check_keys.push(key);
-            args.check_mods.push(mod_revision);
-        }
+        let mut inserted = BTreeSet::new();
         for (key, state) in std::mem::take(&mut writes.keys) {
+            let absent = writes.priors.get(&key).is_none_or(|p| *p == 0);
             match state {
-                Some(kv) => {
-                    args.keys.push(key);
-                    args.values.push(kv.value);
-                    args.creates.push(to_i64(kv.create_revision, "revision")?);
-                    args.mods.push(to_i64(kv.mod_revision, "revision")?);
-                    args.versions.push(to_i64(kv.version, "version")?);
-                    args.leases.push(to_i64(kv.lease, "lease")?);
+                Some(kv) if absent => {
+                    inserted.insert(key.clone());
+                    args.inserts.push(key, kv)?;
                 }
+                Some(kv) => args.upserts.push(key, kv)?,
                 None => args.deleted.push(key),
+            }
+        }
+        for (key, mod_revision) in checks {
+            if !(mod_revision == 0 && inserted.contains(&key)) {
+                args.check_keys.push(key);
+                args.check_mods.push(mod_revision);
             }
         }
         args.log = writes;
@@ -210,19 +235,26 @@ impl CommitArgs {
         &'a self,
         limits: &'a Limits,
         channel: &'a String,
-    ) -> [&'a (dyn ToSql + Sync); 24] {
+    ) -> [&'a (dyn ToSql + Sync); 30] {
         let log = &self.log;
+        let (ins, ups) = (&self.inserts, &self.upserts);
         [
             &self.expected,
             &self.writer,
             &self.check_keys,
             &self.check_mods,
-            &self.keys,
-            &self.values,
-            &self.creates,
-            &self.mods,
-            &self.versions,
-            &self.leases,
+            &ins.keys,
+            &ins.values,
+            &ins.creates,
+            &ins.mods,
+            &ins.versions,
+            &ins.leases,
+            &ups.keys,
+            &ups.values,
+            &ups.creates,
+            &ups.mods,
+            &ups.versions,
+            &ups.leases,
             &self.deleted,
             &log.log_revision,
             &log.log_seq,
@@ -242,7 +274,7 @@ impl CommitArgs {
 }
 
 /// The end of a writing transaction holding the lock (`head` as read under
-/// it): `allot_commit` and `COMMIT`, pipelined. Any error means nothing was
+/// it): `allot_write` and `COMMIT`, pipelined. Any error means nothing was
 /// committed (or, if the connection broke during `COMMIT`, that the outcome
 /// is unknown, which is reported as unavailable and never acknowledged).
 async fn finish(
@@ -252,7 +284,7 @@ async fn finish(
     writes: Writes,
 ) -> Result<(), CallError> {
     let args = CommitArgs::new(writes, head.revision, head.writer, Vec::new())?;
-    let commit = conn.prepare_cached(&shared.sql.commit).await?;
+    let commit = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
     // Each future sends its statement when first polled, and `try_join!`
     // polls them in order: one round trip for both.
@@ -585,7 +617,7 @@ fn evaluate(
     Ok((writes, answers, next_event))
 }
 
-/// One speculative batch: `BEGIN`, lock, `allot_commit`, `COMMIT` in one
+/// One speculative batch: `BEGIN`, lock, `allot_write`, `COMMIT` in one
 /// round trip. Says who it is on `locked` once it holds the lock, so the
 /// committer can stack the next batch behind it.
 async fn commit_fast(
@@ -606,7 +638,7 @@ async fn fast_on(
 ) -> Result<Outcome, CallError> {
     let (lock, commit) = futures::try_join!(
         conn.prepare_cached(&shared.sql.lock_head),
-        conn.prepare_cached(&shared.sql.commit),
+        conn.prepare_cached(&shared.sql.write),
     )?;
     let params = args.params(&shared.limits, &shared.sql.channel);
     // Every answer is awaited (`join!`, not `try_join!`), so that after a
@@ -626,9 +658,12 @@ async fn fast_on(
     head?;
     if let Err(err) = written {
         let code = err.code().map(|c| c.code());
-        let outcome = match code {
-            Some("AL001") => Outcome::Moved,
-            Some("AL002") => Outcome::Differs,
+        let constraint = err.as_db_error().and_then(|e| e.constraint());
+        let outcome = match (code, constraint) {
+            (Some("AL001"), _) => Outcome::Moved,
+            (Some("AL002"), _) => Outcome::Differs,
+            // A key assumed absent exists: its INSERT was the check.
+            (Some("23505"), Some("allot_kv_pkey")) => Outcome::Differs,
             _ => return Err(err.into()),
         };
         // `COMMIT` of the failed transaction rolled it back.

@@ -154,7 +154,22 @@ async fn schema_is_versioned_and_a_newer_one_refused() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+
+    // A schema left at version 2 by the previous build is brought up to
+    // date on connect, its data kept and written through the new function.
+    raw.batch_execute(&format!(
+        "DROP FUNCTION {schema}.allot_write; UPDATE {schema}.allot_schema_version SET version = 2"
+    ))
+    .await
+    .unwrap();
+    let s = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    assert_eq!(value(&s, "k").await.as_deref(), Some("v"));
+    assert_eq!(put(&s, "k", "v2").await, 3);
+    drop(s);
+
     raw.execute(
         &format!("UPDATE {schema}.allot_schema_version SET version = 99"),
         &[],
@@ -319,7 +334,7 @@ async fn concurrent_small_writes_all_commit() {
 }
 
 /// The committer evaluates batches on what it knows of the store (keys it
-/// has not read are assumed absent) and `allot_commit` checks that under the
+/// has not read are assumed absent) and `allot_write` checks that under the
 /// lock: a key that exists but was never read by this store, and writes by
 /// another store in between, must send the batch to the locked path, never
 /// let it commit on a wrong assumption.
@@ -377,6 +392,33 @@ async fn speculation_is_checked_against_keys_and_other_writers() {
         .unwrap();
     assert!(!resp.succeeded);
     assert_eq!(value(&b, "pre/0").await.as_deref(), Some("b2"));
+    // The same for a delete: a's write names a version that is gone.
+    let known = a.get(b"pre/1").await.unwrap().unwrap();
+    put(&b, "pre/1", "b2").await;
+    let resp = a
+        .txn(
+            Txn::new()
+                .when(Compare::mod_revision("pre/1", known.mod_revision))
+                .then(Op::delete("pre/1")),
+        )
+        .await
+        .unwrap();
+    assert!(!resp.succeeded);
+    assert_eq!(value(&b, "pre/1").await.as_deref(), Some("b2"));
+    // Unconditional writes on stale knowledge still land, as a version on
+    // top of what b wrote: a put of a key a thinks absent, a delete of a
+    // key b rewrote.
+    let created = put(&b, "fresh/x", "b").await;
+    put(&a, "fresh/x", "a").await;
+    let kv = b.get(b"fresh/x").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.version, kv.create_revision),
+        (&b"a"[..], 2, created)
+    );
+    put(&b, "pre/2", "b2").await;
+    let resp = a.txn(Txn::new().then(Op::delete("pre/2"))).await.unwrap();
+    assert!(resp.succeeded);
+    assert_eq!(value(&b, "pre/2").await, None);
     // Writes alternating between the stores keep one gap-free order.
     let start = a.current_revision().await.unwrap();
     for i in 0..20 {
