@@ -146,7 +146,7 @@ impl Writes {
     }
 }
 
-/// One row of `allot_kv` as written: key, value, create, mod, version, lease.
+/// Rows of `allot_kv` as written, as columns for `UNNEST`.
 #[derive(Default)]
 struct Rows {
     keys: Vec<Vec<u8>>,
