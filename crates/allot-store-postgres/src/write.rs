@@ -354,15 +354,16 @@ impl Known {
         }
     }
 
-    fn size(key: &[u8], state: &Option<KeyValue>) -> usize {
-        key.len() + state.as_ref().map_or(0, |kv| kv.value.len() + 64)
+    /// Roughly what an entry holds in memory.
+    fn size(key_len: usize, state: &Option<KeyValue>) -> usize {
+        key_len + state.as_ref().map_or(0, |kv| kv.value.len() + 64)
     }
 
     fn set(&mut self, key: Vec<u8>, state: Option<KeyValue>) {
-        self.bytes += Known::size(&key, &state);
         let key_len = key.len();
+        self.bytes += Known::size(key_len, &state);
         if let Some(old) = self.keys.insert(key, state) {
-            self.bytes -= key_len + old.as_ref().map_or(0, |kv| kv.value.len() + 64);
+            self.bytes -= Known::size(key_len, &old);
         }
     }
 
@@ -431,10 +432,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 match outcome {
                     Ok(Outcome::Committed) => {
                         conflicts = 0;
-                        for (request, answer) in flight.requests.into_iter().zip(flight.answers) {
-                            // The caller may have given up; nothing to do then.
-                            let _ = request.reply.send(answer);
-                        }
+                        reply(flight.requests, flight.answers);
                     }
                     Ok(moved_or_differs) => {
                         if matches!(moved_or_differs, Outcome::Moved) {
@@ -448,9 +446,8 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                     }
                     Err(err) => {
                         known = None;
-                        for request in flight.requests {
-                            let _ = request.reply.send(Err(copy_error(&err)));
-                        }
+                        let answers = failed(&flight.requests, &err);
+                        reply(flight.requests, answers);
                     }
                 }
             }
@@ -487,9 +484,8 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                         flights.push_back(Flight { requests: batch, answers, done });
                     }
                     Some(Err(err)) => {
-                        for request in batch {
-                            let _ = request.reply.send(Err(copy_error(&err)));
-                        }
+                        let answers = failed(&batch, &err);
+                        reply(batch, answers);
                     }
                     None if flights.is_empty() => {
                         known = commit_locked(&shared, batch, known.take()).await;
@@ -682,22 +678,30 @@ async fn commit_locked(
     batch: Vec<Request>,
     known: Option<Known>,
 ) -> Option<Known> {
-    let (answers, known) = match shared.conn().await {
+    let result = match shared.conn().await {
         Ok(conn) => {
             let result = shared
                 .timed(in_txn(&conn, commit_on(&conn, shared, &batch, known)))
                 .await;
-            match shared.settle(conn, result) {
-                Ok(done) => done,
-                Err(err) => (batch.iter().map(|_| Err(copy_error(&err))).collect(), None),
-            }
+            shared.settle(conn, result)
         }
-        Err(err) => (batch.iter().map(|_| Err(copy_error(&err))).collect(), None),
+        Err(err) => Err(err),
     };
+    let (answers, known) = result.unwrap_or_else(|err| (failed(&batch, &err), None));
+    reply(batch, answers);
+    known
+}
+
+/// Sends each request its answer; a caller that gave up is no concern.
+fn reply(batch: Vec<Request>, answers: Answers) {
     for (request, answer) in batch.into_iter().zip(answers) {
         let _ = request.reply.send(answer);
     }
-    known
+}
+
+/// The same error for every request of `batch`.
+fn failed(batch: &[Request], err: &StoreError) -> Answers {
+    batch.iter().map(|_| Err(copy_error(err))).collect()
 }
 
 /// What a batch reads before evaluating: every key named anywhere in it
@@ -813,7 +817,7 @@ async fn commit_on(
             Ok(done) => done,
             Err(err) => {
                 conn.batch_execute("ROLLBACK").await?;
-                return Ok((batch.iter().map(|_| Err(copy_error(&err))).collect(), None));
+                return Ok((failed(batch, &err), None));
             }
         };
     if writes.is_empty() {
