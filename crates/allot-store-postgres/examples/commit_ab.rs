@@ -1,11 +1,11 @@
-//! A/B of the committer: the same store-level workload on two stores of one
+//! A/B of the committer: the same store-level workload on three stores of one
 //! throw-away PostgreSQL server, one with `max_in_flight = 0` (locked path
-//! only) and one with the default (speculative, pipelined), interleaved in
-//! short rounds so that both see the same machine load.
+//! only) and ones speculating (one batch at a time, or stacked), interleaved in
+//! short rounds so that all see the same machine load.
 //!
 //! `cargo run --release -p allot-store-postgres --example commit_ab`
 //! (env: AB_ROUNDS [6], AB_SECS per round [1], AB_CLIENTS [1,8,64]). Three
-//! stores: `locked` (`max_in_flight` 0), `spec1` (1), `spec2` (2, the default).
+//! stores: `locked` (`max_in_flight` 0), `spec1` (1, the default), `spec2` (2, stacked).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -86,9 +86,13 @@ pub struct PostgresOptions {
     /// The most transactions committed together in one PostgreSQL
     /// transaction (default 1,024).
     pub max_batch: usize,
-    /// Speculative batches in flight at most (default 2: one committing,
-    /// the next already waiting for the revision lock behind it; see the
-    /// `write` module). 0 puts every batch on the locked path (two round
+    /// Speculative batches in flight at most (default 1: each batch is one
+    /// statement, its own transaction). 2 or more stack the next batch
+    /// behind the one committing, waiting for the revision lock on another
+    /// connection: each batch then costs `BEGIN`, a lock statement and
+    /// `COMMIT` more, which pays off only when the round trip to the
+    /// database is long against its commit (see the `write` module and
+    /// BENCHMARKS.md). 0 puts every batch on the locked path (two round
     /// trips, nothing assumed), as before speculation existed.
     pub max_in_flight: usize,
     /// How often idle watchers look at the log even without a notification,
@@ -105,7 +109,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             timeout: Duration::from_secs(5),
             max_batch: 1024,
-            max_in_flight: 2,
+            max_in_flight: 1,
             poll_interval: Duration::from_secs(1),
         }
     }

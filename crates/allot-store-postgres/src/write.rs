@@ -5,12 +5,14 @@
 //! revision row's lock (`SELECT ... FOR UPDATE`) until its commit is
 //! durable, so revision N+1 can only commit after N is visible: a watcher
 //! reading the log never sees a gap that later fills in. All writes of a
-//! transaction go through one call of the `allot_write` function (schema
-//! v3; `allot_commit` before), which first checks, under that lock, that the
-//! store is where the writer assumed it to be (the revision, the id of the
-//! PostgreSQL transaction that made it, and the mod revision of every key
-//! read; a key assumed absent and created is checked by its plain INSERT),
-//! and writes nothing otherwise.
+//! transaction go through one statement (`Sql::write`, schema v4; the
+//! PL/pgSQL `allot_write` and `allot_commit` before), which checks, under
+//! that lock, that the store is where the writer assumed it to be (the
+//! revision, the id of the PostgreSQL transaction that made it, and the mod
+//! revision of every key read; a key assumed absent and created is checked
+//! by its plain INSERT), and writes nothing otherwise. The history bounds
+//! are applied after the commit, before the answer, by `allot_bound` in a
+//! transaction of its own, and only when the write reports one crossed.
 //!
 //! The committer batches the transactions queued by concurrent callers into
 //! one PostgreSQL transaction (each still gets its own revision), so they
@@ -20,19 +22,22 @@
 //!   writes, it knows the store's state: the head of the revision row and
 //!   every key it read or wrote since (a bounded cache; keys it does not
 //!   know are assumed absent). It evaluates the batch on that knowledge and
-//!   sends `BEGIN`, the lock, `allot_write` and `COMMIT` at once. It does
-//!   not wait for that commit: as soon as the lock is granted, the next
-//!   batch (evaluated on top of the first, assuming it commits) is sent on
-//!   another connection, where it waits for the lock, which PostgreSQL
-//!   grants right when the first commit is durable. So the lock round trip
-//!   of the next batch overlaps the WAL flush of the previous one, and the
-//!   queue keeps filling in the meantime. The check in `allot_write` makes
-//!   this safe: a batch whose assumptions failed (another server wrote, a
-//!   key was not as cached, or the batch it was stacked on failed) raises
-//!   before writing, and its transactions are run again on the locked path.
+//!   sends the write statement alone, as a transaction of its own (it takes
+//!   the lock itself; `max_in_flight` 1, the default). With `max_in_flight`
+//!   2 or more it sends `BEGIN`, the lock, the write and `COMMIT` at once
+//!   instead, and as soon as the lock is granted, the next batch (evaluated
+//!   on top of the first, assuming it commits) goes out on another
+//!   connection, where it waits for the lock: the lock round trip of the
+//!   next batch overlaps the WAL flush of the previous one. On this
+//!   machine's loopback the extra statements cost more than the overlap
+//!   saves (BENCHMARKS.md); with a distant database stacking may pay. The
+//!   checks make both safe: a batch whose assumptions failed (another
+//!   server wrote, a key was not as cached, or the batch it was stacked on
+//!   failed) wrote nothing, and its transactions are run again on the
+//!   locked path.
 //! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
 //!   key the batch depends on (after the lock: in READ COMMITTED each read
-//!   sees every earlier commit), evaluate, then `allot_write` and `COMMIT`.
+//!   sees every earlier commit), evaluate, then the write and `COMMIT`.
 //!   Used when the state is not known (at start, after another writer or a
 //!   failure) and for batches the speculative path does not take (range
 //!   deletes, puts attached to leases, batches that write nothing); it
@@ -169,7 +174,7 @@ impl Rows {
     }
 }
 
-/// The arguments of one `allot_write` call, owned, so that a spawned task
+/// The arguments of one write statement, owned, so that a spawned task
 /// can send them.
 struct CommitArgs {
     expected: i64,
@@ -274,9 +279,10 @@ impl CommitArgs {
 }
 
 /// The end of a writing transaction holding the lock (`head` as read under
-/// it): `allot_write` and `COMMIT`, pipelined. Any error means nothing was
-/// committed (or, if the connection broke during `COMMIT`, that the outcome
-/// is unknown, which is reported as unavailable and never acknowledged).
+/// it): the write statement and `COMMIT`, pipelined, then the history
+/// bounds if the write crossed one. Any error means nothing was committed
+/// (or, if the connection broke during `COMMIT`, that the outcome is
+/// unknown, which is reported as unavailable and never acknowledged).
 async fn finish(
     conn: &Object,
     shared: &Shared,
@@ -288,9 +294,63 @@ async fn finish(
     let params = args.params(&shared.limits, &shared.sql.channel);
     // Each future sends its statement when first polled, and `try_join!`
     // polls them in order: one round trip for both.
-    futures::try_join!(conn.execute(&commit, &params), conn.batch_execute("COMMIT"))?;
+    let (row, ()) = futures::try_join!(
+        conn.query_one(&commit, &params),
+        conn.batch_execute("COMMIT")
+    )?;
     shared.publish(args.last);
-    Ok(())
+    Written::from_row(&row)?.bound(conn, shared).await
+}
+
+/// What the write statement answers.
+struct Written {
+    /// The PostgreSQL transaction that wrote.
+    me: i64,
+    /// A history bound was crossed: apply the bounds before acknowledging.
+    due: bool,
+}
+
+impl Written {
+    fn from_row(row: &Row) -> Result<Written, CallError> {
+        Ok(Written {
+            me: row.try_get(0)?,
+            due: row.try_get(1)?,
+        })
+    }
+
+    /// Applies the history bounds, if due, in a transaction of its own
+    /// (committed writes stay committed should it fail: the next write
+    /// that finds a bound crossed tries again).
+    async fn bound(&self, conn: &Object, shared: &Shared) -> Result<(), CallError> {
+        if self.due {
+            let stmt = conn.prepare_cached(&shared.sql.bound).await?;
+            let limits = &shared.limits;
+            conn.execute(
+                &stmt,
+                &[
+                    &limits.keep_revisions,
+                    &limits.revision_slack,
+                    &limits.keep_events,
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// How the write statement failed its checks, if it did: nothing was
+/// written then.
+fn refused(err: &tokio_postgres::Error) -> Option<Outcome> {
+    let code = err.code().map(|c| c.code());
+    let constraint = err.as_db_error().and_then(|e| e.constraint());
+    match (code, constraint) {
+        (Some("AL001"), _) => Some(Outcome::Moved),
+        (Some("AL002"), _) => Some(Outcome::Differs),
+        // A key assumed absent exists: its INSERT was the check.
+        (Some("23505"), Some("allot_kv_pkey")) => Some(Outcome::Differs),
+        _ => None,
+    }
 }
 
 /// Runs `body`, which may open a transaction, and rolls it back if it fails
@@ -393,10 +453,10 @@ struct Flight {
 
 /// The committer task: takes whatever transactions are queued (up to the
 /// batch limit), commits them in one PostgreSQL transaction and answers
-/// each, with up to `max_in_flight` speculative batches in flight (2 by
-/// default: one committing, its WAL flush, one waiting for the lock behind
-/// it; more would only queue in the database instead of here, where they
-/// can still merge). It ends when every store handle is gone (the queue
+/// each, with up to `max_in_flight` speculative batches in flight (1 by
+/// default; with 2, one committing and one waiting for the lock behind it;
+/// more would only queue in the database instead of here, where they can
+/// still merge). It ends when every store handle is gone (the queue
 /// closes), after answering what was queued.
 pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
     let max_batch = shared.limits.max_batch;
@@ -613,9 +673,9 @@ fn evaluate(
     Ok((writes, answers, next_event))
 }
 
-/// One speculative batch: `BEGIN`, lock, `allot_write`, `COMMIT` in one
-/// round trip. Says who it is on `locked` once it holds the lock, so the
-/// committer can stack the next batch behind it.
+/// One speculative batch, in one round trip. Says who it is on `locked`
+/// once it holds the lock, so the committer can stack the next batch
+/// behind it.
 async fn commit_fast(
     shared: Arc<Shared>,
     args: CommitArgs,
@@ -632,42 +692,55 @@ async fn fast_on(
     args: &CommitArgs,
     locked: oneshot::Sender<i64>,
 ) -> Result<Outcome, CallError> {
-    let (lock, commit) = futures::try_join!(
-        conn.prepare_cached(&shared.sql.lock_head),
-        conn.prepare_cached(&shared.sql.write),
-    )?;
     let params = args.params(&shared.limits, &shared.sql.channel);
-    // Every answer is awaited (`join!`, not `try_join!`), so that after a
-    // failed check the connection is left clean, outside a transaction.
-    let (begun, head, written, committed) = futures::join!(
-        conn.batch_execute("BEGIN"),
-        async {
-            let row = conn.query_one(&lock, &[]).await?;
-            let head = Head::from_row(&row)?;
-            let _ = locked.send(head.me);
-            Ok::<_, CallError>(head)
-        },
-        conn.execute(&commit, &params),
-        conn.batch_execute("COMMIT"),
-    );
-    begun?;
-    head?;
-    if let Err(err) = written {
-        let code = err.code().map(|c| c.code());
-        let constraint = err.as_db_error().and_then(|e| e.constraint());
-        let outcome = match (code, constraint) {
-            (Some("AL001"), _) => Outcome::Moved,
-            (Some("AL002"), _) => Outcome::Differs,
-            // A key assumed absent exists: its INSERT was the check.
-            (Some("23505"), Some("allot_kv_pkey")) => Outcome::Differs,
-            _ => return Err(err.into()),
+    let written = if shared.limits.max_in_flight == 1 {
+        // Nothing stacks behind it, so nobody needs to know when it holds
+        // the lock: the write statement alone, which takes the lock itself,
+        // is the whole transaction (committed before its answer comes).
+        let write = conn.prepare_cached(&shared.sql.write).await?;
+        let written = match conn.query_one(&write, &params).await {
+            Ok(row) => Written::from_row(&row)?,
+            Err(err) => return refused(&err).ok_or_else(|| err.into()),
         };
-        // `COMMIT` of the failed transaction rolled it back.
-        committed?;
-        return Ok(outcome);
-    }
-    committed?;
+        let _ = locked.send(written.me);
+        written
+    } else {
+        // `BEGIN`, lock, write, `COMMIT`: the lock's answer comes back
+        // first, and the next batch is sent then.
+        let (lock, write) = futures::try_join!(
+            conn.prepare_cached(&shared.sql.lock_head),
+            conn.prepare_cached(&shared.sql.write),
+        )?;
+        // Every answer is awaited (`join!`, not `try_join!`), so that after
+        // a failed check the connection is left clean, outside a transaction.
+        let (begun, head, written, committed) = futures::join!(
+            conn.batch_execute("BEGIN"),
+            async {
+                let row = conn.query_one(&lock, &[]).await?;
+                let head = Head::from_row(&row)?;
+                let _ = locked.send(head.me);
+                Ok::<_, CallError>(head)
+            },
+            conn.query_one(&write, &params),
+            conn.batch_execute("COMMIT"),
+        );
+        begun?;
+        head?;
+        match written {
+            Ok(row) => {
+                committed?;
+                Written::from_row(&row)?
+            }
+            Err(err) => {
+                let outcome = refused(&err).ok_or(err)?;
+                // `COMMIT` of the failed transaction rolled it back.
+                committed?;
+                return Ok(outcome);
+            }
+        }
+    };
     shared.publish(args.last);
+    written.bound(conn, shared).await?;
     Ok(Outcome::Committed)
 }
 

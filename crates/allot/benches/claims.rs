@@ -57,7 +57,7 @@
 //! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order (also
 //!   `postgres`, `etcd`);
 //! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,skiplocked,bulk]: which parts run;
-//! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 2]: the PostgreSQL
+//! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 1]: the PostgreSQL
 //!   store's `max_in_flight` (0: every commit on the locked two-round-trip
 //!   path, as before speculative commits; for A/B runs).
 
