@@ -469,6 +469,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let mut redo: VecDeque<Request> = VecDeque::new();
     let mut conflicts: u32 = 0;
     let mut locked_left: u32 = 0;
+    // Flights stacked on one that failed: they fail because it did, so
+    // their failures are no news of another writer.
+    let mut doomed: usize = 0;
     let mut open = true;
     loop {
         if flights.is_empty() && !redo.is_empty() {
@@ -489,15 +492,20 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
             biased;
             outcome = front_done(&mut flights) => {
                 let Some(flight) = flights.pop_front() else { continue };
+                let stacked_on_failure = doomed > 0;
+                doomed = doomed.saturating_sub(1);
                 match outcome {
                     Ok(Outcome::Committed) => {
                         conflicts = 0;
                         reply(flight.requests, flight.answers);
                     }
                     Ok(moved_or_differs) => {
-                        if matches!(moved_or_differs, Outcome::Moved) {
+                        if matches!(moved_or_differs, Outcome::Moved) && !stacked_on_failure {
                             conflicts = (conflicts + 1).min(7);
                             locked_left = (1u32 << (conflicts - 1)).min(MAX_BACKOFF);
+                        }
+                        if !stacked_on_failure {
+                            doomed = flights.len();
                         }
                         // Nothing was written: run them again, in order
                         // (batches stacked on this one fail the same way).
@@ -505,6 +513,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                         redo.extend(flight.requests);
                     }
                     Err(err) => {
+                        if !stacked_on_failure {
+                            doomed = flights.len();
+                        }
                         known = None;
                         let answers = failed(&flight.requests, &err);
                         reply(flight.requests, answers);
