@@ -6,3 +6,5 @@
 //! - `member-child`: a member pod allocating from owned blocks on a shared
 //!   store, recording what it hands out (`tests/members.rs` runs fifty of
 //!   them, kills some, stops one, and checks the histories).
+
+pub mod history;

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allot::{Allot, Durability, OwnerMap, PoolKind, PoolSpec};
+use allot_testkit::history::Line;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -67,16 +68,15 @@ fn history(dir: &Path, name: &str) -> (Vec<(u64, u64, u64, u64)>, usize) {
     let mut values = Vec::new();
     let mut fenced = 0;
     for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        match f.first() {
-            Some(&"V") => values.push((
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-                f[3].parse().unwrap(),
-                f[4].parse().unwrap(),
-            )),
-            Some(&"F") => fenced += 1,
-            _ => panic!("bad history line in {name}: {line}"),
+        match line.parse() {
+            Ok(Line::Value {
+                value,
+                block,
+                epoch,
+                incarnation,
+            }) => values.push((value, block, epoch, incarnation)),
+            Ok(Line::Fenced { .. }) => fenced += 1,
+            Err(err) => panic!("{name}: {err}"),
         }
     }
     (values, fenced)
@@ -214,8 +214,11 @@ async fn scenario(engine: &Allot, url: &str, dir: &Path) {
                     let text =
                         std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
                     for l in text.lines() {
-                        let f: Vec<&str> = l.split(' ').collect();
-                        if l.starts_with('F') || f.get(2) == Some(&block.to_string().as_str()) {
+                        let shown = match l.parse() {
+                            Ok(Line::Value { block: b, .. }) => b == block,
+                            _ => true,
+                        };
+                        if shown {
                             lines.push_str(&format!("{n}: {l}\n"));
                         }
                     }

@@ -11,9 +11,9 @@
 //! (`allot_client::RemoteMember`).
 //!
 //! History lines (`HISTORY_DIR/NAME.log`, one `write` each, so a line is
-//! never torn by `kill -9`): `V VALUE BLOCK EPOCH INCARNATION` for a value
-//! handed out, `F INCARNATION REASON` when the member found itself fenced
-//! (it then joins again, as a restarted pod would). Runs until killed.
+//! never torn by `kill -9`; their format: `allot_testkit::history`): a
+//! value handed out, or the member found itself fenced (it then joins
+//! again, as a restarted pod would). Runs until killed.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot::{Allot, BlockScan, MemberOptions, OwnedValue};
+use allot_testkit::history::Line;
 use anyhow::{bail, Context};
 
 /// The member, embedded on the store or remote through a server.
@@ -76,18 +77,23 @@ async fn main() -> anyhow::Result<()> {
     loop {
         match allocate(&member, pool).await? {
             Outcome::Value(v) => {
-                let line = format!(
-                    "V {} {} {} {}\n",
-                    v.value,
-                    v.block,
-                    v.epoch,
-                    member.incarnation()
-                );
-                history.write_all(line.as_bytes())?;
+                let line = Line::Value {
+                    value: v
+                        .value
+                        .parse()
+                        .with_context(|| format!("not an integer value: {}", v.value))?,
+                    block: v.block,
+                    epoch: v.epoch,
+                    incarnation: member.incarnation(),
+                };
+                history.write_all(format!("{line}\n").as_bytes())?;
             }
             Outcome::Fenced(why) => {
-                let line = format!("F {} {}\n", member.incarnation(), why.replace('\n', " "));
-                history.write_all(line.as_bytes())?;
+                let line = Line::Fenced {
+                    incarnation: member.incarnation(),
+                    why,
+                };
+                history.write_all(format!("{line}\n").as_bytes())?;
                 // A pod that lost its lease starts over as a new incarnation.
                 member = join(&cluster, name, &options, interval).await;
             }
@@ -165,13 +171,9 @@ fn in_use(dir: &Path, req: &BlockScan) -> Result<Vec<String>, String> {
         }
         let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
         for line in text.lines() {
-            let mut fields = line.split(' ');
-            if fields.next() != Some("V") {
-                continue;
-            }
-            if let Some(Ok(v)) = fields.next().map(str::parse::<u64>) {
-                if (lo..=hi).contains(&v) {
-                    values.insert(v);
+            if let Ok(Line::Value { value, .. }) = line.parse() {
+                if (lo..=hi).contains(&value) {
+                    values.insert(value);
                 }
             }
         }
