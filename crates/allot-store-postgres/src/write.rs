@@ -299,7 +299,8 @@ async fn finish(
         conn.batch_execute("COMMIT")
     )?;
     shared.publish(args.last);
-    Written::from_row(&row)?.bound(conn, shared).await
+    Written::from_row(&row)?.bound(conn, shared).await;
+    Ok(())
 }
 
 /// What the write statement answers.
@@ -318,13 +319,16 @@ impl Written {
         })
     }
 
-    /// Applies the history bounds, if due, in a transaction of its own
-    /// (committed writes stay committed should it fail: the next write
-    /// that finds a bound crossed tries again).
-    async fn bound(&self, conn: &Object, shared: &Shared) -> Result<(), CallError> {
-        if self.due {
+    /// Applies the history bounds, if due, in a transaction of its own.
+    /// The write is committed whatever happens here, so a failure is only
+    /// logged: the next write that finds a bound crossed tries again.
+    async fn bound(&self, conn: &Object, shared: &Shared) {
+        if !self.due {
+            return;
+        }
+        let limits = &shared.limits;
+        let result = async {
             let stmt = conn.prepare_cached(&shared.sql.bound).await?;
-            let limits = &shared.limits;
             conn.execute(
                 &stmt,
                 &[
@@ -333,9 +337,12 @@ impl Written {
                     &limits.keep_events,
                 ],
             )
-            .await?;
+            .await
         }
-        Ok(())
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(err = %StoreError::from(CallError::from(err)), "applying the history bounds failed");
+        }
     }
 }
 
@@ -751,7 +758,7 @@ async fn fast_on(
         }
     };
     shared.publish(args.last);
-    written.bound(conn, shared).await?;
+    written.bound(conn, shared).await;
     Ok(Outcome::Committed)
 }
 
