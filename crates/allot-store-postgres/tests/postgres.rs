@@ -566,3 +566,75 @@ async fn scans_once_closed(raw: &tokio_postgres::Client, app: &str, schema: &str
         .unwrap();
     (row.get(0), row.get(1))
 }
+
+/// The history bounds run after each write that crossed one, in their own
+/// transaction and without the revision lock while they delete, so bounds
+/// of concurrent writers (two stores, both commit modes) overlap each other
+/// and the writes. Afterwards the bookkeeping must match the log exactly,
+/// both bounds must hold, and the retained history must be gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_bounds_hold_under_concurrent_writers() {
+    const KEEP_REVISIONS: u64 = 40;
+    const KEEP_EVENTS: u64 = 150;
+    let url = shared_url().await;
+    let schema = unique_schema();
+    let open = |in_flight: usize| {
+        let url = url.clone();
+        let opts = PostgresOptions {
+            history_revisions: KEEP_REVISIONS,
+            history_events: KEEP_EVENTS,
+            max_in_flight: in_flight,
+            ..options(&schema)
+        };
+        async move { PostgresStore::connect(&url, opts).await.unwrap() }
+    };
+    let (a, b) = (open(1).await, open(2).await);
+    let mut tasks = Vec::new();
+    for t in 0..16usize {
+        let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40usize {
+                // 1 to 7 events per transaction.
+                let mut txn = Txn::new();
+                for j in 0..=(t + i) % 7 {
+                    txn = txn.then(Op::put(format!("t{t}/{j}"), format!("{i}")));
+                }
+                assert!(s.txn(txn).await.unwrap().succeeded);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let raw = raw_client(&url).await;
+    let row = raw
+        .query_one(
+            &format!(
+                "SELECT r.revision, r.oldest, r.history_events, \
+                   (SELECT count(*) FROM {schema}.allot_log), \
+                   (SELECT min(revision) FROM {schema}.allot_log) \
+                 FROM {schema}.allot_revision r"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (revision, oldest, counted, rows, first): (i64, i64, i64, i64, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(revision, 1 + 16 * 40, "one revision per transaction");
+    assert_eq!(counted, rows, "the event count matches the log");
+    assert!(rows as u64 <= KEEP_EVENTS, "{rows} events kept");
+    assert!(
+        (revision + 1 - oldest) as u64 <= KEEP_REVISIONS + KEEP_REVISIONS / 10,
+        "revisions {oldest}..={revision} kept"
+    );
+    assert!(
+        first.is_some_and(|f| f >= oldest),
+        "no log row before {oldest}"
+    );
+    // Watchable from the oldest retained revision on, with no gap.
+    let (watch_oldest, events) = allot_store::conformance::retained_history(&a).await;
+    assert_eq!(watch_oldest as i64, oldest);
+    assert_eq!(events.len() as i64, rows);
+}
