@@ -501,6 +501,10 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 let Some(flight) = flights.pop_front() else { continue };
                 let stacked_on_failure = doomed > 0;
                 doomed = doomed.saturating_sub(1);
+                if !stacked_on_failure && !matches!(outcome, Ok(Outcome::Committed)) {
+                    // The flights stacked on this one fail with it.
+                    doomed = flights.len();
+                }
                 match outcome {
                     Ok(Outcome::Committed) => {
                         conflicts = 0;
@@ -511,18 +515,12 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                             conflicts = (conflicts + 1).min(7);
                             locked_left = (1u32 << (conflicts - 1)).min(MAX_BACKOFF);
                         }
-                        if !stacked_on_failure {
-                            doomed = flights.len();
-                        }
                         // Nothing was written: run them again, in order
                         // (batches stacked on this one fail the same way).
                         known = None;
                         redo.extend(flight.requests);
                     }
                     Err(err) => {
-                        if !stacked_on_failure {
-                            doomed = flights.len();
-                        }
                         known = None;
                         let answers = failed(&flight.requests, &err);
                         reply(flight.requests, answers);
