@@ -49,7 +49,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_store::{
-    KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
+    KeyValue, LeaseId, Prefixes, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
+    WatchStream,
 };
 use async_trait::async_trait;
 use etcd_client::{Client, CompactionOptions, ConnectOptions, GetOptions};
@@ -246,11 +247,6 @@ impl Namespace {
         } else {
             self.key(end)
         }
-    }
-
-    /// The etcd end of the range of keys starting with `prefix`.
-    pub(crate) fn prefix_end(&self, prefix: &[u8]) -> Vec<u8> {
-        etcd_end(allot_store::prefix_end(&self.key(prefix)))
     }
 
     /// A key as etcd reports it, without the prefix (`None` for a key
@@ -453,8 +449,12 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
-        watch::start(&self.inner, prefix, from).await
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
+        watch::start(&self.inner, prefixes, from).await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -493,14 +493,16 @@ mod tests {
         assert_eq!(ns.range_start(b""), b"app/");
         assert_eq!(ns.range_end(b""), b"app0");
         assert_eq!(ns.range_end(b"x"), b"app/x");
-        assert_eq!(ns.prefix_end(b"p/"), b"app/p0");
+        // The range of a prefix, as watches ask for it.
+        assert_eq!(ns.range_end(&allot_store::prefix_end(b"p/")), b"app/p0");
+        assert_eq!(ns.range_end(&allot_store::prefix_end(b"\xff")), b"app0");
         assert_eq!(ns.strip(b"app/k"), Some(&b"k"[..]));
         assert_eq!(ns.strip(b"other"), None);
 
         let bare = Namespace::new(b"");
         assert_eq!(bare.range_start(b""), vec![0]);
         assert_eq!(bare.range_end(b""), vec![0]);
-        assert_eq!(bare.prefix_end(b""), vec![0]);
-        assert_eq!(bare.prefix_end(b"a"), b"b");
+        assert_eq!(bare.range_end(&allot_store::prefix_end(b"")), vec![0]);
+        assert_eq!(bare.range_end(&allot_store::prefix_end(b"a")), b"b");
     }
 }

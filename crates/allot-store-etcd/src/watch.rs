@@ -1,4 +1,7 @@
-//! Watches: one etcd watch per store watch.
+//! Watches: one etcd watch per store watch. A watch of several prefixes is
+//! one etcd watch of the smallest range holding them all, filtered here:
+//! etcd orders events within a watch only, so two watches could not be
+//! merged in revision order.
 //!
 //! etcd replays history from a start revision and then follows live
 //! changes, with no gap, which is the store's watch contract. What is added
@@ -9,23 +12,24 @@
 
 use std::collections::VecDeque;
 
-use allot_store::{Event, EventKind, KeyValue, Revision, StoreError, WatchStream};
+use allot_store::{Event, EventKind, KeyValue, Prefixes, Revision, StoreError, WatchStream};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures::StreamExt;
 
 use crate::error::EtcdError;
 use crate::{to_u64, Inner, Namespace};
 
-/// Starts a watch of the keys under `prefix` from revision `from` (0 = from
+/// Starts a watch of the keys under `prefixes` from revision `from` (0 = from
 /// now); returns once etcd has registered it, so that every change after
 /// the call is streamed.
 pub(crate) async fn start(
     inner: &Inner,
-    prefix: &[u8],
+    prefixes: &Prefixes,
     from: Revision,
 ) -> Result<WatchStream, StoreError> {
     let ns = &inner.ns;
-    let mut options = WatchOptions::new().with_range(ns.prefix_end(prefix));
+    let (start_key, end_key) = prefixes.covering();
+    let mut options = WatchOptions::new().with_range(ns.range_end(&end_key));
     let mut compacted = false;
     if from > 0 {
         let current = inner.current_revision().await?;
@@ -60,7 +64,7 @@ pub(crate) async fn start(
     }
     let mut client = inner.client.watch_client();
     let mut stream = inner
-        .timed(client.watch(ns.range_start(prefix), Some(options)))
+        .timed(client.watch(ns.range_start(&start_key), Some(options)))
         .await?;
     // etcd first confirms the watch; only then is "from now" fixed.
     match inner.timed(stream.message()).await? {
@@ -99,6 +103,7 @@ pub(crate) async fn start(
         stream,
         closed: inner.closed.subscribe(),
         ns: ns.clone(),
+        prefixes: prefixes.clone(),
         pending: VecDeque::new(),
         next: from,
         done: false,
@@ -111,6 +116,8 @@ struct State {
     /// Fires (with an error) when the store is dropped.
     closed: tokio::sync::watch::Receiver<()>,
     ns: Namespace,
+    /// What the caller watches (the etcd range may hold more).
+    prefixes: Prefixes,
     /// Events received and not yet yielded.
     pending: VecDeque<Event>,
     /// The revision the stream is at, for the compaction error.
@@ -172,6 +179,9 @@ async fn next(mut st: State) -> Option<(Result<Event, StoreError>, State)> {
                 EventType::Delete => EventKind::Delete,
             };
             st.next = kv.mod_revision + 1;
+            if !st.prefixes.matches(&kv.key) {
+                continue;
+            }
             st.pending.push_back(Event {
                 kind,
                 kv: match kind {

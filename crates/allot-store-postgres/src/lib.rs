@@ -45,7 +45,8 @@ use std::time::Duration;
 
 use allot_store::backend::apply_txn;
 use allot_store::{
-    KeyValue, LeaseId, Op, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
+    KeyValue, LeaseId, Op, Prefixes, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
+    WatchStream,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -472,9 +473,13 @@ impl Store for PostgresStore {
         shared.settle(conn, result)
     }
 
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
         self.expire_if_due().await?;
-        watch::start(self.shared(), prefix, from).await
+        watch::start(self.shared(), prefixes, from).await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {

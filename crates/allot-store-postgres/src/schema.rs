@@ -705,9 +705,9 @@ impl Sql {
                  FROM {s}.allot_revision"
             ),
             // One page of the log after a position, with the bookkeeping of
-            // the same snapshot. Rows outside the prefix come back without
-            // key and value: the watcher still needs their position to
-            // resume after them and to notice a gap.
+            // the same snapshot. Rows outside the watched ranges ($3 starts,
+            // $4 ends) come back without key and value: the watcher still
+            // needs their position to resume after them and to notice a gap.
             watch_page: format!(
                 "SELECT m.revision, m.oldest, m.next_event, \
                    l.revision, l.seq, l.hit, \
@@ -716,7 +716,8 @@ impl Sql {
                    l.create_revision, l.version, l.lease \
                  FROM {s}.allot_revision m LEFT JOIN LATERAL ( \
                    SELECT revision, seq, key, kind, value, create_revision, version, lease, \
-                     (key >= $3 AND ($4 = ''::bytea OR key < $4)) AS hit \
+                     EXISTS (SELECT 1 FROM unnest($3::bytea[], $4::bytea[]) AS p(s, e) \
+                       WHERE key >= p.s AND (p.e = ''::bytea OR key < p.e)) AS hit \
                    FROM {s}.allot_log WHERE (revision, seq) > ($1, $2) \
                    ORDER BY revision, seq LIMIT $5) l ON true \
                  ORDER BY l.revision, l.seq"

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use allot_store::{Event, EventKind, KeyValue, Revision, StoreError, WatchStream};
+use allot_store::{Event, EventKind, KeyValue, Prefixes, Revision, StoreError, WatchStream};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -33,7 +33,7 @@ const PAGE: i64 = 1024;
 /// returns the stream.
 pub(crate) async fn start(
     shared: &Arc<Shared>,
-    prefix: &[u8],
+    prefixes: &Prefixes,
     from: Revision,
 ) -> Result<WatchStream, StoreError> {
     let conn = shared.conn().await?;
@@ -68,8 +68,8 @@ pub(crate) async fn start(
     let watcher = Watcher {
         shared: Arc::downgrade(shared),
         signal: shared.signal.subscribe(),
-        prefix: prefix.to_vec(),
-        prefix_end: allot_store::prefix_end(prefix),
+        starts: prefixes.iter().map(<[u8]>::to_vec).collect(),
+        ends: prefixes.iter().map(allot_store::prefix_end).collect(),
         position: (to_i64(start, "revision")? - 1, next_seq - 1),
         seen: None,
         pending: VecDeque::new(),
@@ -86,8 +86,9 @@ struct Watcher {
     /// Weak: an open watch must not keep a dropped store's pool alive.
     shared: Weak<Shared>,
     signal: watch::Receiver<Signal>,
-    prefix: Vec<u8>,
-    prefix_end: Vec<u8>,
+    /// The watched key ranges `[start, end)` (`end` empty: unbounded).
+    starts: Vec<Vec<u8>>,
+    ends: Vec<Vec<u8>>,
     /// `(revision, seq)` of the last log row read (delivered or not).
     position: (i64, i64),
     /// Set when caught up: every revision up to this one has been read, as
@@ -102,7 +103,7 @@ struct Page {
     current: Revision,
     oldest: Revision,
     next_event: i64,
-    /// `(revision, seq, event if under the prefix)` per row.
+    /// `(revision, seq, event if watched)` per row.
     rows: Vec<(i64, i64, Option<Event>)>,
 }
 
@@ -175,8 +176,8 @@ impl Watcher {
                         &[
                             &self.position.0,
                             &self.position.1,
-                            &self.prefix,
-                            &self.prefix_end,
+                            &self.starts,
+                            &self.ends,
                             &PAGE,
                         ],
                     )

@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{
-    prefix_end, Compare, Event, EventKind, KeyValue, Op, OpResult, Revision, Store, StoreError,
-    Txn, WatchStream,
+    prefix_end, Compare, Event, EventKind, KeyValue, Op, OpResult, Prefixes, Revision, Store,
+    StoreError, Txn, WatchStream,
 };
 use futures::StreamExt;
 use tokio::time::timeout;
@@ -111,6 +111,7 @@ macro_rules! conformance_tests {
                 watch_from_zero_sees_only_new_changes,
                 watch_from_past_revision_replays_exactly,
                 watch_filters_by_prefix,
+                watch_prefixes_follows_several_in_one_order,
                 watch_resume_after_drop_misses_and_repeats_nothing,
                 watch_reports_delete_events,
                 watch_revision_bounds_and_compaction,
@@ -1036,6 +1037,58 @@ pub async fn watch_filters_by_prefix<S: Store, G, F: Future<Output = (S, G)>>(
         ]
     );
     assert_quiet(&mut watch).await;
+}
+
+/// Keys under either of two prefixes, as one stream in revision order;
+/// keys between them (which a backend watching one covering range sees)
+/// and around them are left out, also when replayed and when resumed.
+pub async fn watch_prefixes_follows_several_in_one_order<
+    S: Store,
+    G,
+    F: Future<Output = (S, G)>,
+>(
+    make: impl Fn(u64) -> F,
+) {
+    let (s, _g) = make(1000).await;
+    let both = Prefixes::new([b"m/".as_slice(), b"e/"]);
+    put(&s, "e/1", "1").await; // 2
+    put(&s, "k/between", "1").await; // 3
+    let mut watch = s.watch_prefixes(&both, 1).await.unwrap();
+    s.txn(
+        Txn::new()
+            .then(Op::put("m/a", "1"))
+            .then(Op::put("b/before", "1"))
+            .then(Op::put("e/2", "1")),
+    )
+    .await
+    .unwrap(); // 4
+    put(&s, "mi/after", "1").await; // 5
+    put(&s, "e", "1").await; // 6
+    s.txn(Txn::new().then(Op::delete("m/a"))).await.unwrap(); // 7
+    let events = next_events(&mut watch, 4).await;
+    let expected = vec![
+        (EventKind::Put, "e/1".to_string(), 2),
+        (EventKind::Put, "e/2".to_string(), 4),
+        (EventKind::Put, "m/a".to_string(), 4),
+        (EventKind::Delete, "m/a".to_string(), 7),
+    ];
+    // Within one revision the order of keys is the backend's.
+    let mut got = summary(&events);
+    got.sort_by(|a, b| (a.2, &a.1).cmp(&(b.2, &b.1)));
+    assert_eq!(got, expected);
+    assert_quiet(&mut watch).await;
+    // Resumed after the first revision: the rest, nothing twice.
+    let mut resumed = s.watch_prefixes(&both, 3).await.unwrap();
+    let mut got = summary(&next_events(&mut resumed, 3).await);
+    got.sort_by(|a, b| (a.2, &a.1).cmp(&(b.2, &b.1)));
+    assert_eq!(got, expected[1..]);
+    assert_quiet(&mut resumed).await;
+    // No prefix at all: nothing.
+    let mut none = s
+        .watch_prefixes(&Prefixes::new::<&[u8]>([]), 1)
+        .await
+        .unwrap();
+    assert_quiet(&mut none).await;
 }
 
 pub async fn watch_resume_after_drop_misses_and_repeats_nothing<

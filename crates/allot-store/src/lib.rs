@@ -86,6 +86,7 @@ pub type WatchStream = BoxStream<'static, Result<Event, StoreError>>;
 /// - `watch(prefix, from)` yields every event with `revision >= from` on keys
 ///   under `prefix`, in order, with no gap; if `from` is older than the oldest
 ///   retained revision it fails with [`StoreError::Compacted`].
+///   `watch_prefixes` does the same for keys under any of several prefixes.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Reads one key.
@@ -119,7 +120,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Streams changes to keys under `prefix` from revision `from` on
     /// (`from = 0` means "from now": only future changes).
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError>;
+    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+        self.watch_prefixes(&Prefixes::one(prefix), from).await
+    }
+
+    /// [`Store::watch`] over several prefixes at once: one stream, in
+    /// revision order, of the changes to keys under any of them (two
+    /// watches could not be merged in order without knowing when each has
+    /// passed a revision).
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError>;
 
     /// Discards history older than `revision`; watches from before it fail
     /// with [`StoreError::Compacted`]. Current values are never affected.

@@ -84,8 +84,8 @@ use crate::watch::{
     DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
-    EventKind, KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
-    WatchStream,
+    EventKind, KeyValue, LeaseId, Prefixes, RangeResult, Revision, Store, StoreError, Txn,
+    TxnResponse, WatchStream,
 };
 use keys::Keys;
 use record::{Entry, Stored};
@@ -539,9 +539,18 @@ impl Store for LogStore {
         self.inner.writer.lease_revoke(lease).await
     }
 
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
         self.inner.writer.expire_leases().await?;
-        subscribe_and_watch(&self.inner, &self.inner.writer.shared.events, prefix, from)
+        subscribe_and_watch(
+            &self.inner,
+            &self.inner.writer.shared.events,
+            prefixes,
+            from,
+        )
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {

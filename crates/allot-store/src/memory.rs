@@ -16,7 +16,8 @@ use crate::watch::{
     DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
-    KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
+    KeyValue, LeaseId, Prefixes, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
+    WatchStream,
 };
 
 /// An in-memory [`Store`] for unit tests and simulation.
@@ -352,7 +353,11 @@ impl Store for MemoryStore {
         state.revoke(lease, &self.inner.events)
     }
 
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
         let state = self.inner.lock_fresh()?;
         // Subscribing under the lock: no revision can commit in between.
         let rx = self.inner.events.subscribe();
@@ -362,7 +367,7 @@ impl Store for MemoryStore {
         Ok(watch_stream(
             Arc::downgrade(&self.inner),
             rx,
-            prefix,
+            prefixes,
             start,
             current,
         ))

@@ -49,7 +49,8 @@ use crate::watch::{
     DEFAULT_HISTORY_REVISIONS,
 };
 use crate::{
-    KeyValue, LeaseId, RangeResult, Revision, Store, StoreError, Txn, TxnResponse, WatchStream,
+    KeyValue, LeaseId, Prefixes, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
+    WatchStream,
 };
 use storage::RedbStorage;
 
@@ -468,9 +469,18 @@ impl Store for RedbStore {
         self.inner.writer.lease_revoke(lease).await
     }
 
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
         self.inner.writer.expire_leases().await?;
-        subscribe_and_watch(&self.inner, &self.inner.writer.shared.events, prefix, from)
+        subscribe_and_watch(
+            &self.inner,
+            &self.inner.writer.shared.events,
+            prefixes,
+            from,
+        )
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {

@@ -223,3 +223,62 @@ impl Event {
         self.kv.mod_revision
     }
 }
+
+/// The keys one watch follows: every key under any of a few prefixes, as
+/// one stream in revision order ([`crate::Store::watch_prefixes`]).
+///
+/// Kept sorted, without a prefix that another one already covers, so
+/// backends can turn it into key ranges directly.
+///
+/// ```
+/// use allot_store::Prefixes;
+/// let p = Prefixes::new([b"m/".as_slice(), b"e/", b"e/x"]);
+/// assert!(p.matches(b"e/pool") && p.matches(b"m/a") && !p.matches(b"b/pool"));
+/// assert_eq!(p.iter().collect::<Vec<_>>(), [b"e/".as_slice(), b"m/"]);
+/// // The smallest single range holding both (what etcd watches).
+/// assert_eq!(p.covering(), (b"e/".to_vec(), b"m0".to_vec()));
+/// assert!(Prefixes::new([b"".as_slice(), b"e/"]).matches(b"anything"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefixes(Vec<Vec<u8>>);
+
+impl Prefixes {
+    /// The keys under any of `prefixes` (none: no key at all).
+    pub fn new<P: AsRef<[u8]>>(prefixes: impl IntoIterator<Item = P>) -> Prefixes {
+        let mut all: Vec<Vec<u8>> = prefixes.into_iter().map(|p| p.as_ref().to_vec()).collect();
+        all.sort();
+        let mut kept: Vec<Vec<u8>> = Vec::with_capacity(all.len());
+        for p in all {
+            // Sorted, so a prefix of `p` comes before it.
+            if !kept.last().is_some_and(|k| p.starts_with(k)) {
+                kept.push(p);
+            }
+        }
+        Prefixes(kept)
+    }
+
+    /// The keys under `prefix`.
+    pub fn one(prefix: &[u8]) -> Prefixes {
+        Prefixes(vec![prefix.to_vec()])
+    }
+
+    pub fn matches(&self, key: &[u8]) -> bool {
+        self.0.iter().any(|p| key.starts_with(p))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.iter().map(Vec::as_slice)
+    }
+
+    /// The smallest range `[start, end)` holding every key matched (`end`
+    /// empty: to the end of the keyspace), for a backend that can watch
+    /// only one range; it may hold other keys too, which the backend must
+    /// then filter out.
+    pub fn covering(&self) -> (Vec<u8>, Vec<u8>) {
+        match (self.0.first(), self.0.last()) {
+            (Some(first), Some(last)) => (first.clone(), crate::prefix_end(last)),
+            // Nothing matches: an empty range.
+            _ => (Vec::new(), vec![0]),
+        }
+    }
+}

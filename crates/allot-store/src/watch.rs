@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::{Event, Revision, StoreError, WatchStream};
+use crate::{Event, Prefixes, Revision, StoreError, WatchStream};
 
 /// The most revisions a watcher reads from the log at a time...
 const REPLAY_REVISIONS: usize = 512;
@@ -226,7 +226,7 @@ pub(crate) fn read_ring<T: Retained>(
 pub(crate) fn subscribe_and_watch<H: History>(
     source: &Arc<H>,
     events: &broadcast::Sender<Arc<Committed>>,
-    prefix: &[u8],
+    prefixes: &Prefixes,
     from: Revision,
 ) -> Result<WatchStream, StoreError> {
     // Subscribe before reading the current revision: a revision committed
@@ -238,7 +238,7 @@ pub(crate) fn subscribe_and_watch<H: History>(
     Ok(watch_stream(
         Arc::downgrade(source),
         rx,
-        prefix,
+        prefixes,
         start,
         current,
     ))
@@ -274,14 +274,14 @@ pub(crate) fn start_revision(
 pub(crate) fn watch_stream<H: History>(
     source: Weak<H>,
     rx: broadcast::Receiver<Arc<Committed>>,
-    prefix: &[u8],
+    prefixes: &Prefixes,
     start: Revision,
     current: Revision,
 ) -> WatchStream {
     let state = Watcher {
         source,
         rx,
-        prefix: prefix.to_vec(),
+        prefixes: prefixes.clone(),
         next: start,
         replay_to: current,
         pending: VecDeque::new(),
@@ -298,7 +298,7 @@ struct Watcher<H> {
     /// Weak so that an open watch does not keep a closed store alive.
     source: Weak<H>,
     rx: broadcast::Receiver<Arc<Committed>>,
-    prefix: Vec<u8>,
+    prefixes: Prefixes,
     /// The next revision to deliver.
     next: Revision,
     /// Revisions up to this one are read from the log, not the broadcast.
@@ -315,12 +315,12 @@ impl<H: History> Watcher<H> {
     }
 
     fn accept(&mut self, committed: &Committed) {
-        let prefix = &self.prefix;
+        let prefixes = &self.prefixes;
         self.pending.extend(
             committed
                 .events
                 .iter()
-                .filter(|e| e.kv.key.starts_with(prefix))
+                .filter(|e| prefixes.matches(&e.kv.key))
                 .cloned(),
         );
         self.next = committed.revision + 1;

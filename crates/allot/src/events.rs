@@ -100,9 +100,10 @@ impl Allot {
         &self,
         from: Revision,
     ) -> Result<futures::stream::BoxStream<'static, Result<Event>>> {
-        // One watch over the whole keyspace, so pool changes and member
-        // changes come in one revision order; everything else is skipped.
-        let inner = self.store().watch(b"", from).await?;
+        // One watch of both prefixes, so pool changes and member changes
+        // come in one revision order.
+        let prefixes = allot_store::Prefixes::new([keys::EVENTS_PREFIX, keys::MEMBERS_PREFIX]);
+        let inner = self.store().watch_prefixes(&prefixes, from).await?;
         let mut incarnations: HashMap<String, u64> = HashMap::new();
         Ok(inner
             .filter_map(move |item| {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use allot::{AllocRequest, Allot, Error, PoolKind, PoolSpec, Strategy};
 use allot_store::{
-    KeyValue, LeaseId, MemoryStore, Op, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
-    WatchStream,
+    KeyValue, LeaseId, MemoryStore, Op, Prefixes, RangeResult, Revision, Store, StoreError, Txn,
+    TxnResponse, WatchStream,
 };
 use async_trait::async_trait;
 
@@ -63,8 +63,12 @@ impl Store for Counting {
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.inner.lease_revoke(lease).await
     }
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
+        self.inner.watch_prefixes(prefixes, from).await
     }
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.inner.compact(revision).await

@@ -16,8 +16,8 @@ use allot::{
     MemberOptions, PoolKind, PoolSpec, ScanFn,
 };
 use allot_store::{
-    KeyValue, LeaseId, MemoryStore, RangeResult, Revision, Store, StoreError, Txn, TxnResponse,
-    WatchStream,
+    KeyValue, LeaseId, MemoryStore, Prefixes, RangeResult, Revision, Store, StoreError, Txn,
+    TxnResponse, WatchStream,
 };
 
 const TTL: Duration = Duration::from_secs(2);
@@ -434,9 +434,13 @@ impl Store for Interposed {
         self.check()?;
         self.inner.lease_revoke(lease).await
     }
-    async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, StoreError> {
+    async fn watch_prefixes(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
         self.check()?;
-        self.inner.watch(prefix, from).await
+        self.inner.watch_prefixes(prefixes, from).await
     }
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.check()?;
