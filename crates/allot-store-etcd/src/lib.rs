@@ -480,6 +480,12 @@ impl Store for EtcdStore {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// No: concurrent requests race to etcd's raft log, so a transaction
+    /// sent right after another may commit first (and fail its compares).
+    fn keeps_write_order(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

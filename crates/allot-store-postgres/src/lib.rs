@@ -489,6 +489,11 @@ impl Store for PostgresStore {
         let result = shared.timed(write::compact(&conn, shared, revision)).await;
         shared.settle(conn, result)
     }
+
+    /// Writes are queued to the committer at the call, in call order.
+    fn keeps_write_order(&self) -> bool {
+        true
+    }
 }
 
 impl PostgresStore {

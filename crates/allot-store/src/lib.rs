@@ -137,6 +137,16 @@ pub trait Store: Send + Sync + 'static {
     /// Discards history older than `revision`; watches from before it fail
     /// with [`StoreError::Compacted`]. Current values are never affected.
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+
+    /// Whether writing transactions started one after the other (each
+    /// polled once before the next starts) commit in that order, so a
+    /// writer may send a transaction that assumes the one before it
+    /// commits without waiting for its answer. A hint for throughput only:
+    /// a transaction that overtakes the one it assumed fails its compares.
+    /// False unless a backend queues writes in call order.
+    fn keeps_write_order(&self) -> bool {
+        false
+    }
 }
 
 /// The exclusive end of the key range holding every key that starts with

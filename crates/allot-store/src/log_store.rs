@@ -556,4 +556,9 @@ impl Store for LogStore {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.inner.writer.compact(revision).await
     }
+
+    /// Writes are queued to the committer at the call, in call order.
+    fn keeps_write_order(&self) -> bool {
+        true
+    }
 }

@@ -384,6 +384,11 @@ impl Store for MemoryStore {
         state.drop_history_before(revision);
         Ok(())
     }
+
+    /// Writes are applied at the call, in call order.
+    fn keeps_write_order(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

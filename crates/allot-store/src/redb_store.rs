@@ -486,6 +486,11 @@ impl Store for RedbStore {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.inner.writer.compact(revision).await
     }
+
+    /// Writes are queued to the committer at the call, in call order.
+    fn keeps_write_order(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

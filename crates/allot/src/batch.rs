@@ -18,7 +18,8 @@ use crate::{claim_from, decode_json, encode_json, is_stale, keys, lock, Inner, O
 /// Most requests one transaction carries; the rest wait for the next one.
 const MAX_BATCH: usize = 2048;
 /// Batches of one pool that may be building or committing at once: while
-/// one commits (an fsync), the next is built on top of its effects.
+/// one commits (an fsync), the next is built on top of its effects. (One on
+/// a store that does not keep write order: see `Store::keeps_write_order`.)
 const MAX_IN_FLIGHT: usize = 4;
 /// How long answers to idempotent requests are remembered (at least).
 pub(crate) const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -200,7 +201,13 @@ impl PoolHandle {
             space,
             queue: std::sync::Mutex::new(Queue::default()),
             state: tokio::sync::Mutex::new(state),
-            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            // A batch sent before the one it builds on is answered could
+            // overtake it on a store that does not keep write order.
+            in_flight: tokio::sync::Semaphore::new(if store.keeps_write_order() {
+                MAX_IN_FLIGHT
+            } else {
+                1
+            }),
             idle: tokio::sync::Notify::new(),
         })
     }

@@ -73,6 +73,9 @@ impl Store for Counting {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.inner.compact(revision).await
     }
+    fn keeps_write_order(&self) -> bool {
+        self.inner.keeps_write_order()
+    }
 }
 
 async fn pool(engine: &Allot) {

@@ -446,6 +446,9 @@ impl Store for Interposed {
         self.check()?;
         self.inner.compact(revision).await
     }
+    fn keeps_write_order(&self) -> bool {
+        self.inner.keeps_write_order()
+    }
 }
 
 /// A member cut off from the store stops allocating (on its own clock)
