@@ -490,7 +490,8 @@ impl Store for PostgresStore {
         shared.settle(conn, result)
     }
 
-    /// Writes are queued to the committer at the call, in call order.
+    /// Writes are queued to the committer in call order (unless a due
+    /// lease expiry or a full queue makes a call wait first).
     fn keeps_write_order(&self) -> bool {
         true
     }

@@ -277,8 +277,9 @@ impl Prefixes {
     pub fn covering(&self) -> (Vec<u8>, Vec<u8>) {
         match (self.0.first(), self.0.last()) {
             (Some(first), Some(last)) => (first.clone(), crate::prefix_end(last)),
-            // Nothing matches: an empty range.
-            _ => (Vec::new(), vec![0]),
+            // Nothing matches: the range of the one key `\0` (an empty
+            // end would mean "unbounded" to etcd), which `matches` drops.
+            _ => (vec![0], vec![0, 0]),
         }
     }
 }

@@ -31,8 +31,9 @@ const VERIFY_ROUNDS: u32 = 3;
 const MAX_ATTEMPTS: u32 = 40;
 const BACKOFF_STEP_US: u64 = 250;
 const BACKOFF_MAX_US: u64 = 20_000;
-/// Lookups in a row that found nothing before a pool's batches start
-/// guessing that new requests' records are absent (see `FreshKeys`).
+/// Batches in a row whose lookups all found nothing before a pool's
+/// batches start guessing that new requests' records are absent (see
+/// `FreshKeys`).
 const GUESS_AFTER: u32 = 32;
 
 /// Whether a batch reads the records its new requests look up (claim keys,
@@ -44,12 +45,14 @@ const GUESS_AFTER: u32 = 32;
 /// written with a compare that it is absent, so the store refuses a wrong
 /// guess with nothing written; the failure branch reads the guessed keys
 /// back to tell a wrong guess from a lost race. A wrong guess costs the
-/// batch one refused commit and switches guessing off until `GUESS_AFTER`
-/// lookups in a row found nothing again, so workloads that re-claim keys
-/// keep reading first.
+/// batch one refused commit (and the batches stacked on it theirs), its
+/// requests run again reading, and guessing stays off until `GUESS_AFTER`
+/// batches in a row found nothing again. Counting batches, not lookups,
+/// makes the policy scale with batch size: when re-claims are common
+/// enough that a batch often holds one, guessing stays off.
 #[derive(Default)]
 struct FreshKeys {
-    /// Lookups since the last one that found a record.
+    /// Batches with lookups since the last one that found a record.
     streak: u32,
 }
 
@@ -61,12 +64,11 @@ impl FreshKeys {
     /// A batch read `absent` lookups that found nothing and `present` that
     /// found a record.
     fn saw(&mut self, absent: usize, present: usize) {
-        self.streak = if present > 0 {
-            0
-        } else {
-            self.streak
-                .saturating_add(u32::try_from(absent).unwrap_or(u32::MAX))
-        };
+        if present > 0 {
+            self.streak = 0;
+        } else if absent > 0 {
+            self.streak = self.streak.saturating_add(1);
+        }
     }
 
     /// A guessed-absent record existed.
@@ -145,6 +147,9 @@ struct Pending {
     tx: oneshot::Sender<Result<Outcome>>,
     /// Batches this request was in that lost a compare.
     attempts: u32,
+    /// It was in a batch that guessed a record absent wrongly: its next
+    /// batch reads (whatever other batches meanwhile told `FreshKeys`).
+    read_first: bool,
 }
 
 /// A pool loaded in memory.
@@ -445,6 +450,7 @@ impl Inner {
                 op,
                 tx,
                 attempts: 0,
+                read_first: false,
             });
             !std::mem::replace(&mut q.drainer, true)
         };
@@ -487,6 +493,7 @@ impl Inner {
         if batch.is_empty() {
             return; // an earlier task carried our request
         }
+        let read_first = batch.iter().any(|p| p.read_first);
         let mut ops = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         for p in batch {
@@ -495,7 +502,7 @@ impl Inner {
         }
         let store = self.store.as_ref();
         let mut verified = 0;
-        let mut guess = true;
+        let mut guess = !read_first;
         let mut ready = loop {
             if !state.fresh || !state.needs_refresh.is_empty() {
                 // Only the committed state can be re-read: wait for the rest.
@@ -626,6 +633,7 @@ impl Inner {
                     op,
                     tx,
                     attempts: n,
+                    read_first: !contended,
                 });
             }
         }
@@ -961,9 +969,9 @@ struct Work {
 
 impl Work {
     /// Reads, in one snapshot, every record the batch will look at; or,
-    /// when `guess` is allowed, the batch only looks up records new
-    /// requests create and `fresh` says so, guesses they are absent and
-    /// reads nothing.
+    /// when `guess` is allowed, `fresh` says so and the batch only looks up
+    /// records new requests create that no committing batch writes,
+    /// guesses they are absent and reads nothing.
     async fn prepare(
         store: &dyn Store,
         name: &str,
@@ -1022,13 +1030,19 @@ impl Work {
             leased: BTreeMap::new(),
             guessed: Vec::new(),
         };
-        if guess && want.is_empty() && fresh.guess() {
+        lookups.sort();
+        lookups.dedup();
+        // A lookup a committing batch writes is not guessed: the read path
+        // also follows its key to the claim record.
+        if guess
+            && want.is_empty()
+            && fresh.guess()
+            && !lookups.iter().any(|k| in_flight.records.contains_key(k))
+        {
             for k in lookups {
-                if !work.take_in_flight(&k, in_flight) {
-                    work.read_revs.insert(k.clone(), 0);
-                    work.records.insert(k.clone(), None);
-                    work.guessed.push(k);
-                }
+                work.read_revs.insert(k.clone(), 0);
+                work.records.insert(k.clone(), None);
+                work.guessed.push(k);
             }
             return Ok(work);
         }

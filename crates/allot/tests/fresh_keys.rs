@@ -16,10 +16,13 @@ use allot_store::{
 };
 use async_trait::async_trait;
 
-/// A store that counts the transactions that only read.
+/// A store that counts the transactions that only read, and can answer
+/// writes late (committed at once, answered `answer_delay_ms` later), so
+/// that batches stack on ones still committing.
 struct Counting {
     inner: MemoryStore,
     reads: AtomicU64,
+    answer_delay_ms: AtomicU64,
 }
 
 impl Counting {
@@ -27,6 +30,7 @@ impl Counting {
         Arc::new(Counting {
             inner: MemoryStore::new(),
             reads: AtomicU64::new(0),
+            answer_delay_ms: AtomicU64::new(0),
         })
     }
 
@@ -48,8 +52,12 @@ impl Store for Counting {
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         if txn.success.iter().all(|op| matches!(op, Op::Get { .. })) {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            return self.inner.txn(txn).await;
         }
-        self.inner.txn(txn).await
+        let answer = self.inner.txn(txn).await;
+        let delay = self.answer_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        answer
     }
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         self.inner.current_revision().await
@@ -192,6 +200,29 @@ async fn a_full_pool_answers_a_claim_of_a_key_it_holds() {
         .await
         .unwrap();
     assert_eq!(again, held);
+}
+
+/// A key claimed again while its first claim is still committing is
+/// looked up in that batch's writes, and followed to its claim record:
+/// never guessed.
+#[tokio::test]
+async fn a_key_claimed_again_while_its_first_claim_commits() {
+    let store = Counting::new();
+    let engine = Allot::new(store.clone());
+    pool(&engine).await;
+    claim_new(&engine, "warm", 40).await;
+    store.answer_delay_ms.store(20, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.allocate("ids", AllocRequest::key("x")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = engine
+        .allocate("ids", AllocRequest::key("x"))
+        .await
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first, second);
 }
 
 /// Two engines, mostly new keys, every tenth key claimed by both engines:
