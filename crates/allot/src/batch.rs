@@ -61,12 +61,12 @@ impl FreshKeys {
         self.streak >= GUESS_AFTER
     }
 
-    /// A batch read `absent` lookups that found nothing and `present` that
-    /// found a record.
-    fn saw(&mut self, absent: usize, present: usize) {
-        if present > 0 {
+    /// A batch read lookups; `found` tells, for each, whether it found a
+    /// record.
+    fn saw(&mut self, found: &[bool]) {
+        if found.contains(&true) {
             self.streak = 0;
-        } else if absent > 0 {
+        } else if !found.is_empty() {
             self.streak = self.streak.saturating_add(1);
         }
     }
@@ -1075,13 +1075,12 @@ impl Work {
         if !consistent {
             return Err(Error::Contention(name.to_string()));
         }
-        let read: Vec<bool> = lookups
+        let found: Vec<bool> = lookups
             .iter()
             .filter(|k| work.read_revs.contains_key(*k))
             .map(|k| work.get(k).is_some())
             .collect();
-        let present = read.iter().filter(|&&p| p).count();
-        fresh.saw(read.len() - present, present);
+        fresh.saw(&found);
         // Open resyncs only judge claims that already exist: a batch of
         // fresh keys (the common case) skips the read, a round trip on a
         // shared store.
