@@ -457,6 +457,18 @@ impl Store for EtcdStore {
         watch::start(&self.inner, prefixes, from).await
     }
 
+    async fn watch_each(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
+        let mut streams = Vec::new();
+        for prefix in prefixes.iter() {
+            streams.push(watch::start(&self.inner, &Prefixes::one(prefix), from).await?);
+        }
+        Ok(Box::pin(futures::stream::select_all(streams)))
+    }
+
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         let inner = &self.inner;
         if revision == 0 {

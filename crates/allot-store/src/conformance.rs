@@ -112,6 +112,7 @@ macro_rules! conformance_tests {
                 watch_from_past_revision_replays_exactly,
                 watch_filters_by_prefix,
                 watch_prefixes_follows_several_in_one_order,
+                watch_each_follows_each_prefix_in_order,
                 watch_resume_after_drop_misses_and_repeats_nothing,
                 watch_reports_delete_events,
                 watch_revision_bounds_and_compaction,
@@ -1095,6 +1096,49 @@ pub async fn watch_prefixes_follows_several_in_one_order<
         .await
         .unwrap();
     assert_quiet(&mut none).await;
+}
+
+/// `watch_each`: every change under the prefixes, nothing else, each
+/// prefix's changes in revision order (no order across prefixes).
+pub async fn watch_each_follows_each_prefix_in_order<S: Store, G, F: Future<Output = (S, G)>>(
+    make: impl Fn(u64) -> F,
+) {
+    let (s, _g) = make(1000).await;
+    let both = Prefixes::new([b"t/".as_slice(), b"b/"]);
+    let mut watch = s.watch_each(&both, 0).await.unwrap();
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let rev = s
+            .txn(
+                Txn::new()
+                    .then(Op::put(format!("b/{i}"), "1"))
+                    .then(Op::put(format!("k/{i}"), "1"))
+                    .then(Op::put("p/x", format!("{i}"))),
+            )
+            .await
+            .unwrap()
+            .revision;
+        expected.push((EventKind::Put, format!("b/{i}"), rev));
+        let rev = put(&s, "t/x", &format!("{i}")).await;
+        expected.push((EventKind::Put, "t/x".to_string(), rev));
+    }
+    let rev = s
+        .txn(Txn::new().then(Op::delete("t/x")))
+        .await
+        .unwrap()
+        .revision;
+    expected.push((EventKind::Delete, "t/x".to_string(), rev));
+    let got = summary(&next_events(&mut watch, expected.len()).await);
+    for prefix in ["b/", "t/"] {
+        let of = |v: &[(EventKind, String, Revision)]| -> Vec<(EventKind, String, Revision)> {
+            v.iter()
+                .filter(|e| e.1.starts_with(prefix))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(of(&got), of(&expected), "changes under {prefix}");
+    }
+    assert_quiet(&mut watch).await;
 }
 
 pub async fn watch_resume_after_drop_misses_and_repeats_nothing<

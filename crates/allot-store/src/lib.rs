@@ -134,6 +134,22 @@ pub trait Store: Send + Sync + 'static {
         from: Revision,
     ) -> Result<WatchStream, StoreError>;
 
+    /// The changes under any of `prefixes`, each prefix's in revision order
+    /// but not ordered across prefixes: for a follower that handles each
+    /// prefix on its own. A backend serves it as cheaply as it can; by
+    /// default it is [`Store::watch_prefixes`] (one ordered stream, which
+    /// PostgreSQL and the embedded stores serve with one reader). etcd, whose
+    /// ordered watch of several prefixes is one watch of the range covering
+    /// them all, watches each prefix instead, so records in between are not
+    /// shipped.
+    async fn watch_each(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
+        self.watch_prefixes(prefixes, from).await
+    }
+
     /// Discards history older than `revision`; watches from before it fail
     /// with [`StoreError::Compacted`]. Current values are never affected.
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;

@@ -16,6 +16,11 @@
 //! - `parallel`: P pools (1, 2, 4, 8) at once, each with its own submitters
 //!   (`ALLOT_BENCH_POOL_SUBMITTERS`) doing keyed claims: total and per-pool
 //!   claims/s, to see whether pools wait for each other.
+//! - `shared` (PostgreSQL and etcd only): two engines on the one server, as
+//!   two `allot serve` processes would be (each with its own store
+//!   connection, both following the other's writes), N keyed submitters
+//!   split evenly over them, all on one pool: claims/s per engine, and
+//!   errors (a request the engine gave up on, `Contention`).
 //! - `skiplocked` (PostgreSQL only): the hand-written alternative (a table of
 //!   one row per value, `FOR UPDATE SKIP LOCKED`, one statement per claim;
 //!   see `claims/skip_locked.rs`) at the same levels, keyed and claim(100),
@@ -56,7 +61,7 @@
 //!   made (redb, log; the servers use the system temp dir);
 //! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order (also
 //!   `postgres`, `etcd`);
-//! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,skiplocked,bulk]: which parts run;
+//! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,shared,skiplocked,bulk]: which parts run;
 //! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 1]: the PostgreSQL
 //!   store's `max_in_flight` (0: every commit on the locked two-round-trip
 //!   path, as before speculative commits; for A/B runs).
@@ -178,7 +183,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-const PARTS: [&str; 5] = ["keyed", "many", "parallel", "skiplocked", "bulk"];
+const PARTS: [&str; 6] = ["keyed", "many", "parallel", "shared", "skiplocked", "bulk"];
 
 impl Config {
     fn from_env() -> Config {
@@ -432,6 +437,33 @@ impl Opened {
         let client = skip_locked::connect(&self.pg_url()?).await.ok()?;
         let row = client.query_one("SELECT txid_current()", &[]).await.ok()?;
         Some(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Another engine on the same server, with a store connection of its
+    /// own (as a second `allot serve` would have); `None` for the embedded
+    /// stores, which one process holds alone.
+    async fn second_engine(&self) -> Option<Allot> {
+        let store: Arc<dyn allot_store::Store> = match (&self.pg, &self.etcd) {
+            (Some(pg), _) => {
+                let defaults = PostgresOptions::default();
+                let options = PostgresOptions {
+                    max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
+                    ..defaults
+                };
+                Arc::new(
+                    PostgresStore::connect(&pg.url(), options)
+                        .await
+                        .expect("a second PostgreSQL store"),
+                )
+            }
+            (None, Some(etcd)) => Arc::new(
+                EtcdStore::connect(&etcd.endpoints(), EtcdOptions::default())
+                    .await
+                    .expect("a second etcd store"),
+            ),
+            (None, None) => return None,
+        };
+        Some(Allot::new(store))
     }
 
     async fn close(self) {
@@ -794,6 +826,86 @@ async fn parallel(main: &Opened, cfg: &Config) {
     println!();
 }
 
+/// `shared`: two engines on one server and one pool, the concurrency
+/// levels' submitters split evenly over them.
+async fn shared(main: &Opened, cfg: &Config) {
+    let Some(other) = main.second_engine().await else {
+        println!(
+            "{}: shared: not applicable (an embedded store has one engine)",
+            main.backend.name()
+        );
+        println!();
+        return;
+    };
+    main.allot.follow_other_writers();
+    other.follow_other_writers();
+    let mut rows = Vec::new();
+    for &n in &cfg.concurrency {
+        let n = n.max(2);
+        let pool = format!("shared-c{n}");
+        main.allot
+            .create_pool(&pool, range_spec(), BTreeMap::new())
+            .await
+            .expect("create pool");
+        println!(
+            "{}: shared, 2 engines x {} submitter(s) on one pool, {} s warm-up + {} s ...",
+            main.backend.name(),
+            n / 2,
+            cfg.warmup_secs,
+            cfg.secs
+        );
+        let ops = (0..n)
+            .map(|t| {
+                let engine = if t % 2 == 0 { &main.allot } else { &other };
+                allot_op(engine, &pool, format!("s{n}-t{t}"), 0)
+            })
+            .collect();
+        let (level, revisions) = drive_counted(main, cfg, ops).await;
+        // Both engines must see exactly the claims acknowledged by either.
+        check_allocated(&main.allot, &pool, level.total_values).await;
+        check_allocated(&other, &pool, level.total_values).await;
+        let (mut a, mut b) = (0u64, 0u64);
+        for (t, v) in level.per_client.iter().enumerate() {
+            if t % 2 == 0 {
+                a += v;
+            } else {
+                b += v;
+            }
+        }
+        rows.push((level, revisions, a as f64 / cfg.secs, b as f64 / cfg.secs));
+    }
+    other.close().await;
+    println!();
+    println!(
+        "keyed claims on {} by two engines on one pool (clients split evenly)",
+        main.backend.name()
+    );
+    println!(
+        "{:>8} | {:>9} | {:>10} | {:>10} | {:>8} | {:>8} | {:>8} | {:>9} | {:>6} | {:>7} | {:>8} | load",
+        "clients", "claims/s", "engine A/s", "engine B/s", "mean ms", "p50 ms", "p99 ms", "revisions", "errors", "cpu all", "cpu self"
+    );
+    println!("{}", "-".repeat(140));
+    for (l, revisions, a, b) in &rows {
+        println!(
+            "{:>8} | {:>9.0} | {:>10.0} | {:>10.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>9} | {:>6} | {:>7.2} | {:>8.2} | {}",
+            l.clients,
+            l.values_per_sec(),
+            a,
+            b,
+            ms(l.lat.mean()),
+            ms(l.lat.pct(50.0)),
+            ms(l.lat.pct(99.0)),
+            revisions,
+            l.errors,
+            l.cpu.0,
+            l.cpu.1,
+            l.load
+        );
+    }
+    println!("errors: requests that failed (each client pauses 10 ms after one and goes on)");
+    println!();
+}
+
 /// `skiplocked`: the hand-written alternative on the same PostgreSQL.
 async fn skiplocked(url: &str, cfg: &Config) -> (Vec<Level>, Vec<Level>) {
     let mut out = (Vec::new(), Vec::new());
@@ -1107,7 +1219,7 @@ fn main() {
 /// Every part on one backend.
 async fn run(backend: Backend, cfg: &Config, dir: &Path) {
     let skip = cfg.part("skiplocked") && backend == Backend::Postgres;
-    if cfg.part("keyed") || cfg.part("many") || cfg.part("parallel") || skip {
+    if cfg.part("keyed") || cfg.part("many") || cfg.part("parallel") || cfg.part("shared") || skip {
         let main = Opened::open(backend, dir, "main").await;
         let keyed = if cfg.part("keyed") {
             claim_levels(&main, cfg, 0).await
@@ -1121,6 +1233,9 @@ async fn run(backend: Backend, cfg: &Config, dir: &Path) {
         };
         if cfg.part("parallel") {
             parallel(&main, cfg).await;
+        }
+        if cfg.part("shared") {
+            shared(&main, cfg).await;
         }
         if skip {
             let url = main.pg_url().expect("a PostgreSQL server");

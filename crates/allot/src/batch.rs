@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::model::{AllocRequest, Claim, ClaimRecord, KeyRecord, PoolRecord, Target};
+use crate::turns::{Turn, TURN_AFTER};
 use crate::{claim_from, decode_json, encode_json, is_stale, keys, lock, Inner, OpenResync};
 
 /// Most requests one transaction carries; the rest wait for the next one.
@@ -166,6 +167,12 @@ pub(crate) struct PoolHandle {
     in_flight: tokio::sync::Semaphore,
     /// Signalled whenever a committing batch is settled.
     idle: tokio::sync::Notify,
+    /// Most batches building or committing at once (`in_flight`'s permits).
+    max_in_flight: usize,
+    /// Who holds the pool's turn ([`crate::turns`]).
+    pub(crate) turn: std::sync::Mutex<Turn>,
+    /// Signalled whenever another engine's turn request comes or goes.
+    pub(crate) turn_changed: tokio::sync::Notify,
 }
 
 pub(crate) struct LoadedState {
@@ -200,21 +207,31 @@ impl PoolHandle {
             fresh_keys: FreshKeys::default(),
         };
         state.reload(store, name).await?;
+        // A batch sent before the one it builds on is answered could
+        // overtake it on a store that does not keep write order.
+        let max_in_flight = if store.keeps_write_order() {
+            MAX_IN_FLIGHT
+        } else {
+            1
+        };
         Ok(PoolHandle {
             record,
             record_rev: kv.mod_revision,
             space,
             queue: std::sync::Mutex::new(Queue::default()),
             state: tokio::sync::Mutex::new(state),
-            // A batch sent before the one it builds on is answered could
-            // overtake it on a store that does not keep write order.
-            in_flight: tokio::sync::Semaphore::new(if store.keeps_write_order() {
-                MAX_IN_FLIGHT
-            } else {
-                1
-            }),
+            in_flight: tokio::sync::Semaphore::new(max_in_flight),
             idle: tokio::sync::Notify::new(),
+            max_in_flight,
+            turn: std::sync::Mutex::new(Turn::default()),
+            turn_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Nothing queued, building or committing.
+    pub(crate) fn is_idle(&self) -> bool {
+        lock(&self.queue).pending.is_empty()
+            && self.in_flight.available_permits() == self.max_in_flight
     }
 
     pub(crate) fn space(&self) -> &ValueSpace {
@@ -471,6 +488,7 @@ impl Inner {
             let pause = rand::random_range(0..=backoff_us);
             tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
         }
+        self.wait_turn(&name, &handle).await;
         let Ok(permit) = handle.in_flight.acquire().await else {
             // Never closed; should it be, the queue must not wait for a
             // drainer that will not come.
@@ -585,7 +603,10 @@ impl Inner {
         drop(permit);
         handle.idle.notify_waiters();
         match resp {
-            Ok(r) if r.succeeded => answer(waiters, ready.results),
+            Ok(r) if r.succeeded => {
+                self.turn_after_batch(&name, &handle);
+                answer(waiters, ready.results)
+            }
             Ok(r) => {
                 let same_pool = matches!(r.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
                 if !same_pool {
@@ -639,6 +660,10 @@ impl Inner {
         }
         if again.is_empty() {
             return;
+        }
+        if contended && attempts >= TURN_AFTER {
+            // Losing again and again: the other engine may never let up.
+            self.ask_turn(&name, &handle);
         }
         {
             let mut q = lock(&handle.queue);

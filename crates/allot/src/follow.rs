@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use allot_store::{Event as StoreEvent, EventKind, Store};
+use allot_store::{Event as StoreEvent, EventKind, Prefixes, Store};
 
 use crate::{keys, lock, Allot, Inner};
 
@@ -53,12 +53,8 @@ async fn follow(weak: Weak<Inner>, store: Arc<dyn Store>) {
     loop {
         // Watches start "from now"; everything before is covered by
         // re-reading every cached pool, so no change can fall in between.
-        let watches = async {
-            let blocks = store.watch(keys::BLOCKS_PREFIX, 0).await?;
-            let pools = store.watch(keys::POOLS_PREFIX, 0).await?;
-            Ok::<_, allot_store::StoreError>(futures::stream::select(blocks, pools))
-        };
-        let mut events = match watches.await {
+        let prefixes = Prefixes::new([keys::BLOCKS_PREFIX, keys::POOLS_PREFIX, keys::TURNS_PREFIX]);
+        let mut events = match store.watch_each(&prefixes, 0).await {
             Ok(events) => events,
             Err(e) => {
                 tracing::warn!("following other writers: {e}; retrying in {delay:?}");
@@ -106,6 +102,8 @@ impl Inner {
                     .await
                     .note_block_write(idx, event.kv.mod_revision);
             }
+        } else if let Some(pool) = keys::parse_turn(key) {
+            self.note_turn(pool, event);
         } else if let Some(pool) = key
             .strip_prefix(keys::POOLS_PREFIX)
             .and_then(|n| std::str::from_utf8(n).ok())

@@ -15,6 +15,7 @@
 //! | `m/{member}`                | live member (JSON, leased)  |
 //! | `mi/{member}`               | last incarnation (u64 LE)   |
 //! | `o/{pool}/{block: u64 BE}`  | block owner + epoch (JSON)  |
+//! | `t/{pool}`                  | turn request: engine id (u64 LE) |
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
@@ -119,6 +120,17 @@ pub fn owners_prefix(name: &str) -> Vec<u8> {
 /// `o/{pool}/{block}` → (pool, block).
 pub fn parse_owner(key: &[u8]) -> Option<(&str, u64)> {
     parse_pool_u64(key, OWNERS_PREFIX)
+}
+
+/// An engine's request that the others hold off writing the pool for a
+/// moment ([`crate::turns`]).
+pub fn turn(name: &str) -> Vec<u8> {
+    format!("t/{name}").into_bytes()
+}
+pub const TURNS_PREFIX: &[u8] = b"t/";
+/// `t/{pool}` → pool.
+pub fn parse_turn(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(TURNS_PREFIX)?).ok()
 }
 
 fn parse_pool_u64<'k>(key: &'k [u8], prefix: &[u8]) -> Option<(&'k str, u64)> {

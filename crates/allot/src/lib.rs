@@ -39,6 +39,7 @@ mod member_session;
 mod members;
 mod model;
 mod owners;
+mod turns;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +84,8 @@ pub(crate) struct Inner {
     follower_stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Members and block owners, started on first use.
     owner_map: tokio::sync::Mutex<Option<OwnerMap>>,
+    /// This engine among those sharing the store (names its turn requests).
+    engine_id: u64,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +139,7 @@ impl Allot {
                 idempotency_lease: tokio::sync::Mutex::new(None),
                 follower_stop: std::sync::Mutex::new(None),
                 owner_map: tokio::sync::Mutex::new(None),
+                engine_id: rand::random(),
             }),
         }
     }
@@ -341,6 +345,7 @@ impl Allot {
             ))
             .then(Op::delete(&nkey))
             .then(Op::delete(keys::cursor(name)))
+            .then(Op::delete(keys::turn(name)))
             .then(Op::put(
                 keys::event(name),
                 encode_json(&Change::PoolDeleted {
