@@ -141,7 +141,9 @@ pub trait Store: Send + Sync + 'static {
     /// PostgreSQL and the embedded stores serve with one reader). etcd, whose
     /// ordered watch of several prefixes is one watch of the range covering
     /// them all, watches each prefix instead, so records in between are not
-    /// shipped.
+    /// shipped. As for every watch, a stream that cannot go on yields an
+    /// error before it ends (etcd's per-prefix streams each do), so a
+    /// follower that watches again on an error misses no prefix.
     async fn watch_each(
         &self,
         prefixes: &Prefixes,

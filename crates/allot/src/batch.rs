@@ -171,7 +171,8 @@ pub(crate) struct PoolHandle {
     max_in_flight: usize,
     /// Who holds the pool's turn ([`crate::turns`]).
     pub(crate) turn: std::sync::Mutex<Turn>,
-    /// Signalled whenever another engine's turn request comes or goes.
+    /// Signalled whenever the pool's turn changes hands (a request seen,
+    /// withdrawn, granted or refused).
     pub(crate) turn_changed: tokio::sync::Notify,
 }
 
@@ -603,10 +604,7 @@ impl Inner {
         drop(permit);
         handle.idle.notify_waiters();
         match resp {
-            Ok(r) if r.succeeded => {
-                self.turn_after_batch(&name, &handle);
-                answer(waiters, ready.results)
-            }
+            Ok(r) if r.succeeded => answer(waiters, ready.results),
             Ok(r) => {
                 let same_pool = matches!(r.results.first(), Some(OpResult::Get(Some(kv))) if kv.mod_revision == handle.record_rev);
                 if !same_pool {
@@ -669,10 +667,13 @@ impl Inner {
             let mut q = lock(&handle.queue);
             q.pending.splice(0..0, again);
         }
-        let backoff = if contended {
-            (BACKOFF_STEP_US << attempts.min(16)).min(BACKOFF_MAX_US)
-        } else {
+        let backoff = if !contended {
             0
+        } else if Inner::holds_turn(&handle) {
+            // The others hold off: what we lost to was already committing.
+            BACKOFF_STEP_US
+        } else {
+            (BACKOFF_STEP_US << attempts.min(16)).min(BACKOFF_MAX_US)
         };
         tokio::spawn(self.drive(name, handle, backoff));
     }

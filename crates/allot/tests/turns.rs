@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use allot::{AllocRequest, Allot, PoolKind, PoolSpec, Target};
-use allot_store::Store;
+use allot_store::{Op, Store, Txn};
 use allot_store_etcd::{EtcdOptions, EtcdStore};
 use allot_store_postgres::testing::{fresh_store, shared_server};
 use allot_store_postgres::{PostgresOptions, PostgresStore};
+use std::time::Duration;
 
 const TASKS_PER_ENGINE: usize = 16;
 const CLAIMS_PER_TASK: usize = 100;
@@ -63,6 +64,13 @@ async fn two_engines_hammering_one_pool_both_get_through_on_etcd() {
 }
 
 async fn both_get_through(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    // A turn request left by a server that stopped without withdrawing it:
+    // it must not keep the engines from taking turns.
+    let left = a
+        .txn(Txn::new().then(Op::put("t/hot", 7u64.to_le_bytes())))
+        .await
+        .expect("writing a stale turn request");
+    let store = a.clone();
     let a = Allot::new(a);
     let b = Allot::new(b);
     a.follow_other_writers();
@@ -135,9 +143,31 @@ async fn both_get_through(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     );
     let total = 2 * PER_ENGINE;
     for engine in [&a, &b] {
-        let info = engine.pool("hot").await.expect("pool info");
-        assert_eq!(info.stats.allocated, total, "both engines see every claim");
+        // An engine learns of the other's last writes through its follower.
+        let mut allocated = 0;
+        for _ in 0..100 {
+            allocated = engine.pool("hot").await.expect("pool info").stats.allocated;
+            if allocated == total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(allocated, total, "both engines see every claim");
     }
+    // Every turn is withdrawn once the work is done, the stale one replaced.
+    let mut standing = None;
+    for _ in 0..100 {
+        standing = store.get(b"t/hot").await.expect("reading the turn record");
+        if standing.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        standing, None,
+        "a turn request outlived the work (stale one at {})",
+        left.revision
+    );
     // Every key answers with the value it was given, through either engine.
     for (key, value) in claimed.iter().step_by(97) {
         for engine in [&a, &b] {
