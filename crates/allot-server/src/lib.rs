@@ -304,10 +304,8 @@ impl Server {
                 OpenError::Locked(dir) => ServerError::Locked(dir),
                 e => ServerError::Store(e),
             })?;
+        // On PostgreSQL or etcd the engine follows other servers' writes.
         let allot = Allot::new(store.store());
-        if store.is_shared() {
-            allot.follow_other_writers();
-        }
         if let Err(e) = config::apply_pools(&allot, &config.pools).await {
             allot.close().await;
             // The start-up error matters more than a failure to close.

@@ -498,6 +498,10 @@ impl Store for EtcdStore {
     fn keeps_write_order(&self) -> bool {
         false
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ use tokio::time::Instant;
 use crate::error::{CallError, PgError};
 use crate::schema::{validate_schema_name, Sql};
 use crate::shared::{kv_at, to_u64, Limits, Shared, Signal};
+use std::collections::VecDeque;
 
 /// The longest key this backend stores, in bytes: PostgreSQL cannot index
 /// much longer ones, and a failing index write would fail every transaction
@@ -209,6 +210,7 @@ impl PostgresStore {
             sql: Sql::new(&options.schema),
             limits,
             signal,
+            own: Mutex::new(VecDeque::with_capacity(shared::OWN_REMEMBERED)),
             next_due: Mutex::new(None),
             expiry_lock: tokio::sync::Mutex::new(()),
             expiry_wake: Notify::new(),
@@ -479,7 +481,20 @@ impl Store for PostgresStore {
         from: Revision,
     ) -> Result<WatchStream, StoreError> {
         self.expire_if_due().await?;
-        watch::start(self.shared(), prefixes, from).await
+        watch::start(self.shared(), prefixes, from, false).await
+    }
+
+    /// Woken by other servers' commits only: this store's own changes come
+    /// with the next of those, or within `poll_interval` (a follower has no
+    /// use for them, and paging the log after each of our own commits cost
+    /// a keyed claim ~0.1 ms at 1 client).
+    async fn watch_each(
+        &self,
+        prefixes: &Prefixes,
+        from: Revision,
+    ) -> Result<WatchStream, StoreError> {
+        self.expire_if_due().await?;
+        watch::start(self.shared(), prefixes, from, true).await
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -493,6 +508,10 @@ impl Store for PostgresStore {
     /// Writes are queued to the committer in call order (unless a due
     /// lease expiry or a full queue makes a call wait first).
     fn keeps_write_order(&self) -> bool {
+        true
+    }
+
+    fn is_shared(&self) -> bool {
         true
     }
 }

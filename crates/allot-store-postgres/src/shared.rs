@@ -23,9 +23,17 @@ use crate::schema::Sql;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Signal {
     pub revision: Revision,
+    /// The newest revision known committed that this process may not have
+    /// made (notified by the listener and not one of `Shared::own`):
+    /// wakes the watchers that take this process's own changes lazily.
+    pub foreign: Revision,
     pub closed: bool,
     pub epoch: u64,
 }
+
+/// How many of this process's last commits are remembered, to tell their
+/// notifications from other processes'.
+pub(crate) const OWN_REMEMBERED: usize = 4096;
 
 /// History and batching limits, converted once for SQL.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +55,9 @@ pub(crate) struct Shared {
     pub sql: Sql,
     pub limits: Limits,
     pub signal: watch::Sender<Signal>,
+    /// The last revisions this process's commits ended at, oldest first
+    /// (what their notifications carry).
+    pub own: Mutex<std::collections::VecDeque<Revision>>,
     /// The earliest lease deadline this process knows of, on its own clock
     /// (an estimate: the database clock decides). Calls that find it passed
     /// expire leases first, so that nobody reads a key whose lease is due.
@@ -92,8 +103,16 @@ impl Shared {
         result.map_err(StoreError::from)
     }
 
-    /// Records that `revision` is committed, waking watchers.
-    pub fn publish(&self, revision: Revision) {
+    /// Records that this process committed up to `revision`, waking
+    /// watchers (except the lazy ones).
+    pub fn publish_own(&self, revision: Revision) {
+        {
+            let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+            if own.len() == OWN_REMEMBERED {
+                own.pop_front();
+            }
+            own.push_back(revision);
+        }
         self.signal.send_if_modified(|s| {
             if revision > s.revision {
                 s.revision = revision;
@@ -101,6 +120,30 @@ impl Shared {
             } else {
                 false
             }
+        });
+    }
+
+    /// Records that `revision` is committed, notified by the database: by
+    /// another process unless it is one of ours (a notification of ours
+    /// that overtakes our own record of it counts as foreign: one wake-up
+    /// too many, never one too few).
+    pub fn publish_notified(&self, revision: Revision) {
+        let ours = self
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&revision);
+        self.signal.send_if_modified(|s| {
+            let mut changed = false;
+            if revision > s.revision {
+                s.revision = revision;
+                changed = true;
+            }
+            if !ours && revision > s.foreign {
+                s.foreign = revision;
+                changed = true;
+            }
+            changed
         });
     }
 

@@ -31,10 +31,14 @@ const PAGE: i64 = 1024;
 
 /// Where a watch starts: validates `from` against the retained history and
 /// returns the stream.
+/// A `lazy_own` watch is woken only by other processes' commits (and the
+/// fallback poll): this process's own changes reach it with the next of
+/// those, for a follower that has no use for them.
 pub(crate) async fn start(
     shared: &Arc<Shared>,
     prefixes: &Prefixes,
     from: Revision,
+    lazy_own: bool,
 ) -> Result<WatchStream, StoreError> {
     let conn = shared.conn().await?;
     let from_db = to_i64(from, "revision")?;
@@ -74,6 +78,7 @@ pub(crate) async fn start(
         seen: None,
         pending: VecDeque::new(),
         done: false,
+        lazy_own,
     };
     Ok(futures::stream::unfold(watcher, |mut w| async move {
         let item = w.next_item().await?;
@@ -96,6 +101,8 @@ struct Watcher {
     seen: Option<(Revision, u64)>,
     pending: VecDeque<Event>,
     done: bool,
+    /// Woken by other processes' commits only (see [`start`]).
+    lazy_own: bool,
 }
 
 /// One page of the log, decoded.
@@ -145,7 +152,16 @@ impl Watcher {
             Some(shared) => shared.limits.poll_interval,
             None => return Err(closed()),
         };
-        let news = |s: &Signal| s.closed || s.revision > seen || s.epoch != epoch;
+        let lazy = self.lazy_own;
+        let news = |s: &Signal| {
+            s.closed
+                || s.epoch != epoch
+                || if lazy {
+                    s.foreign > seen
+                } else {
+                    s.revision > seen
+                }
+        };
         let waited = tokio::time::timeout(poll, self.signal.wait_for(news)).await;
         match waited {
             Ok(Ok(signal)) if signal.closed => Err(closed()),
@@ -331,13 +347,13 @@ async fn listen_once(shared: &Shared, config: &tokio_postgres::Config) -> Result
     })
     .await
     .map_err(|_| PgError::Timeout(timeout))??;
-    shared.publish(to_u64(current, "revision")?);
+    shared.publish_notified(to_u64(current, "revision")?);
     // Back (or up for the first time): idle watchers catch up on what was
     // missed while down.
     shared.bump_epoch();
     while let Some(payload) = rx.recv().await {
         match payload.parse::<Revision>() {
-            Ok(revision) => shared.publish(revision),
+            Ok(revision) => shared.publish_notified(revision),
             Err(_) => tracing::warn!(payload, "unexpected notification payload"),
         }
     }

@@ -298,7 +298,7 @@ async fn finish(
         conn.query_one(&commit, &params),
         conn.batch_execute("COMMIT")
     )?;
-    shared.publish(args.last);
+    shared.publish_own(args.last);
     Written::from_row(&row)?.bound(conn, shared).await;
     Ok(())
 }
@@ -755,7 +755,7 @@ async fn fast_on(
             }
         }
     };
-    shared.publish(args.last);
+    shared.publish_own(args.last);
     written.bound(conn, shared).await;
     Ok(Outcome::Committed)
 }

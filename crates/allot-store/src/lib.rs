@@ -141,7 +141,10 @@ pub trait Store: Send + Sync + 'static {
     /// PostgreSQL and the embedded stores serve with one reader). etcd, whose
     /// ordered watch of several prefixes is one watch of the range covering
     /// them all, watches each prefix instead, so records in between are not
-    /// shipped. As for every watch, a stream that cannot go on yields an
+    /// shipped. A backend may deliver the changes made through this very
+    /// store handle later than others' (PostgreSQL: with the next change by
+    /// another process, or within its poll interval): a follower has no use
+    /// for its own. As for every watch, a stream that cannot go on yields an
     /// error before it ends (etcd's per-prefix streams each do), so a
     /// follower that watches again on an error misses no prefix.
     async fn watch_each(
@@ -163,6 +166,13 @@ pub trait Store: Send + Sync + 'static {
     /// a transaction that overtakes the one it assumed fails its compares.
     /// False unless a backend queues writes in call order.
     fn keeps_write_order(&self) -> bool {
+        false
+    }
+
+    /// Whether other processes may write to this store too (a database
+    /// server such as PostgreSQL or etcd), so an engine on it must follow
+    /// their writes. False for a store one process holds alone.
+    fn is_shared(&self) -> bool {
         false
     }
 }

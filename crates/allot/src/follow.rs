@@ -22,9 +22,13 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 
 impl Allot {
     /// Keeps this engine's cached pools current with what other engines
-    /// write to the same store. Call it once when the store is shared; an
-    /// engine alone on its store (the embedded default) does not need it.
-    /// Spawns a task on the current tokio runtime that ends with the engine.
+    /// write to the same store, and lets it take turns with them on a pool
+    /// they all write ([`crate::turns`]). An engine made inside a tokio
+    /// runtime on a store that says it is shared ([`allot_store::Store::is_shared`])
+    /// already does; call it for one made outside a runtime, or for a store
+    /// shared some other way. Calling it again starts over. An engine alone
+    /// on its store (the embedded default) does not need it. Spawns a task on
+    /// the current tokio runtime that ends with the engine.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {

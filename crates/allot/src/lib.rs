@@ -128,7 +128,20 @@ impl Allot {
     }
 
     /// An engine with an injected clock (quarantine timing in tests).
+    ///
+    /// On a store other processes write too ([`Store::is_shared`]:
+    /// PostgreSQL, etcd), an engine made inside a tokio runtime follows their
+    /// writes by itself ([`Allot::follow_other_writers`]).
     pub fn with_clock(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        let follow = store.is_shared() && tokio::runtime::Handle::try_current().is_ok();
+        let allot = Self::unfollowed(store, clock);
+        if follow {
+            allot.follow_other_writers();
+        }
+        allot
+    }
+
+    fn unfollowed(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         let seed = clock.now_ms() ^ 0x9E37_79B9_7F4A_7C15;
         Allot {
             inner: Arc::new(Inner {
