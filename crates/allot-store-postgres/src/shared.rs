@@ -103,9 +103,10 @@ impl Shared {
         result.map_err(StoreError::from)
     }
 
-    /// Records that this process committed up to `revision`, waking
-    /// watchers (except the lazy ones).
-    pub fn publish_own(&self, revision: Revision) {
+    /// Notes, before it is sent, a commit of this process that will end at
+    /// `revision`, so that its notification, which may overtake the
+    /// answer, is known for ours. Call [`OwnCommit::committed`] once it is.
+    pub fn expect_own(&self, revision: Revision) -> OwnCommit<'_> {
         {
             let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
             if own.len() == OWN_REMEMBERED {
@@ -113,14 +114,11 @@ impl Shared {
             }
             own.push_back(revision);
         }
-        self.signal.send_if_modified(|s| {
-            if revision > s.revision {
-                s.revision = revision;
-                true
-            } else {
-                false
-            }
-        });
+        OwnCommit {
+            shared: self,
+            revision,
+            committed: false,
+        }
     }
 
     /// Records that `revision` is committed, notified by the database: by
@@ -128,6 +126,7 @@ impl Shared {
     /// that overtakes our own record of it counts as foreign: one wake-up
     /// too many, never one too few).
     pub fn publish_notified(&self, revision: Revision) {
+        // Ours only while expected or committed: see `OwnCommit`'s drop.
         let ours = self
             .own
             .lock()
@@ -210,5 +209,58 @@ pub(crate) fn copy_error(err: &StoreError) -> StoreError {
         StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
         StoreError::Backend(s) => StoreError::Backend(s.clone()),
         StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+    }
+}
+
+/// A commit of this process on its way (see [`Shared::expect_own`]).
+pub(crate) struct OwnCommit<'a> {
+    shared: &'a Shared,
+    revision: Revision,
+    committed: bool,
+}
+
+impl OwnCommit<'_> {
+    /// It committed: wakes the watchers (except the lazy ones).
+    pub fn committed(mut self) {
+        self.committed = true;
+        let revision = self.revision;
+        self.shared.signal.send_if_modified(|s| {
+            if revision > s.revision {
+                s.revision = revision;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Drop for OwnCommit<'_> {
+    /// It did not commit (or nobody knows): the revision is not ours, and
+    /// another process may have made it, its notification taken for ours
+    /// meanwhile; if one came, the lazy watchers are woken now.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let revision = self.revision;
+        {
+            let mut own = self
+                .shared
+                .own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = own.iter().rposition(|&r| r == revision) {
+                own.remove(i);
+            }
+        }
+        self.shared.signal.send_if_modified(|s| {
+            if s.revision >= revision && s.foreign < revision {
+                s.foreign = revision;
+                true
+            } else {
+                false
+            }
+        });
     }
 }

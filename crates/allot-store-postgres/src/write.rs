@@ -292,13 +292,14 @@ async fn finish(
     let args = CommitArgs::new(writes, head.revision, head.writer, Vec::new())?;
     let commit = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
+    let own = shared.expect_own(args.last);
     // Each future sends its statement when first polled, and `try_join!`
     // polls them in order: one round trip for both.
     let (row, ()) = futures::try_join!(
         conn.query_one(&commit, &params),
         conn.batch_execute("COMMIT")
     )?;
-    shared.publish_own(args.last);
+    own.committed();
     Written::from_row(&row)?.bound(conn, shared).await;
     Ok(())
 }
@@ -709,6 +710,7 @@ async fn fast_on(
     locked: oneshot::Sender<i64>,
 ) -> Result<Outcome, CallError> {
     let params = args.params(&shared.limits, &shared.sql.channel);
+    let own = shared.expect_own(args.last);
     let written = if shared.limits.max_in_flight == 1 {
         // Nothing stacks behind it, so nobody needs to know when it holds
         // the lock: the write statement alone, which takes the lock itself,
@@ -755,7 +757,7 @@ async fn fast_on(
             }
         }
     };
-    shared.publish_own(args.last);
+    own.committed();
     written.bound(conn, shared).await;
     Ok(Outcome::Committed)
 }

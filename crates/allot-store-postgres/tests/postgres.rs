@@ -135,6 +135,60 @@ async fn two_stores_on_one_schema_act_as_one() {
     ));
 }
 
+/// `watch_each` is woken by other servers' commits (notifications), and
+/// this store's own changes come with them, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_each_wakes_for_other_servers_and_brings_our_own_along() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    // Never polls: only another server's notification can wake `a`'s
+    // follower-style watch.
+    let a = PostgresStore::connect(
+        &url,
+        PostgresOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..options(&schema)
+        },
+    )
+    .await
+    .unwrap();
+    let b = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    let prefixes = allot_store::Prefixes::new([b"b/".as_slice(), b"t/"]);
+    let mut follow = a.watch_each(&prefixes, 0).await.unwrap();
+    // Once this arrives, the listener is up (its start wakes every watcher
+    // once, whatever the notifications say).
+    let ready = put(&b, "t/ready", "1").await;
+    let event = timeout(Duration::from_secs(10), follow.next())
+        .await
+        .expect("the first write never arrived")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (key_of(&event), event.revision()),
+        ("t/ready".into(), ready)
+    );
+    let mine = put(&a, "b/mine", "1").await;
+    let theirs = put(&b, "t/theirs", "1").await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let event = timeout(Duration::from_secs(10), follow.next())
+            .await
+            .expect("not woken by the other server's write")
+            .unwrap()
+            .unwrap();
+        got.push((key_of(&event), event.revision()));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("b/mine".to_string(), mine),
+            ("t/theirs".to_string(), theirs)
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_is_versioned_and_a_newer_one_refused() {
     let url = shared_url().await;
