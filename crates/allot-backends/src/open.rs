@@ -149,13 +149,6 @@ impl Backend {
         }
     }
 
-    /// Whether other processes may write to the same store (PostgreSQL,
-    /// etcd), so an engine on it should follow their writes
-    /// (`allot::Allot::follow_other_writers`).
-    pub fn is_shared(&self) -> bool {
-        !matches!(self.kind, Kind::Redb(_) | Kind::Log(_))
-    }
-
     /// Where the state lives (the database file, or the store URL with any
     /// password masked), for start-up messages.
     pub fn describe(&self) -> &str {

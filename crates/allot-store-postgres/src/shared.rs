@@ -126,12 +126,15 @@ impl Shared {
     /// that overtakes our own record of it counts as foreign: one wake-up
     /// too many, never one too few).
     pub fn publish_notified(&self, revision: Revision) {
-        // Ours only while expected or committed: see `OwnCommit`'s drop.
-        let ours = self
-            .own
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&revision);
+        // Held across the signal: a failed commit of ours un-notes its
+        // revision under the same lock (see `OwnCommit`'s drop), so it sees
+        // this notification's revision, or this sees it un-noted.
+        let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+        let ours = own.contains(&revision);
+        // Notifications come in commit order: ours up to here are all in.
+        while own.front().is_some_and(|&r| r <= revision) {
+            own.pop_front();
+        }
         self.signal.send_if_modified(|s| {
             let mut changed = false;
             if revision > s.revision {
@@ -244,15 +247,11 @@ impl Drop for OwnCommit<'_> {
             return;
         }
         let revision = self.revision;
-        {
-            let mut own = self
-                .shared
-                .own
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(i) = own.iter().rposition(|&r| r == revision) {
-                own.remove(i);
-            }
+        // Held across the signal, as in `publish_notified`.
+        let own = self.shared.own.lock();
+        let mut own = own.unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = own.iter().rposition(|&r| r == revision) {
+            own.remove(i);
         }
         self.shared.signal.send_if_modified(|s| {
             if s.revision >= revision && s.foreign < revision {

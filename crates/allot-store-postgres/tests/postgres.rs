@@ -157,6 +157,14 @@ async fn watch_each_wakes_for_other_servers_and_brings_our_own_along() {
         .unwrap();
     let prefixes = allot_store::Prefixes::new([b"b/".as_slice(), b"t/"]);
     let mut follow = a.watch_each(&prefixes, 0).await.unwrap();
+    // The watch reads (nothing) and goes to sleep before anything is
+    // written, so what follows must wake it.
+    assert!(
+        timeout(Duration::from_millis(200), follow.next())
+            .await
+            .is_err(),
+        "an event before any write"
+    );
     // Once this arrives, the listener is up (its start wakes every watcher
     // once, whatever the notifications say).
     let ready = put(&b, "t/ready", "1").await;

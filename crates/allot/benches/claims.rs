@@ -837,8 +837,7 @@ async fn shared(main: &Opened, cfg: &Config) {
         println!();
         return;
     };
-    main.allot.follow_other_writers();
-    other.follow_other_writers();
+    // Both engines follow the other's writes by themselves (shared store).
     let mut rows = Vec::new();
     for &n in &cfg.concurrency {
         let n = n.max(2);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use allot_store::{Event as StoreEvent, EventKind, Prefixes, Store};
+use allot_store::{Event as StoreEvent, Prefixes, Store};
 
 use crate::{keys, lock, Allot, Inner};
 
@@ -115,9 +115,11 @@ impl Inner {
             // A pool deleted, or re-created with another definition, by
             // someone else: load it anew on next use.
             let mut pools = lock(&self.pools);
-            let ours = pools.get(pool).is_some_and(|h| {
-                event.kind == EventKind::Put && h.record_rev >= event.kv.mod_revision
-            });
+            // A change older than what we loaded (our own delete and
+            // re-create, say, which a lazy watch brings late) is not news.
+            let ours = pools
+                .get(pool)
+                .is_some_and(|h| h.record_rev >= event.kv.mod_revision);
             if !ours {
                 pools.remove(pool);
             }
