@@ -636,10 +636,19 @@ async fn current_revision(allot: &Allot) -> u64 {
 }
 
 /// Checks that `pool` holds exactly the values acknowledged.
+/// Another engine on the same store may not have seen the last writes yet
+/// (it learns of them through its follower): it is given up to 5 s.
 async fn check_allocated(allot: &Allot, pool: &str, acknowledged: u64) {
-    let info = allot.pool(pool).await.expect("pool info");
+    let mut allocated = 0;
+    for _ in 0..100 {
+        allocated = allot.pool(pool).await.expect("pool info").stats.allocated;
+        if allocated == acknowledged {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
-        info.stats.allocated, acknowledged,
+        allocated, acknowledged,
         "pool {pool}: allocated count differs from acknowledged claims"
     );
 }
