@@ -40,6 +40,7 @@ pub mod testing;
 mod watch;
 mod write;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,7 +58,6 @@ use tokio::time::Instant;
 use crate::error::{CallError, PgError};
 use crate::schema::{validate_schema_name, Sql};
 use crate::shared::{kv_at, to_u64, Limits, Shared, Signal};
-use std::collections::VecDeque;
 
 /// The longest key this backend stores, in bytes: PostgreSQL cannot index
 /// much longer ones, and a failing index write would fail every transaction

@@ -31,6 +31,15 @@ pub(crate) struct Signal {
     pub epoch: u64,
 }
 
+/// Raises `slot` to `to`; whether it moved (for `send_if_modified`).
+fn advance(slot: &mut Revision, to: Revision) -> bool {
+    let moved = to > *slot;
+    if moved {
+        *slot = to;
+    }
+    moved
+}
+
 /// How many of this process's last commits are remembered, to tell their
 /// notifications from other processes'.
 pub(crate) const OWN_REMEMBERED: usize = 4096;
@@ -136,16 +145,8 @@ impl Shared {
             own.pop_front();
         }
         self.signal.send_if_modified(|s| {
-            let mut changed = false;
-            if revision > s.revision {
-                s.revision = revision;
-                changed = true;
-            }
-            if !ours && revision > s.foreign {
-                s.foreign = revision;
-                changed = true;
-            }
-            changed
+            let changed = advance(&mut s.revision, revision);
+            (!ours && advance(&mut s.foreign, revision)) || changed
         });
     }
 
@@ -227,14 +228,9 @@ impl OwnCommit<'_> {
     pub fn committed(mut self) {
         self.committed = true;
         let revision = self.revision;
-        self.shared.signal.send_if_modified(|s| {
-            if revision > s.revision {
-                s.revision = revision;
-                true
-            } else {
-                false
-            }
-        });
+        self.shared
+            .signal
+            .send_if_modified(|s| advance(&mut s.revision, revision));
     }
 }
 
@@ -253,13 +249,8 @@ impl Drop for OwnCommit<'_> {
         if let Some(i) = own.iter().rposition(|&r| r == revision) {
             own.remove(i);
         }
-        self.shared.signal.send_if_modified(|s| {
-            if s.revision >= revision && s.foreign < revision {
-                s.foreign = revision;
-                true
-            } else {
-                false
-            }
-        });
+        self.shared
+            .signal
+            .send_if_modified(|s| s.revision >= revision && advance(&mut s.foreign, revision));
     }
 }

@@ -31,6 +31,7 @@ const PAGE: i64 = 1024;
 
 /// Where a watch starts: validates `from` against the retained history and
 /// returns the stream.
+///
 /// A `lazy_own` watch is woken only by other processes' commits (and the
 /// fallback poll): this process's own changes reach it with the next of
 /// those, for a follower that has no use for them.

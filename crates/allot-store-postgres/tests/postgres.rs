@@ -52,21 +52,21 @@ async fn outage_fails_fast_and_the_store_reconnects_by_itself() {
     outage_and_reconnect(s, connect, server, CALL_BOUND).await;
 }
 
+/// A store that never polls: only notifications (LISTEN/NOTIFY) of other
+/// stores' writes can wake its watchers.
+async fn never_polling(url: &str, schema: &str) -> PostgresStore {
+    let options = PostgresOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..options(schema)
+    };
+    PostgresStore::connect(url, options).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_on_one_schema_act_as_one() {
     let url = shared_url().await;
     let schema = unique_schema();
-    // `a` never polls: only notifications (LISTEN/NOTIFY) can wake its
-    // watchers for `b`'s writes.
-    let a = PostgresStore::connect(
-        &url,
-        PostgresOptions {
-            poll_interval: Duration::from_secs(3600),
-            ..options(&schema)
-        },
-    )
-    .await
-    .unwrap();
+    let a = never_polling(&url, &schema).await;
     // `b` stacks batches (lock statement, then the write) where `a` sends
     // each batch as one statement: both ways must keep the checks sound.
     let b = PostgresStore::connect(
@@ -141,17 +141,7 @@ async fn two_stores_on_one_schema_act_as_one() {
 async fn watch_each_wakes_for_other_servers_and_brings_our_own_along() {
     let url = shared_url().await;
     let schema = unique_schema();
-    // Never polls: only another server's notification can wake `a`'s
-    // follower-style watch.
-    let a = PostgresStore::connect(
-        &url,
-        PostgresOptions {
-            poll_interval: Duration::from_secs(3600),
-            ..options(&schema)
-        },
-    )
-    .await
-    .unwrap();
+    let a = never_polling(&url, &schema).await;
     let b = PostgresStore::connect(&url, options(&schema))
         .await
         .unwrap();

@@ -669,7 +669,7 @@ impl Inner {
         }
         let backoff = if !contended {
             0
-        } else if Inner::holds_turn(&handle) {
+        } else if handle.holds_turn() {
             // The others hold off: what we lost to was already committing.
             BACKOFF_STEP_US
         } else {

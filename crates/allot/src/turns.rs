@@ -14,14 +14,18 @@
 //! request seen late) costs a failed batch, never a wrong answer.
 //! - An engine whose batch lost a compare twice in a row asks for the turn:
 //!   it writes `t/{pool}` = its id, if the record is absent (or stale).
-//! - Engines that follow the store's writes ([`crate::Allot::follow_other_writers`])
-//!   see the request and build no new batch of the pool until it is
-//!   withdrawn, and for at most [`TURN_WAIT`] after they saw it (a holder
-//!   that died does not stop the pool for long).
-//! - The holder withdraws it after [`TURN_SLICE`], or earlier once it has
-//!   nothing queued and held it [`TURN_MIN`]. An engine that was held up
+//! - Engines that follow the store's writes (every engine on a shared
+//!   store, [`crate::Allot::follow_other_writers`]) see the request and
+//!   build no new batch of the pool until it is withdrawn, and for at most
+//!   [`TURN_WAIT`] after they saw it (a holder that died does not stop the
+//!   pool for long).
+//! - The holder withdraws it after [`TURN_SLICE`], or earlier once nothing
+//!   is queued, building or committing and it held it [`TURN_MIN`]; its own
+//!   retries meanwhile back off only briefly. An engine that was held up
 //!   with requests queued asks for the next turn when it is withdrawn, so
 //!   two busy engines alternate instead of one starving.
+//! - A request nobody withdrew (its server stopped) is found by the next
+//!   ask's failure branch, waited on once, then replaced.
 //!
 //! Time here is tokio's monotonic clock, each engine judging by its own: no
 //! clocks are compared across processes.
@@ -37,13 +41,13 @@ use crate::{keys, lock, Inner};
 /// Consecutive lost compares after which a batch's engine asks for the turn.
 pub(crate) const TURN_AFTER: u32 = 2;
 /// How long a turn is held at most.
-pub(crate) const TURN_SLICE: Duration = Duration::from_millis(10);
+const TURN_SLICE: Duration = Duration::from_millis(10);
 /// How long a turn is held at least before it is withdrawn for want of work.
-pub(crate) const TURN_MIN: Duration = Duration::from_millis(2);
+const TURN_MIN: Duration = Duration::from_millis(2);
 /// How often a holder checks whether its pool ran out of work.
 const TURN_POLL: Duration = Duration::from_millis(1);
 /// How long another engine's request holds this one up at most.
-pub(crate) const TURN_WAIT: Duration = Duration::from_millis(50);
+const TURN_WAIT: Duration = Duration::from_millis(50);
 
 /// One pool's turn, as this engine knows it.
 #[derive(Debug, Default)]
@@ -196,12 +200,6 @@ impl Inner {
         }
     }
 
-    /// Whether this engine holds the pool's turn (its retries need little
-    /// backoff: the others hold off).
-    pub(crate) fn holds_turn(handle: &PoolHandle) -> bool {
-        lock(&handle.turn).mine.is_some()
-    }
-
     /// Takes note of a turn request written or withdrawn (the follower
     /// task's part).
     pub(crate) fn note_turn(&self, pool: &str, event: &StoreEvent) {
@@ -223,6 +221,14 @@ impl Inner {
             }
         }
         handle.turn_changed.notify_waiters();
+    }
+}
+
+impl PoolHandle {
+    /// Whether this engine holds the pool's turn (its retries need little
+    /// backoff: the others hold off).
+    pub(crate) fn holds_turn(&self) -> bool {
+        lock(&self.turn).mine.is_some()
     }
 }
 
