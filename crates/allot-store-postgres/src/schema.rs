@@ -566,6 +566,11 @@ pub(crate) struct Sql {
     pub live_leases: String,
     /// Every write of a batch, checked, in one statement (see `new`).
     pub write: String,
+    /// The same for a batch sent while the one before it is still
+    /// committing: its key checks lock the rows they read (`FOR SHARE`), so
+    /// they see the newest committed versions, not the statement's snapshot
+    /// (taken before it waited for the revision row lock).
+    pub write_stacked: String,
     /// `allot_bound`: both history bounds, after a write crossed one.
     pub bound: String,
     pub drop_history: String,
@@ -585,7 +590,7 @@ impl Sql {
         Sql {
             channel: format!("allot_{s}"),
             lock_head: format!(
-                "SELECT revision, oldest, history_events, next_event, writer, txid_current() \
+                "SELECT revision, oldest, history_events, next_event, writer \
                  FROM {s}.allot_revision FOR UPDATE"
             ),
             current_revision: format!("SELECT revision FROM {s}.allot_revision"),
@@ -613,60 +618,8 @@ impl Sql {
                 "SELECT id FROM {s}.allot_leases \
                  WHERE id = ANY($1::int8[]) AND expires_at > clock_timestamp()"
             ),
-            // Every write of a batch, checked, in one statement: `go` is
-            // true when the revision row (locked here, or already by the
-            // transaction) and every key read are as assumed; each write
-            // happens only then, and otherwise `allot_refuse` raises. The
-            // row lock returns the newest version of the row even when the
-            // statement's snapshot is older, and every writer bumps it, so
-            // a passing check means the snapshot holds every committed
-            // write. A key assumed absent is inserted plainly: its
-            // unique_violation (23505) is the check. Answers the
-            // transaction's id and whether a history bound was crossed.
-            write: format!(
-                "WITH head AS ( \
-                   SELECT revision = $1::int8 AND writer = $2::int8 AS ok \
-                   FROM {s}.allot_revision FOR UPDATE), \
-                 go AS ( \
-                   SELECT h.ok AND NOT EXISTS ( \
-                     SELECT 1 FROM unnest($3::bytea[], $4::int8[]) AS c(key, mod_revision) \
-                     WHERE c.mod_revision <> coalesce( \
-                       (SELECT k.mod_revision FROM {s}.allot_kv k WHERE k.key = c.key), 0)) \
-                   AS ok, h.ok AS head_ok FROM head h), \
-                 ins AS ( \
-                   INSERT INTO {s}.allot_kv ({kv}) \
-                   SELECT * FROM unnest($5::bytea[], $6::bytea[], $7::int8[], $8::int8[], \
-                     $9::int8[], $10::int8[]) WHERE (SELECT ok FROM go)), \
-                 ups AS ( \
-                   INSERT INTO {s}.allot_kv ({kv}) \
-                   SELECT * FROM unnest($11::bytea[], $12::bytea[], $13::int8[], $14::int8[], \
-                     $15::int8[], $16::int8[]) WHERE (SELECT ok FROM go) \
-                   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
-                     create_revision = EXCLUDED.create_revision, \
-                     mod_revision = EXCLUDED.mod_revision, \
-                     version = EXCLUDED.version, lease = EXCLUDED.lease), \
-                 del AS ( \
-                   DELETE FROM {s}.allot_kv \
-                   WHERE key = ANY($17::bytea[]) AND (SELECT ok FROM go)), \
-                 log AS ( \
-                   INSERT INTO {s}.allot_log \
-                     (revision, seq, key, kind, value, create_revision, version, lease) \
-                   SELECT * FROM unnest($18::int8[], $19::int8[], $20::bytea[], $21::int2[], \
-                     $22::bytea[], $23::int8[], $24::int8[], $25::int8[]) \
-                   WHERE (SELECT ok FROM go)), \
-                 fin AS ( \
-                   UPDATE {s}.allot_revision SET revision = $26::int8, \
-                     next_event = next_event + cardinality($19::int8[]), \
-                     history_events = history_events + cardinality($19::int8[]), \
-                     writer = txid_current() \
-                   WHERE (SELECT ok FROM go) \
-                   RETURNING revision + 1 - oldest > $27::int8 + $28::int8 \
-                     OR history_events > $29::int8 AS due) \
-                 SELECT txid_current(), coalesce(f.due, false), \
-                   CASE WHEN g.ok THEN (SELECT true FROM pg_notify($30::text, $26::text)) \
-                     ELSE {s}.allot_refuse($1::int8, $2::int8, g.head_ok) END \
-                 FROM go g LEFT JOIN fin f ON true"
-            ),
+            write: write_statement(s, ""),
+            write_stacked: write_statement(s, " FOR SHARE"),
             bound: format!("SELECT {s}.allot_bound($1::int8, $2::int8, $3::int8)"),
             drop_history: format!("SELECT {s}.allot_drop_history($1::int8)"),
             grant: format!(
@@ -724,6 +677,72 @@ impl Sql {
             ),
         }
     }
+}
+
+/// Every write of a batch, checked, in one statement: `go` is true when the
+/// revision row (locked here, or already by the transaction) and every key
+/// read are as assumed; each write happens only then, and otherwise
+/// `allot_refuse` raises. The row lock returns the newest version of the
+/// row even when the statement's snapshot is older, and every writer bumps
+/// it. A key assumed absent is inserted plainly: its unique_violation
+/// (23505) is the check. `writer` becomes `$31`, a token the committer
+/// chose, so a batch sent behind this one can name it before this one has
+/// even reached the server. Answers whether a history bound was crossed.
+///
+/// `lock` is how the key checks read: `""` reads the statement's snapshot,
+/// which holds every committed write when the revision row is as assumed
+/// and nothing of ours was still committing when the statement began;
+/// `" FOR SHARE"` reads the newest committed version of each row, for a
+/// batch sent while the one it was built on was still committing (its
+/// snapshot may predate that commit). A row that one inserted is still
+/// invisible to it: the check fails (nothing written) and the batch runs
+/// again on the locked path.
+fn write_statement(s: &str, lock: &str) -> String {
+    let kv = KV_COLUMNS;
+    format!(
+        "WITH head AS ( \
+           SELECT revision = $1::int8 AND writer = $2::int8 AS ok \
+           FROM {s}.allot_revision FOR UPDATE), \
+         go AS ( \
+           SELECT h.ok AND NOT EXISTS ( \
+             SELECT 1 FROM unnest($3::bytea[], $4::int8[]) AS c(key, mod_revision) \
+             WHERE c.mod_revision <> coalesce( \
+               (SELECT k.mod_revision FROM {s}.allot_kv k WHERE k.key = c.key{lock}), 0)) \
+           AS ok, h.ok AS head_ok FROM head h), \
+         ins AS ( \
+           INSERT INTO {s}.allot_kv ({kv}) \
+           SELECT * FROM unnest($5::bytea[], $6::bytea[], $7::int8[], $8::int8[], \
+             $9::int8[], $10::int8[]) WHERE (SELECT ok FROM go)), \
+         ups AS ( \
+           INSERT INTO {s}.allot_kv ({kv}) \
+           SELECT * FROM unnest($11::bytea[], $12::bytea[], $13::int8[], $14::int8[], \
+             $15::int8[], $16::int8[]) WHERE (SELECT ok FROM go) \
+           ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+             create_revision = EXCLUDED.create_revision, \
+             mod_revision = EXCLUDED.mod_revision, \
+             version = EXCLUDED.version, lease = EXCLUDED.lease), \
+         del AS ( \
+           DELETE FROM {s}.allot_kv \
+           WHERE key = ANY($17::bytea[]) AND (SELECT ok FROM go)), \
+         log AS ( \
+           INSERT INTO {s}.allot_log \
+             (revision, seq, key, kind, value, create_revision, version, lease) \
+           SELECT * FROM unnest($18::int8[], $19::int8[], $20::bytea[], $21::int2[], \
+             $22::bytea[], $23::int8[], $24::int8[], $25::int8[]) \
+           WHERE (SELECT ok FROM go)), \
+         fin AS ( \
+           UPDATE {s}.allot_revision SET revision = $26::int8, \
+             next_event = next_event + cardinality($19::int8[]), \
+             history_events = history_events + cardinality($19::int8[]), \
+             writer = $31::int8 \
+           WHERE (SELECT ok FROM go) \
+           RETURNING revision + 1 - oldest > $27::int8 + $28::int8 \
+             OR history_events > $29::int8 AS due) \
+         SELECT coalesce(f.due, false), \
+           CASE WHEN g.ok THEN (SELECT true FROM pg_notify($30::text, $26::text)) \
+             ELSE {s}.allot_refuse($1::int8, $2::int8, g.head_ok) END \
+         FROM go g LEFT JOIN fin f ON true"
+    )
 }
 
 #[cfg(test)]

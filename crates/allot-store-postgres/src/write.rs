@@ -8,8 +8,8 @@
 //! transaction go through one statement (`Sql::write`, schema v4; the
 //! PL/pgSQL `allot_write` and `allot_commit` before), which checks, under
 //! that lock, that the store is where the writer assumed it to be (the
-//! revision, the id of the PostgreSQL transaction that made it, and the mod
-//! revision of every key read; a key assumed absent and created is checked
+//! revision, the token of the batch that made it, and the mod revision of
+//! every key read; a key assumed absent and created is checked
 //! by its plain INSERT), and writes nothing otherwise. The history bounds
 //! are applied after the commit, before the answer, by `allot_bound` in a
 //! transaction of its own, and only when the write reports one crossed.
@@ -23,18 +23,20 @@
 //!   every key it read or wrote since (a bounded cache; keys it does not
 //!   know are assumed absent). It evaluates the batch on that knowledge and
 //!   sends the write statement alone, as a transaction of its own (it takes
-//!   the lock itself; `max_in_flight` 1, the default). With `max_in_flight`
-//!   2 or more it sends `BEGIN`, the lock, the write and `COMMIT` at once
-//!   instead, and as soon as the lock is granted, the next batch (evaluated
-//!   on top of the first, assuming it commits) goes out on another
-//!   connection, where it waits for the lock: the lock round trip of the
-//!   next batch overlaps the WAL flush of the previous one. On this
-//!   machine's loopback the extra statements cost more than the overlap
-//!   saves (BENCHMARKS.md); with a distant database stacking may pay. The
-//!   checks make both safe: a batch whose assumptions failed (another
-//!   server wrote, a key was not as cached, or the batch it was stacked on
-//!   failed) wrote nothing, and its transactions are run again on the
-//!   locked path.
+//!   the lock itself). With `max_in_flight` 1, the default, that is all.
+//!   With 2 or more, the next batch (evaluated on top of the first,
+//!   assuming it commits) goes out at once on another connection, also as
+//!   the write statement alone, and waits in the database for the lock: it
+//!   names the batch it builds on by the token that batch writes as the
+//!   revision row's `writer` (chosen here, so known before that batch
+//!   reaches the server), and its key checks lock the rows they read
+//!   (`Sql::write_stacked`), since its snapshot may predate that batch's
+//!   commit. On this machine's loopback the lock waits cost more than the
+//!   overlap saves (BENCHMARKS.md); with a distant database stacking may
+//!   pay. The checks make both safe: a batch whose assumptions failed
+//!   (another server wrote, a key was not as cached, or the batch it was
+//!   stacked on failed) wrote nothing, and its transactions are run again
+//!   on the locked path.
 //! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
 //!   key the batch depends on (after the lock: in READ COMMITTED each read
 //!   sees every earlier commit), evaluate, then the write and `COMMIT`.
@@ -69,10 +71,8 @@ pub(crate) struct Head {
     pub oldest: Revision,
     /// Sequence number of the next event.
     pub next_event: i64,
-    /// The PostgreSQL transaction that made `revision`.
+    /// The token of the batch that made `revision` (see `token`).
     pub writer: i64,
-    /// The PostgreSQL transaction holding the lock (`txid_current()`).
-    pub me: i64,
 }
 
 impl Head {
@@ -82,7 +82,6 @@ impl Head {
             oldest: to_u64(row.try_get(1)?, "oldest revision")?,
             next_event: row.try_get(3)?,
             writer: row.try_get(4)?,
-            me: row.try_get(5)?,
         })
     }
 }
@@ -174,6 +173,17 @@ impl Rows {
     }
 }
 
+/// A fresh token for the revision row's `writer`: a batch sent behind
+/// another checks that the revision it builds on was written by that batch
+/// (and not by another server that reached the same revision number after
+/// that batch failed), and names it by this token, which it knows before
+/// that batch reaches the server. Random and negative: it never equals a
+/// token of another process, nor a transaction id (positive), which
+/// servers of earlier builds wrote there.
+fn token() -> i64 {
+    -((rand::random::<u64>() >> 1) as i64) - 1
+}
+
 /// The arguments of one write statement, owned, so that a spawned task
 /// can send them.
 struct CommitArgs {
@@ -188,6 +198,8 @@ struct CommitArgs {
     deleted: Vec<Vec<u8>>,
     log: Writes,
     revision: i64,
+    /// What the batch writes as the revision row's `writer` (see `token`).
+    token: i64,
     /// The last revision written, to publish once committed.
     last: Revision,
 }
@@ -211,6 +223,7 @@ impl CommitArgs {
             upserts: Rows::default(),
             deleted: Vec::new(),
             revision: to_i64(writes.revision, "revision")?,
+            token: token(),
             last: writes.revision,
             log: Writes::default(),
         };
@@ -240,7 +253,7 @@ impl CommitArgs {
         &'a self,
         limits: &'a Limits,
         channel: &'a String,
-    ) -> [&'a (dyn ToSql + Sync); 30] {
+    ) -> [&'a (dyn ToSql + Sync); 31] {
         let log = &self.log;
         let (ins, ups) = (&self.inserts, &self.upserts);
         [
@@ -274,21 +287,23 @@ impl CommitArgs {
             &limits.revision_slack,
             &limits.keep_events,
             channel,
+            &self.token,
         ]
     }
 }
 
 /// The end of a writing transaction holding the lock (`head` as read under
 /// it): the write statement and `COMMIT`, pipelined, then the history
-/// bounds if the write crossed one. Any error means nothing was committed
-/// (or, if the connection broke during `COMMIT`, that the outcome is
-/// unknown, which is reported as unavailable and never acknowledged).
+/// bounds if the write crossed one. Answers the token it wrote. Any error
+/// means nothing was committed (or, if the connection broke during
+/// `COMMIT`, that the outcome is unknown, which is reported as unavailable
+/// and never acknowledged).
 async fn finish(
     conn: &Object,
     shared: &Shared,
     head: &Head,
     writes: Writes,
-) -> Result<(), CallError> {
+) -> Result<i64, CallError> {
     let args = CommitArgs::new(writes, head.revision, head.writer, Vec::new())?;
     let commit = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
@@ -301,13 +316,11 @@ async fn finish(
     )?;
     own.committed();
     Written::from_row(&row)?.bound(conn, shared).await;
-    Ok(())
+    Ok(args.token)
 }
 
 /// What the write statement answers.
 struct Written {
-    /// The PostgreSQL transaction that wrote.
-    me: i64,
     /// A history bound was crossed: apply the bounds before acknowledging.
     due: bool,
 }
@@ -315,8 +328,7 @@ struct Written {
 impl Written {
     fn from_row(row: &Row) -> Result<Written, CallError> {
         Ok(Written {
-            me: row.try_get(0)?,
-            due: row.try_get(1)?,
+            due: row.try_get(0)?,
         })
     }
 
@@ -403,8 +415,8 @@ const MAX_BACKOFF: u32 = 64;
 struct Known {
     revision: Revision,
     next_event: i64,
-    /// The PostgreSQL transaction making `revision`; `None` until the batch
-    /// that makes it holds the lock and has said who it is.
+    /// The token of the batch making `revision` (`None`: not known, the
+    /// locked path is next).
     writer: Option<i64>,
     /// Keys as of `revision` (`None`: absent).
     keys: HashMap<Vec<u8>, Option<KeyValue>>,
@@ -471,8 +483,6 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let max_in_flight = shared.limits.max_in_flight;
     let mut known: Option<Known> = None;
     let mut flights: VecDeque<Flight> = VecDeque::new();
-    // The lock signal of the newest flight, until it comes.
-    let mut locking: Option<oneshot::Receiver<i64>> = None;
     // Requests to run again on the locked path, once nothing is in flight.
     let mut redo: VecDeque<Request> = VecDeque::new();
     let mut conflicts: u32 = 0;
@@ -494,8 +504,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
         if flights.is_empty() && !open {
             break;
         }
-        let can_send =
-            open && redo.is_empty() && locking.is_none() && flights.len() < max_in_flight.max(1);
+        let can_send = open && redo.is_empty() && flights.len() < max_in_flight.max(1);
         tokio::select! {
             biased;
             outcome = front_done(&mut flights) => {
@@ -528,16 +537,6 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                     }
                 }
             }
-            me = lock_signal(&mut locking) => {
-                locking = None;
-                match (me, known.as_mut()) {
-                    (Some(me), Some(k)) if k.writer.is_none() => k.writer = Some(me),
-                    // The flight failed before taking the lock: its outcome
-                    // tells the rest.
-                    (None, _) => known = None,
-                    _ => {}
-                }
-            }
             request = rx.recv(), if can_send => {
                 let Some(first) = request else {
                     open = false;
@@ -555,9 +554,8 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 };
                 match fast {
                     Some(Ok((args, answers))) => {
-                        let (tx, rx_lock) = oneshot::channel();
-                        locking = Some(rx_lock);
-                        let done = tokio::spawn(commit_fast(shared.clone(), args, tx));
+                        let stacked = !flights.is_empty();
+                        let done = tokio::spawn(commit_fast(shared.clone(), args, stacked));
                         flights.push_back(Flight { requests: batch, answers, done });
                     }
                     Some(Err(err)) => {
@@ -591,15 +589,6 @@ async fn front_done(flights: &mut VecDeque<Flight>) -> Result<Outcome, StoreErro
             Ok(outcome) => outcome,
             Err(err) => Err(StoreError::Backend(format!("commit task failed: {err}"))),
         },
-        None => std::future::pending().await,
-    }
-}
-
-/// The id of the newest flight's PostgreSQL transaction once it holds the
-/// lock; `None` if it failed before (pending forever if nothing waits).
-async fn lock_signal(locking: &mut Option<oneshot::Receiver<i64>>) -> Option<i64> {
-    match locking {
-        Some(rx) => rx.await.ok(),
         None => std::future::pending().await,
     }
 }
@@ -648,7 +637,7 @@ fn speculate(
     };
     known.revision = revision;
     known.next_event = next_event;
-    known.writer = None;
+    known.writer = Some(args.token);
     for key in reads.keys {
         let state = view.remove(&key);
         known.set(key, state);
@@ -690,16 +679,18 @@ fn evaluate(
     Ok((writes, answers, next_event))
 }
 
-/// One speculative batch, in one round trip. Says who it is on `locked`
-/// once it holds the lock, so the committer can stack the next batch
-/// behind it.
+/// One speculative batch, in one round trip: the write statement alone,
+/// which takes the lock itself, is the whole transaction (committed before
+/// its answer comes). `stacked`: sent while an earlier flight is still
+/// committing; it waits for that one's lock in the server, and its key
+/// checks must read the newest committed rows (`Sql::write_stacked`).
 async fn commit_fast(
     shared: Arc<Shared>,
     args: CommitArgs,
-    locked: oneshot::Sender<i64>,
+    stacked: bool,
 ) -> Result<Outcome, StoreError> {
     let conn = shared.conn().await?;
-    let result = shared.timed(fast_on(&conn, &shared, &args, locked)).await;
+    let result = shared.timed(fast_on(&conn, &shared, &args, stacked)).await;
     shared.settle(conn, result)
 }
 
@@ -707,55 +698,19 @@ async fn fast_on(
     conn: &Object,
     shared: &Shared,
     args: &CommitArgs,
-    locked: oneshot::Sender<i64>,
+    stacked: bool,
 ) -> Result<Outcome, CallError> {
     let params = args.params(&shared.limits, &shared.sql.channel);
     let own = shared.expect_own(args.last);
-    let written = if shared.limits.max_in_flight == 1 {
-        // Nothing stacks behind it, so nobody needs to know when it holds
-        // the lock: the write statement alone, which takes the lock itself,
-        // is the whole transaction (committed before its answer comes).
-        let write = conn.prepare_cached(&shared.sql.write).await?;
-        let written = match conn.query_one(&write, &params).await {
-            Ok(row) => Written::from_row(&row)?,
-            Err(err) => return refused(&err).ok_or_else(|| err.into()),
-        };
-        let _ = locked.send(written.me);
-        written
+    let sql = if stacked {
+        &shared.sql.write_stacked
     } else {
-        // `BEGIN`, lock, write, `COMMIT`: the lock's answer comes back
-        // first, and the next batch is sent then.
-        let (lock, write) = futures::try_join!(
-            conn.prepare_cached(&shared.sql.lock_head),
-            conn.prepare_cached(&shared.sql.write),
-        )?;
-        // Every answer is awaited (`join!`, not `try_join!`), so that after
-        // a failed check the connection is left clean, outside a transaction.
-        let (begun, head, written, committed) = futures::join!(
-            conn.batch_execute("BEGIN"),
-            async {
-                let row = conn.query_one(&lock, &[]).await?;
-                let head = Head::from_row(&row)?;
-                let _ = locked.send(head.me);
-                Ok::<_, CallError>(head)
-            },
-            conn.query_one(&write, &params),
-            conn.batch_execute("COMMIT"),
-        );
-        begun?;
-        head?;
-        match written {
-            Ok(row) => {
-                committed?;
-                Written::from_row(&row)?
-            }
-            Err(err) => {
-                let outcome = refused(&err).ok_or(err)?;
-                // `COMMIT` of the failed transaction rolled it back.
-                committed?;
-                return Ok(outcome);
-            }
-        }
+        &shared.sql.write
+    };
+    let write = conn.prepare_cached(sql).await?;
+    let written = match conn.query_one(&write, &params).await {
+        Ok(row) => Written::from_row(&row)?,
+        Err(err) => return refused(&err).ok_or_else(|| err.into()),
     };
     own.committed();
     written.bound(conn, shared).await;
@@ -917,8 +872,7 @@ async fn commit_on(
     } else {
         known.revision = writes.revision;
         known.next_event = next_event;
-        known.writer = Some(head.me);
-        finish(conn, shared, &head, writes).await?;
+        known.writer = Some(finish(conn, shared, &head, writes).await?);
     }
     for key in seen {
         let state = view.get(&key).cloned();
@@ -955,7 +909,7 @@ async fn delete_lease_keys(
     let mut writes = Writes::default();
     let mut next_event = head.next_event;
     writes.add(applied, &mut view, &mut next_event)?;
-    finish(conn, shared, &head, writes).await
+    finish(conn, shared, &head, writes).await.map(|_| ())
 }
 
 /// Revokes one lease, deleting its keys in one revision.

@@ -67,8 +67,8 @@ async fn two_stores_on_one_schema_act_as_one() {
     let url = shared_url().await;
     let schema = unique_schema();
     let a = never_polling(&url, &schema).await;
-    // `b` stacks batches (lock statement, then the write) where `a` sends
-    // each batch as one statement: both ways must keep the checks sound.
+    // `b` stacks batches (the next one waits for the lock in the database)
+    // where `a` sends one at a time: both ways must keep the checks sound.
     let b = PostgresStore::connect(
         &url,
         PostgresOptions {
@@ -503,6 +503,46 @@ async fn speculation_checked(in_flight: usize) {
         let rev = put(s, &format!("alt/{i}"), "x").await;
         assert_eq!(rev, start + 1 + i as u64);
     }
+    // Compares on keys a never read, guarding writes of other keys, among
+    // writes that succeed, so that (with 2 in flight) batches are sent
+    // stacked behind committing ones: every compare fails, and nothing it
+    // guarded is written.
+    for round in 0..20 {
+        for t in 0..40 {
+            put(&b, &format!("unread/{round}/{t}"), "b").await;
+        }
+        let mut tasks = Vec::new();
+        for t in 0..20usize {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..4 {
+                    if t % 2 == 0 {
+                        put(&a, &format!("ok/{round}/{t}/{i}"), "a").await;
+                        continue;
+                    }
+                    let guard = format!("unread/{round}/{}", t * 2 + i % 2);
+                    let resp = a
+                        .txn(
+                            Txn::new()
+                                .when(Compare::absent(guard.as_str()))
+                                .then(Op::put(format!("mark/{round}/{t}/{i}").as_str(), "a")),
+                        )
+                        .await
+                        .unwrap();
+                    assert!(!resp.succeeded, "a compare on an unread key passed");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+    let marks = b.range(b"mark/", b"mark0", 0).await.unwrap();
+    assert!(
+        marks.kvs.is_empty(),
+        "{} guarded writes landed",
+        marks.kvs.len()
+    );
 }
 
 /// Plans are made, and cached per connection, while the store is small;
