@@ -90,13 +90,11 @@ pub struct PostgresOptions {
     pub max_batch: usize,
     /// Speculative batches in flight at most (default 1: each batch is one
     /// statement, its own transaction). 2 or more send the next batch at
-    /// once, also as one statement, on another connection, where it waits
-    /// in the database for the revision lock of the one committing: that
-    /// hides the round trip between commits, but on loopback the lock waits
-    /// cost more than the round trip (see the `write` module and
-    /// BENCHMARKS.md), so it can pay only with a distant database. 0 puts
-    /// every batch on the locked path (two round trips, nothing assumed),
-    /// as before speculation existed.
+    /// once, also as one statement, on the same connection behind the one
+    /// committing, so the database starts it as soon as that one has
+    /// committed: no round trip between commits (see the `write` module and
+    /// BENCHMARKS.md). 0 puts every batch on the locked path (two round
+    /// trips, nothing assumed), as before speculation existed.
     pub max_in_flight: usize,
     /// How often idle watchers look at the log even without a notification,
     /// and the longest the lease expiry task sleeps (default 1 s).

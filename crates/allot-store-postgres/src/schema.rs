@@ -564,13 +564,9 @@ pub(crate) struct Sql {
     pub scan: String,
     pub scan_from: String,
     pub live_leases: String,
-    /// Every write of a batch, checked, in one statement (see `new`).
+    /// Every write of a batch, checked, in one statement (see
+    /// `write_statement`).
     pub write: String,
-    /// The same for a batch sent while the one before it is still
-    /// committing: its key checks lock the rows they read (`FOR SHARE`), so
-    /// they see the newest committed versions, not the statement's snapshot
-    /// (taken before it waited for the revision row lock).
-    pub write_stacked: String,
     /// `allot_bound`: both history bounds, after a write crossed one.
     pub bound: String,
     pub drop_history: String,
@@ -618,8 +614,7 @@ impl Sql {
                 "SELECT id FROM {s}.allot_leases \
                  WHERE id = ANY($1::int8[]) AND expires_at > clock_timestamp()"
             ),
-            write: write_statement(s, ""),
-            write_stacked: write_statement(s, " FOR SHARE"),
+            write: write_statement(s),
             bound: format!("SELECT {s}.allot_bound($1::int8, $2::int8, $3::int8)"),
             drop_history: format!("SELECT {s}.allot_drop_history($1::int8)"),
             grant: format!(
@@ -689,15 +684,11 @@ impl Sql {
 /// chose, so a batch sent behind this one can name it before this one has
 /// even reached the server. Answers whether a history bound was crossed.
 ///
-/// `lock` is how the key checks read: `""` reads the statement's snapshot,
-/// which holds every committed write when the revision row is as assumed
-/// and nothing of ours was still committing when the statement began;
-/// `" FOR SHARE"` reads the newest committed version of each row, for a
-/// batch sent while the one it was built on was still committing (its
-/// snapshot may predate that commit). A row that one inserted is still
-/// invisible to it: the check fails (nothing written) and the batch runs
-/// again on the locked path.
-fn write_statement(s: &str, lock: &str) -> String {
+/// The key checks read the statement's snapshot. It holds every committed
+/// write when the revision row is as assumed: a batch is sent either when
+/// nothing of ours is in flight, or on the same connection behind the one
+/// it builds on, so it starts after that one has committed.
+fn write_statement(s: &str) -> String {
     let kv = KV_COLUMNS;
     format!(
         "WITH head AS ( \
@@ -707,7 +698,7 @@ fn write_statement(s: &str, lock: &str) -> String {
            SELECT h.ok AND NOT EXISTS ( \
              SELECT 1 FROM unnest($3::bytea[], $4::int8[]) AS c(key, mod_revision) \
              WHERE c.mod_revision <> coalesce( \
-               (SELECT k.mod_revision FROM {s}.allot_kv k WHERE k.key = c.key{lock}), 0)) \
+               (SELECT k.mod_revision FROM {s}.allot_kv k WHERE k.key = c.key), 0)) \
            AS ok, h.ok AS head_ok FROM head h), \
          ins AS ( \
            INSERT INTO {s}.allot_kv ({kv}) \

@@ -25,18 +25,16 @@
 //!   sends the write statement alone, as a transaction of its own (it takes
 //!   the lock itself). With `max_in_flight` 1, the default, that is all.
 //!   With 2 or more, the next batch (evaluated on top of the first,
-//!   assuming it commits) goes out at once on another connection, also as
-//!   the write statement alone, and waits in the database for the lock: it
-//!   names the batch it builds on by the token that batch writes as the
-//!   revision row's `writer` (chosen here, so known before that batch
-//!   reaches the server), and its key checks lock the rows they read
-//!   (`Sql::write_stacked`), since its snapshot may predate that batch's
-//!   commit. On this machine's loopback the lock waits cost more than the
-//!   overlap saves (BENCHMARKS.md); with a distant database stacking may
-//!   pay. The checks make both safe: a batch whose assumptions failed
-//!   (another server wrote, a key was not as cached, or the batch it was
-//!   stacked on failed) wrote nothing, and its transactions are run again
-//!   on the locked path.
+//!   assuming it commits) goes out at once, also as the write statement
+//!   alone, on the *same* connection (`Pipe`): PostgreSQL runs a
+//!   connection's statements in order, so it starts as soon as the first
+//!   has committed, sees its writes, and no round trip is lost in between.
+//!   It names the batch it builds on by the token that batch writes as the
+//!   revision row's `writer`, chosen here, so known before that batch has
+//!   even reached the server. The checks make both ways safe: a batch whose
+//!   assumptions failed (another server wrote, a key was not as cached, or
+//!   the batch it was stacked on failed) wrote nothing, and its
+//!   transactions are run again on the locked path.
 //! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
 //!   key the batch depends on (after the lock: in READ COMMITTED each read
 //!   sees every earlier commit), evaluate, then the write and `COMMIT`.
@@ -49,6 +47,7 @@
 //! backend shares.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use allot_store::backend::{apply_txn, delete_keys_txn, Applied};
@@ -464,6 +463,39 @@ enum Outcome {
     Differs,
 }
 
+/// The connection speculative batches are sent on, one behind the other
+/// while any is in flight (see the module doc), shared by their tasks.
+struct Pipe {
+    conn: Option<Object>,
+    /// An error left the connection unfit for reuse: no later batch is
+    /// sent on it, and it is dropped, not returned to the pool, once the
+    /// last task lets go of it.
+    broken: AtomicBool,
+}
+
+impl Pipe {
+    fn new(conn: Object) -> Pipe {
+        Pipe {
+            conn: Some(conn),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if *self.broken.get_mut() {
+            if let Some(conn) = self.conn.take() {
+                drop(Object::take(conn));
+            }
+        }
+    }
+}
+
 /// A speculative batch in flight.
 struct Flight {
     requests: Vec<Request>,
@@ -483,6 +515,8 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let max_in_flight = shared.limits.max_in_flight;
     let mut known: Option<Known> = None;
     let mut flights: VecDeque<Flight> = VecDeque::new();
+    // The connection of the flights, while any is in flight.
+    let mut pipe: Option<Arc<Pipe>> = None;
     // Requests to run again on the locked path, once nothing is in flight.
     let mut redo: VecDeque<Request> = VecDeque::new();
     let mut conflicts: u32 = 0;
@@ -509,6 +543,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
             biased;
             outcome = front_done(&mut flights) => {
                 let Some(flight) = flights.pop_front() else { continue };
+                if flights.is_empty() {
+                    pipe = None;
+                }
                 let stacked_on_failure = doomed > 0;
                 doomed = doomed.saturating_sub(1);
                 if !stacked_on_failure && !matches!(outcome, Ok(Outcome::Committed)) {
@@ -554,8 +591,20 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 };
                 match fast {
                     Some(Ok((args, answers))) => {
-                        let stacked = !flights.is_empty();
-                        let done = tokio::spawn(commit_fast(shared.clone(), args, stacked));
+                        let on = match pipe.as_ref().filter(|p| !p.is_broken()) {
+                            Some(on) => on.clone(),
+                            None => match shared.conn().await {
+                                Ok(conn) => pipe.insert(Arc::new(Pipe::new(conn))).clone(),
+                                Err(err) => {
+                                    // Not sent: what it assumed is not so.
+                                    known = None;
+                                    let answers = failed(&batch, &err);
+                                    reply(batch, answers);
+                                    continue;
+                                }
+                            },
+                        };
+                        let done = tokio::spawn(commit_fast(shared.clone(), on, args));
                         flights.push_back(Flight { requests: batch, answers, done });
                     }
                     Some(Err(err)) => {
@@ -681,33 +730,30 @@ fn evaluate(
 
 /// One speculative batch, in one round trip: the write statement alone,
 /// which takes the lock itself, is the whole transaction (committed before
-/// its answer comes). `stacked`: sent while an earlier flight is still
-/// committing; it waits for that one's lock in the server, and its key
-/// checks must read the newest committed rows (`Sql::write_stacked`).
+/// its answer comes). Sent on `pipe`, behind whatever is in flight there.
 async fn commit_fast(
     shared: Arc<Shared>,
+    pipe: Arc<Pipe>,
     args: CommitArgs,
-    stacked: bool,
 ) -> Result<Outcome, StoreError> {
-    let conn = shared.conn().await?;
-    let result = shared.timed(fast_on(&conn, &shared, &args, stacked)).await;
-    shared.settle(conn, result)
+    let Some(conn) = pipe.conn.as_ref() else {
+        return Err(StoreError::Backend(
+            "commit connection already released".into(),
+        ));
+    };
+    let result = shared.timed(fast_on(conn, &shared, &args)).await;
+    if let Err(err) = &result {
+        if err.poisons_connection() {
+            pipe.broken.store(true, Ordering::Relaxed);
+        }
+    }
+    result.map_err(StoreError::from)
 }
 
-async fn fast_on(
-    conn: &Object,
-    shared: &Shared,
-    args: &CommitArgs,
-    stacked: bool,
-) -> Result<Outcome, CallError> {
+async fn fast_on(conn: &Object, shared: &Shared, args: &CommitArgs) -> Result<Outcome, CallError> {
     let params = args.params(&shared.limits, &shared.sql.channel);
     let own = shared.expect_own(args.last);
-    let sql = if stacked {
-        &shared.sql.write_stacked
-    } else {
-        &shared.sql.write
-    };
-    let write = conn.prepare_cached(sql).await?;
+    let write = conn.prepare_cached(&shared.sql.write).await?;
     let written = match conn.query_one(&write, &params).await {
         Ok(row) => Written::from_row(&row)?,
         Err(err) => return refused(&err).ok_or_else(|| err.into()),

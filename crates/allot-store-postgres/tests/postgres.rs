@@ -67,7 +67,7 @@ async fn two_stores_on_one_schema_act_as_one() {
     let url = shared_url().await;
     let schema = unique_schema();
     let a = never_polling(&url, &schema).await;
-    // `b` stacks batches (the next one waits for the lock in the database)
+    // `b` stacks batches (the next one sent behind the one committing)
     // where `a` sends one at a time: both ways must keep the checks sound.
     let b = PostgresStore::connect(
         &url,
