@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p allot-store-postgres --example commit_ab`
 //! (env: AB_ROUNDS [6], AB_SECS per round [1], AB_CLIENTS [1,8,64]). Three
-//! stores: `locked` (`max_in_flight` 0), `spec1` (1, the default), `spec2` (2, stacked).
+//! stores: `locked` (`max_in_flight` 0), `spec1` (1), `spec2` (2, stacked: the default).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -88,13 +88,15 @@ pub struct PostgresOptions {
     /// The most transactions committed together in one PostgreSQL
     /// transaction (default 1,024).
     pub max_batch: usize,
-    /// Speculative batches in flight at most (default 1: each batch is one
-    /// statement, its own transaction). 2 or more send the next batch at
-    /// once, also as one statement, on the same connection behind the one
-    /// committing, so the database starts it as soon as that one has
-    /// committed: no round trip between commits (see the `write` module and
-    /// BENCHMARKS.md). 0 puts every batch on the locked path (two round
-    /// trips, nothing assumed), as before speculation existed.
+    /// Speculative batches in flight at most (default 2). Each batch is one
+    /// statement, its own transaction; with 2 or more the next batch goes
+    /// out at once, on the same connection behind the one committing, so
+    /// the database starts it as soon as that one has committed: no round
+    /// trip between commits (see the `write` module; BENCHMARKS.md §6 round
+    /// 7 for 1, 2 and 4 on loopback and at a distance). 1 waits for each
+    /// answer before sending the next batch; 0 puts every batch on the
+    /// locked path (two round trips, nothing assumed), as before
+    /// speculation existed.
     pub max_in_flight: usize,
     /// How often idle watchers look at the log even without a notification,
     /// and the longest the lease expiry task sleeps (default 1 s).
@@ -110,7 +112,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             timeout: Duration::from_secs(5),
             max_batch: 1024,
-            max_in_flight: 1,
+            max_in_flight: 2,
             poll_interval: Duration::from_secs(1),
         }
     }

@@ -23,8 +23,8 @@
 //!   every key it read or wrote since (a bounded cache; keys it does not
 //!   know are assumed absent). It evaluates the batch on that knowledge and
 //!   sends the write statement alone, as a transaction of its own (it takes
-//!   the lock itself). With `max_in_flight` 1, the default, that is all.
-//!   With 2 or more, the next batch (evaluated on top of the first,
+//!   the lock itself). With `max_in_flight` 1 that is all. With 2 (the
+//!   default) or more, the next batch (evaluated on top of the first,
 //!   assuming it commits) goes out at once, also as the write statement
 //!   alone, on the *same* connection (`Pipe`): PostgreSQL runs a
 //!   connection's statements in order, so it starts as soon as the first
@@ -505,11 +505,12 @@ struct Flight {
 
 /// The committer task: takes whatever transactions are queued (up to the
 /// batch limit), commits them in one PostgreSQL transaction and answers
-/// each, with up to `max_in_flight` speculative batches in flight (1 by
-/// default; with 2, one committing and one waiting for the lock behind it;
+/// each, with up to `max_in_flight` speculative batches in flight (2 by
+/// default: one committing and one queued behind it on its connection;
 /// more would only queue in the database instead of here, where they can
-/// still merge). It ends when every store handle is gone (the queue
-/// closes), after answering what was queued.
+/// still merge, and measured slower with several pools). It ends when
+/// every store handle is gone (the queue closes), after answering what was
+/// queued.
 pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
     let max_batch = shared.limits.max_batch;
     let max_in_flight = shared.limits.max_in_flight;

@@ -62,10 +62,16 @@
 //! - `ALLOT_BENCH_STORES` [redb,log]: the backends, in order (also
 //!   `postgres`, `etcd`);
 //! - `ALLOT_BENCH_PARTS` [keyed,many,parallel,shared,skiplocked,bulk]: which parts run;
-//! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 1]: the PostgreSQL
+//! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 2]: the PostgreSQL
 //!   store's `max_in_flight` (0: every commit on the locked two-round-trip
-//!   path, as before speculative commits; for A/B runs).
+//!   path, as before speculative commits; for A/B runs);
+//! - `ALLOT_BENCH_PG_DELAY_US` [0]: hold every chunk between the stores and
+//!   PostgreSQL this long in each direction (a proxy, `claims/delay_proxy.rs`;
+//!   tokio's timer rounds it up to whole milliseconds), as if the database
+//!   were on another host. The SKIP LOCKED part connects directly.
 
+#[path = "claims/delay_proxy.rs"]
+mod delay_proxy;
 #[path = "claims/skip_locked.rs"]
 mod skip_locked;
 
@@ -359,6 +365,35 @@ struct Opened {
     etcd: Option<EtcdServer>,
 }
 
+/// A store on the bench's PostgreSQL server with the bench's options
+/// (`ALLOT_BENCH_PG_IN_FLIGHT`), through a delaying proxy when
+/// `ALLOT_BENCH_PG_DELAY_US` is set.
+async fn pg_store(server: &PgServer) -> Result<PostgresStore, String> {
+    let defaults = PostgresOptions::default();
+    let options = PostgresOptions {
+        max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
+        ..defaults
+    };
+    let mut url = server.url();
+    let delay_us: u64 = env_or("ALLOT_BENCH_PG_DELAY_US", 0);
+    if delay_us > 0 {
+        let delay = Duration::from_micros(delay_us);
+        let proxy = delay_proxy::start(server.port(), delay)
+            .await
+            .map_err(|e| format!("starting the delay proxy: {e}"))?;
+        url = url.replace(
+            &format!("127.0.0.1:{}/", server.port()),
+            &format!("127.0.0.1:{proxy}/"),
+        );
+        println!(
+            "  through a proxy holding each chunk {delay_us} µs (rounded up to whole ms) each way"
+        );
+    }
+    PostgresStore::connect(&url, options)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 impl Opened {
     /// A fresh store called `name`: a file or directory in `dir`, or a
     /// throw-away server of its own.
@@ -377,14 +412,7 @@ impl Opened {
             )),
             Backend::Postgres => {
                 let server = allot_store_postgres::testing::start_server().await;
-                let defaults = PostgresOptions::default();
-                let options = PostgresOptions {
-                    max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
-                    ..defaults
-                };
-                let store = PostgresStore::connect(&server.url(), options)
-                    .await
-                    .unwrap_or_else(|e| failed(&e));
+                let store = pg_store(&server).await.unwrap_or_else(|e| failed(&e));
                 println!("  {name}: PostgreSQL at {}", server.url());
                 pg = Some(server);
                 Allot::new(Arc::new(store))
@@ -444,18 +472,11 @@ impl Opened {
     /// stores, which one process holds alone.
     async fn second_engine(&self) -> Option<Allot> {
         let store: Arc<dyn allot_store::Store> = match (&self.pg, &self.etcd) {
-            (Some(pg), _) => {
-                let defaults = PostgresOptions::default();
-                let options = PostgresOptions {
-                    max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
-                    ..defaults
-                };
-                Arc::new(
-                    PostgresStore::connect(&pg.url(), options)
-                        .await
-                        .expect("a second PostgreSQL store"),
-                )
-            }
+            (Some(pg), _) => Arc::new(
+                pg_store(pg)
+                    .await
+                    .unwrap_or_else(|e| panic!("a second PostgreSQL store: {e}")),
+            ),
             (None, Some(etcd)) => Arc::new(
                 EtcdStore::connect(&etcd.endpoints(), EtcdOptions::default())
                     .await
