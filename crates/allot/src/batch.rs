@@ -262,11 +262,16 @@ impl LoadedState {
     }
 
     /// A write of block `idx` at `rev` was seen in the store: unless it is
-    /// one of ours (committing, or already booked), re-read the block before
-    /// the next use. A write that races one of our batches on the same block
-    /// makes that batch's compare fail, which re-reads it anyway.
+    /// one of ours (already booked), re-read the block before the next use.
+    /// While a batch of ours on the block is committing, whose write it is
+    /// cannot be told yet: another engine's that came before ours makes our
+    /// compare fail (which re-reads the block), but one that came after ours
+    /// committed, before our answer, does not. It is kept and judged when
+    /// ours settles (`settle`).
     pub(crate) fn note_block_write(&mut self, idx: u64, rev: Revision) {
         if self.in_flight.blocks.contains_key(&idx) {
+            let seen = self.in_flight.seen.entry(idx).or_insert(0);
+            *seen = (*seen).max(rev);
             return;
         }
         if self.block_revs.get(&idx).is_some_and(|&known| known >= rev) {
@@ -342,6 +347,15 @@ impl LoadedState {
                 }
                 None => {
                     self.needs_refresh.insert(idx);
+                }
+            }
+            // The last of ours on the block: a write seen meanwhile that is
+            // newer than what we know of it was another engine's.
+            if !self.in_flight.blocks.contains_key(&idx) {
+                if let Some(seen) = self.in_flight.seen.remove(&idx) {
+                    if self.block_revs.get(&idx).is_none_or(|&known| known < seen) {
+                        self.needs_refresh.insert(idx);
+                    }
                 }
             }
         }
@@ -884,6 +898,10 @@ pub(crate) struct InFlight {
     blocks: HashMap<u64, (u64, Option<Vec<u8>>)>,
     records: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     cursor: Option<(u64, Vec<u8>)>,
+    /// The newest write the follower reported for a block while a batch
+    /// of ours on it was committing: ours, or another engine's that came
+    /// after ours committed. Judged once the last of ours on it settles.
+    seen: HashMap<u64, Revision>,
 }
 
 impl InFlight {
