@@ -47,7 +47,7 @@
 //! backend shares.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use allot_store::backend::{apply_txn, delete_keys_txn, Applied};
@@ -70,7 +70,8 @@ pub(crate) struct Head {
     pub oldest: Revision,
     /// Sequence number of the next event.
     pub next_event: i64,
-    /// The token of the batch that made `revision` (see `token`).
+    /// Who made `revision`: the token of its batch (see `token`), the
+    /// PostgreSQL transaction id if a server of an earlier build did, or 0.
     pub writer: i64,
 }
 
@@ -414,16 +415,17 @@ const MAX_BACKOFF: u32 = 64;
 struct Known {
     revision: Revision,
     next_event: i64,
-    /// The token of the batch making `revision` (`None`: not known, the
-    /// locked path is next).
-    writer: Option<i64>,
+    /// The token of the batch making `revision` (or, for a head read on
+    /// the locked path, whatever its writer wrote there: a token, a
+    /// transaction id from an earlier build, or 0).
+    writer: i64,
     /// Keys as of `revision` (`None`: absent).
     keys: HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
 }
 
 impl Known {
-    fn new(revision: Revision, next_event: i64, writer: Option<i64>) -> Known {
+    fn new(revision: Revision, next_event: i64, writer: i64) -> Known {
         Known {
             revision,
             next_event,
@@ -464,9 +466,17 @@ enum Outcome {
 }
 
 /// The connection speculative batches are sent on, one behind the other
-/// while any is in flight (see the module doc), shared by their tasks.
+/// while any is in flight (see the module doc), shared by their tasks. The
+/// first flight takes it from the pool; each flight sends its statement
+/// only after the flight before it on the pipe has sent (or given up), so
+/// the statements reach the server in the order the batches were built,
+/// whichever task runs first.
 struct Pipe {
-    conn: Option<Object>,
+    conn: tokio::sync::OnceCell<Object>,
+    /// Flights given a place on the pipe so far (the next one's is this + 1).
+    placed: AtomicU64,
+    /// The place of the last flight that has sent its statement or given up.
+    sent: tokio::sync::watch::Sender<u64>,
     /// An error left the connection unfit for reuse: no later batch is
     /// sent on it, and it is dropped, not returned to the pool, once the
     /// last task lets go of it.
@@ -474,15 +484,34 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new(conn: Object) -> Pipe {
+    fn new() -> Pipe {
         Pipe {
-            conn: Some(conn),
+            conn: tokio::sync::OnceCell::new(),
+            placed: AtomicU64::new(0),
+            sent: tokio::sync::watch::Sender::new(0),
             broken: AtomicBool::new(false),
         }
     }
 
+    /// The next place on the pipe (called by the committer, in build order).
+    fn place(&self) -> u64 {
+        self.placed.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every flight placed before `place` has sent or given up.
+    async fn turn(&self, place: u64) {
+        let mut sent = self.sent.subscribe();
+        // The sender lives in `self`: waiting cannot fail.
+        let _ = sent.wait_for(|&done| done + 1 >= place).await;
+    }
+
+    /// The flight at `place` has sent its statement, or never will.
+    fn done_sending(&self, place: u64) {
+        self.sent.send_modify(|done| *done = (*done).max(place));
     }
 }
 
@@ -493,6 +522,18 @@ impl Drop for Pipe {
                 drop(Object::take(conn));
             }
         }
+    }
+}
+
+/// Lets the flights placed after `place` send, however its own ends.
+struct SendTurn<'a> {
+    pipe: &'a Pipe,
+    place: u64,
+}
+
+impl Drop for SendTurn<'_> {
+    fn drop(&mut self) {
+        self.pipe.done_sending(self.place);
     }
 }
 
@@ -592,20 +633,21 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                 };
                 match fast {
                     Some(Ok((args, answers))) => {
-                        let on = match pipe.as_ref().filter(|p| !p.is_broken()) {
+                        // The pipe exists exactly while flights do.
+                        let on = match &pipe {
+                            Some(on) if on.is_broken() => {
+                                // Not on another connection: there it could
+                                // start before the batch it builds on ends.
+                                // Run it once the flights are through.
+                                known = None;
+                                redo.extend(batch);
+                                continue;
+                            }
                             Some(on) => on.clone(),
-                            None => match shared.conn().await {
-                                Ok(conn) => pipe.insert(Arc::new(Pipe::new(conn))).clone(),
-                                Err(err) => {
-                                    // Not sent: what it assumed is not so.
-                                    known = None;
-                                    let answers = failed(&batch, &err);
-                                    reply(batch, answers);
-                                    continue;
-                                }
-                            },
+                            None => pipe.insert(Arc::new(Pipe::new())).clone(),
                         };
-                        let done = tokio::spawn(commit_fast(shared.clone(), on, args));
+                        let place = on.place();
+                        let done = tokio::spawn(commit_fast(shared.clone(), on, place, args));
                         flights.push_back(Flight { requests: batch, answers, done });
                     }
                     Some(Err(err)) => {
@@ -651,7 +693,7 @@ fn speculate(
     known: &mut Known,
     batch: &[Request],
 ) -> Option<Result<(CommitArgs, Answers), StoreError>> {
-    let writer = known.writer?;
+    let writer = known.writer;
     let reads = ReadSet::of(batch);
     if !reads.ranges.is_empty() || !reads.leases.is_empty() || reads.attaches_lease {
         return None;
@@ -687,7 +729,7 @@ fn speculate(
     };
     known.revision = revision;
     known.next_event = next_event;
-    known.writer = Some(args.token);
+    known.writer = args.token;
     for key in reads.keys {
         let state = view.remove(&key);
         known.set(key, state);
@@ -731,37 +773,77 @@ fn evaluate(
 
 /// One speculative batch, in one round trip: the write statement alone,
 /// which takes the lock itself, is the whole transaction (committed before
-/// its answer comes). Sent on `pipe`, behind whatever is in flight there.
+/// its answer comes). Sent on `pipe` at `place`, behind the flights placed
+/// before it.
 async fn commit_fast(
     shared: Arc<Shared>,
     pipe: Arc<Pipe>,
+    place: u64,
     args: CommitArgs,
 ) -> Result<Outcome, StoreError> {
-    let Some(conn) = pipe.conn.as_ref() else {
-        return Err(StoreError::Backend(
-            "commit connection already released".into(),
-        ));
-    };
-    let result = shared.timed(fast_on(conn, &shared, &args)).await;
-    if let Err(err) = &result {
-        if err.poisons_connection() {
-            pipe.broken.store(true, Ordering::Relaxed);
+    let result = shared.timed(fast_on(&pipe, place, &shared, &args)).await;
+    match result {
+        Ok((outcome, due)) => {
+            if due {
+                // Not on the pipe, where it would wait behind the next batch.
+                match shared.conn().await {
+                    Ok(conn) => {
+                        let applied = shared
+                            .timed(async {
+                                Written { due }.bound(&conn, &shared).await;
+                                Ok(())
+                            })
+                            .await;
+                        if let Err(err) = shared.settle(conn, applied) {
+                            tracing::warn!(%err, "applying the history bounds");
+                        }
+                    }
+                    Err(err) => tracing::warn!(%err, "applying the history bounds: no connection"),
+                }
+            }
+            Ok(outcome)
+        }
+        Err(err) => {
+            if err.poisons_connection() {
+                pipe.broken.store(true, Ordering::Relaxed);
+            }
+            Err(err.into())
         }
     }
-    result.map_err(StoreError::from)
 }
 
-async fn fast_on(conn: &Object, shared: &Shared, args: &CommitArgs) -> Result<Outcome, CallError> {
+/// Sends the batch's write statement in its turn on the pipe; answers how
+/// it ended and whether a history bound is due.
+async fn fast_on(
+    pipe: &Pipe,
+    place: u64,
+    shared: &Shared,
+    args: &CommitArgs,
+) -> Result<(Outcome, bool), CallError> {
+    let turn = SendTurn { pipe, place };
+    let conn = pipe
+        .conn
+        .get_or_try_init(|| async { shared.conn().await.map_err(CallError::Store) })
+        .await?;
+    let write = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
     let own = shared.expect_own(args.last);
-    let write = conn.prepare_cached(&shared.sql.write).await?;
-    let written = match conn.query_one(&write, &params).await {
+    pipe.turn(place).await;
+    let query = conn.query_one(&write, &params);
+    futures::pin_mut!(query);
+    // The first poll puts the statement on the connection.
+    let first = futures::poll!(query.as_mut());
+    drop(turn);
+    let answer = match first {
+        std::task::Poll::Ready(answer) => answer,
+        std::task::Poll::Pending => query.await,
+    };
+    let written = match answer {
         Ok(row) => Written::from_row(&row)?,
-        Err(err) => return refused(&err).ok_or_else(|| err.into()),
+        Err(err) => return refused(&err).map(|o| (o, false)).ok_or_else(|| err.into()),
     };
     own.committed();
-    written.bound(conn, shared).await;
-    Ok(Outcome::Committed)
+    Ok((Outcome::Committed, written.due))
 }
 
 /// One batch on the locked path; answers every request and returns what the
@@ -902,8 +984,8 @@ async fn commit_on(
 
     // What was known stays valid only if nobody wrote since.
     let mut known = match known {
-        Some(k) if k.revision == head.revision && k.writer == Some(head.writer) => k,
-        _ => Known::new(head.revision, head.next_event, Some(head.writer)),
+        Some(k) if k.revision == head.revision && k.writer == head.writer => k,
+        _ => Known::new(head.revision, head.next_event, head.writer),
     };
     let (writes, answers, next_event) =
         match evaluate(batch, &mut view, head.revision, head.next_event, &live) {
@@ -919,7 +1001,7 @@ async fn commit_on(
     } else {
         known.revision = writes.revision;
         known.next_event = next_event;
-        known.writer = Some(finish(conn, shared, &head, writes).await?);
+        known.writer = finish(conn, shared, &head, writes).await?;
     }
     for key in seen {
         let state = view.get(&key).cloned();

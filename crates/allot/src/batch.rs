@@ -337,6 +337,10 @@ impl LoadedState {
             {
                 self.in_flight.blocks.remove(&idx);
             }
+            if let Some(rev) = committed {
+                let wrote = self.in_flight.wrote.entry(idx).or_insert(0);
+                *wrote = (*wrote).max(rev);
+            }
             match committed {
                 Some(rev) if put => {
                     let known = self.block_revs.entry(idx).or_insert(0);
@@ -350,10 +354,12 @@ impl LoadedState {
                 }
             }
             // The last of ours on the block: a write seen meanwhile that is
-            // newer than what we know of it was another engine's.
+            // newer than any of ours was another engine's.
             if !self.in_flight.blocks.contains_key(&idx) {
+                let wrote = self.in_flight.wrote.remove(&idx).unwrap_or(0);
                 if let Some(seen) = self.in_flight.seen.remove(&idx) {
-                    if self.block_revs.get(&idx).is_none_or(|&known| known < seen) {
+                    let known = self.block_revs.get(&idx).copied().unwrap_or(0);
+                    if seen > wrote.max(known) {
                         self.needs_refresh.insert(idx);
                     }
                 }
@@ -902,6 +908,10 @@ pub(crate) struct InFlight {
     /// of ours on it was committing: ours, or another engine's that came
     /// after ours committed. Judged once the last of ours on it settles.
     seen: HashMap<u64, Revision>,
+    /// The newest revision at which a batch of ours wrote a block (put or
+    /// delete) while any of ours on it was committing: what `seen` is
+    /// judged against.
+    wrote: HashMap<u64, Revision>,
 }
 
 impl InFlight {
