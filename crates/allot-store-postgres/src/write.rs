@@ -26,9 +26,11 @@
 //!   the lock itself). With `max_in_flight` 1 that is all. With 2 (the
 //!   default) or more, the next batch (evaluated on top of the first,
 //!   assuming it commits) goes out at once, also as the write statement
-//!   alone, on the *same* connection (`Pipe`): PostgreSQL runs a
-//!   connection's statements in order, so it starts as soon as the first
-//!   has committed, sees its writes, and no round trip is lost in between.
+//!   alone, on the *same* connection (`Pipe`), and never before the batch
+//!   it builds on was sent there: PostgreSQL runs a connection's statements
+//!   in order, so it starts as soon as the first has committed, sees its
+//!   writes, and no round trip is lost in between. A pipe an error broke
+//!   gets no new batch while flights remain on it.
 //!   It names the batch it builds on by the token that batch writes as the
 //!   revision row's `writer`, chosen here, so known before that batch has
 //!   even reached the server. The checks make both ways safe: a batch whose
