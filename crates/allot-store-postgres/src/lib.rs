@@ -215,6 +215,7 @@ impl PostgresStore {
             next_due: Mutex::new(None),
             expiry_lock: tokio::sync::Mutex::new(()),
             expiry_wake: Notify::new(),
+            redone: std::sync::atomic::AtomicU64::new(0),
         });
 
         let conn = shared.conn().await?;
@@ -237,6 +238,23 @@ impl PostgresStore {
 
     fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// Batches this store committed speculatively that failed their checks
+    /// (nothing written) and ran again on the locked path, since it opened:
+    /// each is a sign of another writer (another server, lease expiry) or of
+    /// a key this store assumed absent. A store that is the only writer and
+    /// writes keys it created should see none.
+    ///
+    /// ```no_run
+    /// # async fn f(store: allot_store_postgres::PostgresStore) {
+    /// println!("{} batches redone", store.redone_batches());
+    /// # }
+    /// ```
+    pub fn redone_batches(&self) -> u64 {
+        self.shared()
+            .redone
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Expires leases first if this process knows a deadline has passed, so

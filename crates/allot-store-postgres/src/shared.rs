@@ -75,6 +75,9 @@ pub(crate) struct Shared {
     pub expiry_lock: tokio::sync::Mutex<()>,
     /// Wakes the expiry task when a lease is granted.
     pub expiry_wake: Notify,
+    /// Speculative batches that failed their checks and ran again on the
+    /// locked path (see `PostgresStore::redone_batches`).
+    pub redone: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {

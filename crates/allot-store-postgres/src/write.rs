@@ -609,6 +609,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                         // Nothing was written: run them again, in order
                         // (batches stacked on this one fail the same way).
                         known = None;
+                        shared.redone.fetch_add(1, Ordering::Relaxed);
                         redo.extend(flight.requests);
                     }
                     Err(err) => {
