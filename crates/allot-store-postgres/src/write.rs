@@ -317,47 +317,56 @@ async fn finish(
         conn.batch_execute("COMMIT")
     )?;
     own.committed();
-    Written::from_row(&row)?.bound(conn, shared).await;
+    if bound_due(&row)? {
+        apply_bounds(conn, shared).await;
+    }
     Ok(args.token)
 }
 
-/// What the write statement answers.
-struct Written {
-    /// A history bound was crossed: apply the bounds before acknowledging.
-    due: bool,
+/// Whether the write statement reports a history bound crossed: the bounds
+/// are applied before the write is acknowledged.
+fn bound_due(row: &Row) -> Result<bool, CallError> {
+    Ok(row.try_get(0)?)
 }
 
-impl Written {
-    fn from_row(row: &Row) -> Result<Written, CallError> {
-        Ok(Written {
-            due: row.try_get(0)?,
-        })
+/// Applies the history bounds in a transaction of its own. The write is
+/// committed whatever happens here, so a failure is only logged: the next
+/// write that finds a bound crossed tries again.
+async fn apply_bounds(conn: &Object, shared: &Shared) {
+    let limits = &shared.limits;
+    let result = async {
+        let stmt = conn.prepare_cached(&shared.sql.bound).await?;
+        conn.execute(
+            &stmt,
+            &[
+                &limits.keep_revisions,
+                &limits.revision_slack,
+                &limits.keep_events,
+            ],
+        )
+        .await
     }
+    .await;
+    if let Err(err) = result {
+        tracing::warn!(err = %StoreError::from(CallError::from(err)), "applying the history bounds failed");
+    }
+}
 
-    /// Applies the history bounds, if due, in a transaction of its own.
-    /// The write is committed whatever happens here, so a failure is only
-    /// logged: the next write that finds a bound crossed tries again.
-    async fn bound(&self, conn: &Object, shared: &Shared) {
-        if !self.due {
-            return;
+/// `apply_bounds` on a connection of its own, within the call timeout.
+async fn apply_bounds_apart(shared: &Shared) {
+    match shared.conn().await {
+        Ok(conn) => {
+            let applied = shared
+                .timed(async {
+                    apply_bounds(&conn, shared).await;
+                    Ok(())
+                })
+                .await;
+            if let Err(err) = shared.settle(conn, applied) {
+                tracing::warn!(%err, "applying the history bounds failed");
+            }
         }
-        let limits = &shared.limits;
-        let result = async {
-            let stmt = conn.prepare_cached(&shared.sql.bound).await?;
-            conn.execute(
-                &stmt,
-                &[
-                    &limits.keep_revisions,
-                    &limits.revision_slack,
-                    &limits.keep_events,
-                ],
-            )
-            .await
-        }
-        .await;
-        if let Err(err) = result {
-            tracing::warn!(err = %StoreError::from(CallError::from(err)), "applying the history bounds failed");
-        }
+        Err(err) => tracing::warn!(%err, "applying the history bounds failed: no connection"),
     }
 }
 
@@ -789,20 +798,7 @@ async fn commit_fast(
         Ok((outcome, due)) => {
             if due {
                 // Not on the pipe, where it would wait behind the next batch.
-                match shared.conn().await {
-                    Ok(conn) => {
-                        let applied = shared
-                            .timed(async {
-                                Written { due }.bound(&conn, &shared).await;
-                                Ok(())
-                            })
-                            .await;
-                        if let Err(err) = shared.settle(conn, applied) {
-                            tracing::warn!(%err, "applying the history bounds");
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, "applying the history bounds: no connection"),
-                }
+                apply_bounds_apart(&shared).await;
             }
             Ok(outcome)
         }
@@ -841,12 +837,12 @@ async fn fast_on(
         std::task::Poll::Ready(answer) => answer,
         std::task::Poll::Pending => query.await,
     };
-    let written = match answer {
-        Ok(row) => Written::from_row(&row)?,
+    let due = match answer {
+        Ok(row) => bound_due(&row)?,
         Err(err) => return refused(&err).map(|o| (o, false)).ok_or_else(|| err.into()),
     };
     own.committed();
-    Ok((Outcome::Committed, written.due))
+    Ok((Outcome::Committed, due))
 }
 
 /// One batch on the locked path; answers every request and returns what the

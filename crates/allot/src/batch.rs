@@ -337,10 +337,6 @@ impl LoadedState {
             {
                 self.in_flight.blocks.remove(&idx);
             }
-            if let Some(rev) = committed {
-                let wrote = self.in_flight.wrote.entry(idx).or_insert(0);
-                *wrote = (*wrote).max(rev);
-            }
             match committed {
                 Some(rev) if put => {
                     let known = self.block_revs.entry(idx).or_insert(0);
@@ -353,13 +349,13 @@ impl LoadedState {
                     self.needs_refresh.insert(idx);
                 }
             }
-            // The last of ours on the block: a write seen meanwhile that is
-            // newer than any of ours was another engine's.
+            // The last of ours on the block (the newest: batches of a pool
+            // commit in the order they were sent, see `MAX_IN_FLIGHT`): a
+            // write seen meanwhile that is newer than this one's was another
+            // engine's. (A batch that failed re-reads the block anyway.)
             if !self.in_flight.blocks.contains_key(&idx) {
-                let wrote = self.in_flight.wrote.remove(&idx).unwrap_or(0);
                 if let Some(seen) = self.in_flight.seen.remove(&idx) {
-                    let known = self.block_revs.get(&idx).copied().unwrap_or(0);
-                    if seen > wrote.max(known) {
+                    if committed.is_some_and(|rev| seen > rev) {
                         self.needs_refresh.insert(idx);
                     }
                 }
@@ -908,10 +904,6 @@ pub(crate) struct InFlight {
     /// of ours on it was committing: ours, or another engine's that came
     /// after ours committed. Judged once the last of ours on it settles.
     seen: HashMap<u64, Revision>,
-    /// The newest revision at which a batch of ours wrote a block (put or
-    /// delete) while any of ours on it was committing: what `seen` is
-    /// judged against.
-    wrote: HashMap<u64, Revision>,
 }
 
 impl InFlight {
