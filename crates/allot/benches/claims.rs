@@ -65,6 +65,9 @@
 //! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 2]: the PostgreSQL
 //!   store's `max_in_flight` (0: every commit on the locked two-round-trip
 //!   path, as before speculative commits; for A/B runs);
+//! - `ALLOT_BENCH_PG_VACUUM` [1]: `VACUUM (ANALYZE)` both PostgreSQL stores of
+//!   the bulk part after the fill, before measuring, as autovacuum would
+//!   soon after a load (0: measure at once after the fill);
 //! - `ALLOT_BENCH_PG_DELAY_US` [0]: hold every chunk between the stores and
 //!   PostgreSQL this long in each direction (a proxy, `claims/delay_proxy.rs`;
 //!   tokio's timer rounds it up to whole milliseconds), as if the database
@@ -1100,6 +1103,30 @@ async fn bulk_round(allot: &Allot, pool: &str, count: u64, reqs: usize) -> Vec<D
     out
 }
 
+/// `VACUUM (ANALYZE)` on a PostgreSQL store's database, as autovacuum
+/// does within its naptime (1 min by default) of a bulk load: the steady
+/// state the target is about. Measured at once after a 200k fill, the
+/// filled store's claim(100) p50 was 3-29% slower than the empty one's
+/// (median 12%), after this vacuum 3-11% (median 4%); the cause inside
+/// PostgreSQL is not pinned down (no autovacuum worker ran during those
+/// measurements; BENCHMARKS.md §6 round 8).
+async fn vacuum(store: &Opened) {
+    let Some(url) = store.pg_url() else { return };
+    let started = Instant::now();
+    let client = skip_locked::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url} to vacuum: {e}"));
+    client
+        .batch_execute("VACUUM (ANALYZE)")
+        .await
+        .unwrap_or_else(|e| panic!("VACUUM (ANALYZE) on {url}: {e}"));
+    println!(
+        "bulk: VACUUM (ANALYZE) of {}: {:.1} s",
+        store.path.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 async fn bulk(backend: Backend, cfg: &Config, dir: &Path) {
     let empty = Opened::open(backend, dir, "bulk-empty").await;
     let full = Opened::open(backend, dir, "bulk-filled").await;
@@ -1118,6 +1145,11 @@ async fn bulk(backend: Backend, cfg: &Config, dir: &Path) {
         cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
         mib(full.size_mib().await)
     );
+    if backend == Backend::Postgres && env_or("ALLOT_BENCH_PG_VACUUM", 1u8) != 0 {
+        for store in [&empty, &full] {
+            vacuum(store).await;
+        }
+    }
     for a in [&empty.allot, &full.allot] {
         a.create_pool("bulk", range_spec(), BTreeMap::new())
             .await
