@@ -115,6 +115,8 @@ struct Config {
     fill_pools: u64,
     fill_chunk: Option<u64>,
     fill_tasks: usize,
+    /// `VACUUM (ANALYZE)` the PostgreSQL stores after the bulk fill.
+    pg_vacuum: bool,
     bulk_reqs: usize,
     bulk_count: u64,
     rounds: usize,
@@ -209,6 +211,7 @@ impl Config {
                 .ok()
                 .map(|_| env_or("ALLOT_BENCH_FILL_CHUNK", 0u64)),
             fill_tasks: env_or("ALLOT_BENCH_FILL_TASKS", 2usize).max(1),
+            pg_vacuum: env_or("ALLOT_BENCH_PG_VACUUM", 1u8) != 0,
             bulk_reqs: env_or("ALLOT_BENCH_BULK_REQS", 2000usize).max(1),
             bulk_count: env_or("ALLOT_BENCH_BULK_COUNT", 100),
             rounds: env_or("ALLOT_BENCH_ROUNDS", 10usize).max(1),
@@ -1105,9 +1108,9 @@ async fn bulk_round(allot: &Allot, pool: &str, count: u64, reqs: usize) -> Vec<D
 
 /// `VACUUM (ANALYZE)` on a PostgreSQL store's database, as autovacuum
 /// does within its naptime (1 min by default) of a bulk load: the steady
-/// state the target is about. Measured at once after a 200k fill, the
+/// state the target is about. In alternated runs after a 200k fill, the
 /// filled store's claim(100) p50 was 3-29% slower than the empty one's
-/// (median 12%), after this vacuum 3-11% (median 4%); the cause inside
+/// without it (median 8%), 3-11% with it (median 4%); the cause inside
 /// PostgreSQL is not pinned down (no autovacuum worker ran during those
 /// measurements; BENCHMARKS.md §6 round 8).
 async fn vacuum(store: &Opened) {
@@ -1122,7 +1125,7 @@ async fn vacuum(store: &Opened) {
         .unwrap_or_else(|e| panic!("VACUUM (ANALYZE) on {url}: {e}"));
     println!(
         "bulk: VACUUM (ANALYZE) of {}: {:.1} s",
-        store.path.display(),
+        store.path.file_stem().unwrap_or_default().to_string_lossy(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -1145,7 +1148,7 @@ async fn bulk(backend: Backend, cfg: &Config, dir: &Path) {
         cfg.fill as f64 / fill_time.as_secs_f64().max(1e-9),
         mib(full.size_mib().await)
     );
-    if backend == Backend::Postgres && env_or("ALLOT_BENCH_PG_VACUUM", 1u8) != 0 {
+    if backend == Backend::Postgres && cfg.pg_vacuum {
         for store in [&empty, &full] {
             vacuum(store).await;
         }
