@@ -318,7 +318,9 @@ async fn finish(
     )?;
     own.committed();
     if bound_due(&row)? {
-        apply_bounds(conn, shared).await;
+        if let Err(err) = apply_bounds(conn, shared).await {
+            bounds_failed(&err.into());
+        }
     }
     Ok(args.token)
 }
@@ -329,44 +331,40 @@ fn bound_due(row: &Row) -> Result<bool, CallError> {
     Ok(row.try_get(0)?)
 }
 
-/// Applies the history bounds in a transaction of its own. The write is
-/// committed whatever happens here, so a failure is only logged: the next
-/// write that finds a bound crossed tries again.
-async fn apply_bounds(conn: &Object, shared: &Shared) {
+/// Applies the history bounds in a transaction of its own.
+async fn apply_bounds(conn: &Object, shared: &Shared) -> Result<(), CallError> {
     let limits = &shared.limits;
-    let result = async {
-        let stmt = conn.prepare_cached(&shared.sql.bound).await?;
-        conn.execute(
-            &stmt,
-            &[
-                &limits.keep_revisions,
-                &limits.revision_slack,
-                &limits.keep_events,
-            ],
-        )
-        .await
-    }
-    .await;
-    if let Err(err) = result {
-        tracing::warn!(err = %StoreError::from(CallError::from(err)), "applying the history bounds failed");
-    }
+    let stmt = conn.prepare_cached(&shared.sql.bound).await?;
+    conn.execute(
+        &stmt,
+        &[
+            &limits.keep_revisions,
+            &limits.revision_slack,
+            &limits.keep_events,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The write is committed whatever happens to its history bounds, so a
+/// failure is only logged: the next write that finds a bound crossed tries
+/// again.
+fn bounds_failed(err: &StoreError) {
+    tracing::warn!(%err, "applying the history bounds failed");
 }
 
 /// `apply_bounds` on a connection of its own, within the call timeout.
 async fn apply_bounds_apart(shared: &Shared) {
-    match shared.conn().await {
+    let result = match shared.conn().await {
         Ok(conn) => {
-            let applied = shared
-                .timed(async {
-                    apply_bounds(&conn, shared).await;
-                    Ok(())
-                })
-                .await;
-            if let Err(err) = shared.settle(conn, applied) {
-                tracing::warn!(%err, "applying the history bounds failed");
-            }
+            let applied = shared.timed(apply_bounds(&conn, shared)).await;
+            shared.settle(conn, applied)
         }
-        Err(err) => tracing::warn!(%err, "applying the history bounds failed: no connection"),
+        Err(err) => Err(err),
+    };
+    if let Err(err) = result {
+        bounds_failed(&err);
     }
 }
 
