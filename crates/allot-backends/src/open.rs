@@ -109,7 +109,16 @@ impl Backend {
                 schema,
                 pool_size,
             } => {
-                let mut options = PostgresOptions::default();
+                let mut options = PostgresOptions {
+                    // The engine's watches are all it needs history for.
+                    history_prefixes: Some(
+                        allot::keys::WATCHED_PREFIXES
+                            .iter()
+                            .map(|p| p.to_vec())
+                            .collect(),
+                    ),
+                    ..PostgresOptions::default()
+                };
                 if let Some(schema) = schema {
                     options.schema = schema.clone();
                 }

@@ -33,6 +33,7 @@
 //! (PostgreSQL's b-tree index entry limit), values at most 1 GiB.
 
 mod error;
+mod history;
 mod schema;
 mod shared;
 #[cfg(feature = "testing")]
@@ -101,6 +102,23 @@ pub struct PostgresOptions {
     /// How often idle watchers look at the log even without a notification,
     /// and the longest the lease expiry task sleeps (default 1 s).
     pub poll_interval: Duration,
+    /// The key prefixes whose changes this client needs watch history of
+    /// (`None`, the default: every key). The database records the union of
+    /// what its clients asked for, from the revision each prefix was first
+    /// asked for on; a watch of keys outside it fails with
+    /// [`StoreError::Invalid`], and one starting before that revision as
+    /// compacted. Changes of other keys get no log row: a write is cheaper
+    /// (the engine asks only for what it watches, see
+    /// `allot::keys::WATCHED_PREFIXES`).
+    ///
+    /// ```
+    /// let options = allot_store_postgres::PostgresOptions {
+    ///     history_prefixes: Some(vec![b"e/".to_vec(), b"m/".to_vec()]),
+    ///     ..Default::default()
+    /// };
+    /// # let _ = options;
+    /// ```
+    pub history_prefixes: Option<Vec<Vec<u8>>>,
 }
 
 impl Default for PostgresOptions {
@@ -114,6 +132,7 @@ impl Default for PostgresOptions {
             max_batch: 1024,
             max_in_flight: 2,
             poll_interval: Duration::from_secs(1),
+            history_prefixes: None,
         }
     }
 }
@@ -220,6 +239,12 @@ impl PostgresStore {
 
         let conn = shared.conn().await?;
         let result = shared.timed(schema::migrate(&conn, &options.schema)).await;
+        shared.settle(conn, result)?;
+        let wanted = options.history_prefixes.unwrap_or_else(|| vec![Vec::new()]);
+        let conn = shared.conn().await?;
+        let result = shared
+            .timed(write::widen_history(&conn, &shared, &wanted))
+            .await;
         shared.settle(conn, result)?;
 
         let (txns, queue) = mpsc::channel(limits.max_batch * 4);

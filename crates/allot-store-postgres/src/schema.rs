@@ -5,7 +5,7 @@
 //! - `allot_schema_version`: one row, the version of the layout below;
 //! - `allot_revision`: one row, the store revision and the bookkeeping of the
 //!   history (oldest retained revision, number of retained events, sequence
-//!   number of the next event). Every writing transaction locks this row
+//!   number of the next event, the history scope). Every writing transaction locks this row
 //!   first (`SELECT ... FOR UPDATE`) and updates it, so writers are
 //!   serialized and revisions commit in order: a reader can never see
 //!   revision N+1 without N;
@@ -13,7 +13,8 @@
 //! - `allot_log`: the change log watches replay, one row per event, keyed by
 //!   `(revision, seq)` where `seq` numbers events across the whole store
 //!   without gaps, so a watcher notices when history it still needs was
-//!   compacted away;
+//!   compacted away. Only changes of keys under the recorded prefixes
+//!   (`allot_revision.history_prefixes`, schema v5, `history.rs`) have rows;
 //! - `allot_leases`: live leases with their TTL and deadline, judged by the
 //!   database clock (`clock_timestamp()`), so every server agrees on them.
 //!
@@ -30,7 +31,7 @@ use deadpool_postgres::Object;
 use crate::error::{CallError, PgError};
 
 /// The layout version this build writes and reads.
-pub(crate) const SCHEMA_VERSION: i32 = 4;
+pub(crate) const SCHEMA_VERSION: i32 = 5;
 
 /// Migration `i` (0-based) brings a schema from version `i` to `i + 1`.
 /// `{s}` stands for the quoted schema name.
@@ -438,6 +439,20 @@ BEGIN
 END
 $$;
 "#,
+    r#"
+-- v5 records history only for the key prefixes clients ask for (see
+-- history.rs): each prefix with the first revision recorded under it, and a
+-- version every write checks. A store already written to has recorded every
+-- key (the empty prefix) from its oldest retained revision on; a new one
+-- records nothing until a client widens the scope as it connects.
+ALTER TABLE {s}.allot_revision
+    ADD COLUMN history_prefixes bytea[] NOT NULL DEFAULT '{}',
+    ADD COLUMN history_since bigint[] NOT NULL DEFAULT '{}',
+    ADD COLUMN history_version bigint NOT NULL DEFAULT 0;
+UPDATE {s}.allot_revision
+   SET history_prefixes = ARRAY[''::bytea], history_since = ARRAY[oldest]
+ WHERE revision > 1;
+"#,
 ];
 
 /// Checks that `schema` is a plain lower-case identifier, so that it can be
@@ -554,6 +569,8 @@ pub(crate) struct Sql {
     /// The notification channel of this store.
     pub channel: String,
     pub lock_head: String,
+    /// Sets the history scope (`history.rs`); the revision row is locked.
+    pub widen_history: String,
     pub current_revision: String,
     pub get: String,
     pub get_many: String,
@@ -586,8 +603,13 @@ impl Sql {
         Sql {
             channel: format!("allot_{s}"),
             lock_head: format!(
-                "SELECT revision, oldest, history_events, next_event, writer \
+                "SELECT revision, oldest, history_events, next_event, writer, \
+                   history_prefixes, history_since, history_version \
                  FROM {s}.allot_revision FOR UPDATE"
+            ),
+            widen_history: format!(
+                "UPDATE {s}.allot_revision SET history_prefixes = $1::bytea[], \
+                   history_since = $2::int8[], history_version = history_version + 1"
             ),
             current_revision: format!("SELECT revision FROM {s}.allot_revision"),
             get: format!("SELECT {kv} FROM {s}.allot_kv WHERE key = $1"),
@@ -649,7 +671,8 @@ impl Sql {
             watch_start: format!(
                 "SELECT revision, oldest, next_event, \
                    (SELECT seq FROM {s}.allot_log WHERE revision >= $1 \
-                    ORDER BY revision, seq LIMIT 1) \
+                    ORDER BY revision, seq LIMIT 1), \
+                   history_prefixes, history_since, history_version \
                  FROM {s}.allot_revision"
             ),
             // One page of the log after a position, with the bookkeeping of
@@ -682,7 +705,10 @@ impl Sql {
 /// it. A key assumed absent is inserted plainly: its unique_violation
 /// (23505) is the check. `writer` becomes `$31`, a token the committer
 /// chose, so a batch sent behind this one can name it before this one has
-/// even reached the server. Answers whether a history bound was crossed.
+/// even reached the server. `$32` is the history scope's version the
+/// batch's log rows were chosen by (`history.rs`): a scope widened since
+/// refuses the batch like a moved revision. Answers whether a history bound
+/// was crossed.
 ///
 /// The key checks read the statement's snapshot. It holds every committed
 /// write when the revision row is as assumed: a batch is sent either when
@@ -692,7 +718,8 @@ fn write_statement(s: &str) -> String {
     let kv = KV_COLUMNS;
     format!(
         "WITH head AS ( \
-           SELECT revision = $1::int8 AND writer = $2::int8 AS ok \
+           SELECT revision = $1::int8 AND writer = $2::int8 \
+             AND history_version = $32::int8 AS ok \
            FROM {s}.allot_revision FOR UPDATE), \
          go AS ( \
            SELECT h.ok AND NOT EXISTS ( \

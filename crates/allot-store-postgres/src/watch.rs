@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::error::{CallError, PgError};
+use crate::history::HistoryScope;
 use crate::shared::{to_i64, to_u64, Shared, Signal};
 
 /// Log rows read per query.
@@ -51,10 +52,25 @@ pub(crate) async fn start(
             let oldest = to_u64(row.try_get(1)?, "oldest revision")?;
             let next_event: i64 = row.try_get(2)?;
             let first_seq: Option<i64> = row.try_get(3)?;
-            Ok::<_, CallError>((current, oldest, next_event, first_seq))
+            let history = HistoryScope::from_row(&row, 4)?;
+            Ok::<_, CallError>((current, oldest, next_event, first_seq, history))
         })
         .await;
-    let (current, oldest, next_event, first_seq) = shared.settle(conn, result)?;
+    let (current, oldest, next_event, first_seq, history) = shared.settle(conn, result)?;
+    // Only changes under recorded prefixes are in the log (`history.rs`).
+    let mut oldest = oldest;
+    for prefix in prefixes.iter() {
+        match history.complete_from(prefix) {
+            Some(since) => oldest = oldest.max(since),
+            None => {
+                return Err(StoreError::Invalid(format!(
+                    "this PostgreSQL store keeps no watch history for keys under {:?}: \
+                     connect with it in PostgresOptions::history_prefixes to record it",
+                    String::from_utf8_lossy(prefix)
+                )))
+            }
+        }
+    }
     let (start, next_seq) = if from == 0 {
         (current + 1, next_event)
     } else if from > current + 1 {

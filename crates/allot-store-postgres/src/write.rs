@@ -63,10 +63,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::error::CallError;
+use crate::history::HistoryScope;
 use crate::shared::{copy_error, kv_at, to_i64, to_u64, Limits, Shared};
 
 /// The revision row, as locked by a writing transaction.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Head {
     pub revision: Revision,
     pub oldest: Revision,
@@ -75,6 +76,8 @@ pub(crate) struct Head {
     /// Who made `revision`: the token of its batch (see `token`), the
     /// PostgreSQL transaction id if a server of an earlier build did, or 0.
     pub writer: i64,
+    /// Which keys' changes the log records.
+    pub history: Arc<HistoryScope>,
 }
 
 impl Head {
@@ -84,6 +87,7 @@ impl Head {
             oldest: to_u64(row.try_get(1)?, "oldest revision")?,
             next_event: row.try_get(3)?,
             writer: row.try_get(4)?,
+            history: Arc::new(HistoryScope::from_row(row, 5)?),
         })
     }
 }
@@ -110,17 +114,21 @@ struct Writes {
 }
 
 impl Writes {
+    /// Whether no transaction wrote (a write outside the recorded history
+    /// still counts: it has a revision, only no log row).
     fn is_empty(&self) -> bool {
-        self.log_seq.is_empty()
+        self.revision == 0
     }
 
     /// Adds one evaluated transaction that wrote something, updating the
-    /// batch's view of the key space so later transactions see it.
+    /// batch's view of the key space so later transactions see it. Only
+    /// events of keys `history` records get log rows.
     fn add(
         &mut self,
         applied: Applied,
         view: &mut BTreeMap<Vec<u8>, KeyValue>,
         next_event: &mut i64,
+        history: &HistoryScope,
     ) -> Result<(), StoreError> {
         for change in applied.changes {
             let prior = view.get(&change.key).map_or(0, |kv| kv.mod_revision);
@@ -134,6 +142,9 @@ impl Writes {
         for event in applied.events {
             let kv = event.kv;
             self.revision = kv.mod_revision;
+            if !history.records(&kv.key) {
+                continue;
+            }
             self.log_revision.push(to_i64(kv.mod_revision, "revision")?);
             self.log_seq.push(*next_event);
             *next_event += 1;
@@ -204,6 +215,8 @@ struct CommitArgs {
     token: i64,
     /// The last revision written, to publish once committed.
     last: Revision,
+    /// The version of the history scope the log rows were chosen by.
+    history_version: i64,
 }
 
 impl CommitArgs {
@@ -215,6 +228,7 @@ impl CommitArgs {
         expected: Revision,
         writer: i64,
         checks: Vec<(Vec<u8>, i64)>,
+        history_version: i64,
     ) -> Result<CommitArgs, StoreError> {
         let mut args = CommitArgs {
             expected: to_i64(expected, "revision")?,
@@ -228,6 +242,7 @@ impl CommitArgs {
             token: token(),
             last: writes.revision,
             log: Writes::default(),
+            history_version,
         };
         let mut inserted = BTreeSet::new();
         for (key, state) in std::mem::take(&mut writes.keys) {
@@ -255,7 +270,7 @@ impl CommitArgs {
         &'a self,
         limits: &'a Limits,
         channel: &'a String,
-    ) -> [&'a (dyn ToSql + Sync); 31] {
+    ) -> [&'a (dyn ToSql + Sync); 32] {
         let log = &self.log;
         let (ins, ups) = (&self.inserts, &self.upserts);
         [
@@ -290,6 +305,7 @@ impl CommitArgs {
             &limits.keep_events,
             channel,
             &self.token,
+            &self.history_version,
         ]
     }
 }
@@ -306,7 +322,13 @@ async fn finish(
     head: &Head,
     writes: Writes,
 ) -> Result<i64, CallError> {
-    let args = CommitArgs::new(writes, head.revision, head.writer, Vec::new())?;
+    let args = CommitArgs::new(
+        writes,
+        head.revision,
+        head.writer,
+        Vec::new(),
+        head.history.version,
+    )?;
     let commit = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
     let own = shared.expect_own(args.last);
@@ -431,16 +453,19 @@ struct Known {
     /// Keys as of `revision` (`None`: absent).
     keys: HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
+    /// The history scope as last read under the lock.
+    history: Arc<HistoryScope>,
 }
 
 impl Known {
-    fn new(revision: Revision, next_event: i64, writer: i64) -> Known {
+    fn new(head: &Head) -> Known {
         Known {
-            revision,
-            next_event,
-            writer,
+            revision: head.revision,
+            next_event: head.next_event,
+            writer: head.writer,
             keys: HashMap::new(),
             bytes: 0,
+            history: head.history.clone(),
         }
     }
 
@@ -725,6 +750,7 @@ fn speculate(
         known.revision,
         known.next_event,
         &HashSet::new(),
+        &known.history,
     ) {
         Ok(done) => done,
         Err(err) => return Some(Err(err)),
@@ -733,7 +759,13 @@ fn speculate(
         return None;
     }
     let revision = writes.revision;
-    let args = match CommitArgs::new(writes, known.revision, writer, checks) {
+    let args = match CommitArgs::new(
+        writes,
+        known.revision,
+        writer,
+        checks,
+        known.history.version,
+    ) {
         Ok(args) => args,
         Err(err) => return Some(Err(err)),
     };
@@ -759,6 +791,7 @@ fn evaluate(
     base: Revision,
     next_event: i64,
     live: &HashSet<LeaseId>,
+    history: &HistoryScope,
 ) -> Result<(Writes, Answers, i64), StoreError> {
     let mut revision = base;
     let mut next_event = next_event;
@@ -770,7 +803,7 @@ fn evaluate(
                 let response = applied.response.clone();
                 if let Some(written) = applied.write_revision() {
                     revision = written;
-                    writes.add(applied, view, &mut next_event)?;
+                    writes.add(applied, view, &mut next_event, history)?;
                 }
                 Ok(response)
             }
@@ -981,17 +1014,29 @@ async fn commit_on(
 
     // What was known stays valid only if nobody wrote since.
     let mut known = match known {
-        Some(k) if k.revision == head.revision && k.writer == head.writer => k,
-        _ => Known::new(head.revision, head.next_event, head.writer),
+        Some(k)
+            if k.revision == head.revision
+                && k.writer == head.writer
+                && k.history.version == head.history.version =>
+        {
+            k
+        }
+        _ => Known::new(&head),
     };
-    let (writes, answers, next_event) =
-        match evaluate(batch, &mut view, head.revision, head.next_event, &live) {
-            Ok(done) => done,
-            Err(err) => {
-                conn.batch_execute("ROLLBACK").await?;
-                return Ok((failed(batch, &err), None));
-            }
-        };
+    let (writes, answers, next_event) = match evaluate(
+        batch,
+        &mut view,
+        head.revision,
+        head.next_event,
+        &live,
+        &head.history,
+    ) {
+        Ok(done) => done,
+        Err(err) => {
+            conn.batch_execute("ROLLBACK").await?;
+            return Ok((failed(batch, &err), None));
+        }
+    };
     if writes.is_empty() {
         // Nothing to make durable: no commit (and no WAL flush) needed.
         conn.batch_execute("ROLLBACK").await?;
@@ -1034,7 +1079,7 @@ async fn delete_lease_keys(
     let applied = apply_txn(&view, &txn, head.revision, |_| true)?;
     let mut writes = Writes::default();
     let mut next_event = head.next_event;
-    writes.add(applied, &mut view, &mut next_event)?;
+    writes.add(applied, &mut view, &mut next_event, &head.history)?;
     finish(conn, shared, &head, writes).await.map(|_| ())
 }
 
@@ -1120,6 +1165,50 @@ async fn expire_on(conn: &Object, shared: &Shared) -> Result<Option<f64>, CallEr
         delete_lease_keys(conn, shared, Head::from_row(&head)?, &rows).await?;
     }
     next_deadline(conn, shared).await
+}
+
+// ---------------------------------------------------------------- history
+
+/// Widens the history scope to record changes under `wanted` too (see
+/// `history.rs`), from the next revision on; a no-op if it already does.
+/// Under the revision row lock, so every write after it has the new scope
+/// (a write built on the old one fails its version check and runs again).
+pub(crate) async fn widen_history(
+    conn: &Object,
+    shared: &Shared,
+    wanted: &[Vec<u8>],
+) -> Result<(), CallError> {
+    in_txn(conn, widen_on(conn, shared, wanted)).await
+}
+
+async fn widen_on(conn: &Object, shared: &Shared, wanted: &[Vec<u8>]) -> Result<(), CallError> {
+    let (lock, widen) = futures::try_join!(
+        conn.prepare_cached(&shared.sql.lock_head),
+        conn.prepare_cached(&shared.sql.widen_history),
+    )?;
+    let (_, head) = futures::try_join!(conn.batch_execute("BEGIN"), conn.query_one(&lock, &[]))?;
+    let head = Head::from_row(&head)?;
+    // Revision 1 is the empty store's: nothing was written, so nothing was
+    // left out of the log.
+    let since = if head.revision <= 1 {
+        1
+    } else {
+        head.revision + 1
+    };
+    match head.history.widened(wanted, since) {
+        Some((prefixes, since)) => {
+            tracing::info!(
+                prefixes = ?wanted.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>(),
+                "recording watch history for more key prefixes"
+            );
+            futures::try_join!(
+                async { conn.execute(&widen, &[&prefixes, &since]).await },
+                conn.batch_execute("COMMIT")
+            )?;
+        }
+        None => conn.batch_execute("ROLLBACK").await?,
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- compaction

@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use allot_store::conformance::{key_of, next_event, outage_and_reconnect, put, value, CALL_BOUND};
+use allot_store::conformance::{
+    key_of, next_event, next_events, outage_and_reconnect, put, summary, value, CALL_BOUND,
+};
 use allot_store::{Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
 use allot_store_postgres::testing::{fresh_store, shared_server, unique_schema};
 use allot_store_postgres::{PostgresOptions, PostgresStore, MAX_KEY_LEN};
@@ -214,22 +216,41 @@ async fn schema_is_versioned_and_a_newer_one_refused() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
 
     // A schema left at version 2 by an earlier build is brought up to date
     // on connect, its data kept and written through the new statement.
     raw.batch_execute(&format!(
         "DROP FUNCTION {schema}.allot_refuse; DROP FUNCTION {schema}.allot_bound; \
          DROP FUNCTION {schema}.allot_write; \
+         ALTER TABLE {schema}.allot_revision DROP COLUMN history_prefixes, \
+           DROP COLUMN history_since, DROP COLUMN history_version; \
          UPDATE {schema}.allot_schema_version SET version = 2"
     ))
     .await
     .unwrap();
-    let s = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    // A client asking for the history of one prefix only: the upgraded
+    // store has logged every key so far, and keeps doing so.
+    let s = PostgresStore::connect(
+        &url,
+        PostgresOptions {
+            history_prefixes: Some(vec![b"x/".to_vec()]),
+            ..options(&schema)
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(value(&s, "k").await.as_deref(), Some("v"));
     assert_eq!(put(&s, "k", "v2").await, 3);
+    let mut all = s.watch(b"", 1).await.unwrap();
+    let events = next_events(&mut all, 2).await;
+    assert_eq!(
+        summary(&events),
+        [
+            (EventKind::Put, "k".into(), 2),
+            (EventKind::Put, "k".into(), 3)
+        ]
+    );
     drop(s);
 
     raw.execute(
@@ -245,6 +266,88 @@ async fn schema_is_versioned_and_a_newer_one_refused() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// How many events the log holds.
+async fn log_rows(raw: &tokio_postgres::Client, schema: &str) -> i64 {
+    raw.query_one(&format!("SELECT count(*) FROM {schema}.allot_log"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_logged_only_under_the_prefixes_clients_ask_for() {
+    let url = shared_url().await;
+    let schema = unique_schema();
+    let raw = raw_client(&url).await;
+    let a = PostgresStore::connect(
+        &url,
+        PostgresOptions {
+            history_prefixes: Some(vec![b"a/".to_vec()]),
+            ..options(&schema)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(put(&a, "a/1", "x").await, 2);
+    assert_eq!(put(&a, "b/1", "x").await, 3);
+    let both = Txn::new()
+        .then(Op::put("a/2", "y"))
+        .then(Op::put("b/2", "y"));
+    assert_eq!(a.txn(both).await.unwrap().revision, 4);
+    // Revisions as always; log rows for a/ only.
+    assert_eq!(a.current_revision().await.unwrap(), 4);
+    assert_eq!(value(&a, "b/2").await.as_deref(), Some("y"));
+    assert_eq!(log_rows(&raw, &schema).await, 2);
+    let mut under_a = a.watch(b"a/", 1).await.unwrap();
+    assert_eq!(
+        summary(&next_events(&mut under_a, 2).await),
+        [
+            (EventKind::Put, "a/1".into(), 2),
+            (EventKind::Put, "a/2".into(), 4)
+        ]
+    );
+    // Keys outside the recorded prefixes cannot be watched: an error, not
+    // a stream that stays silent.
+    for outside in [&b"b/"[..], b"", b"a"] {
+        match a.watch(outside, 0).await {
+            Err(StoreError::Invalid(message)) => {
+                assert!(message.contains("history_prefixes"), "{message}")
+            }
+            Err(other) => panic!("expected a refusal, got {other:?}"),
+            Ok(_) => panic!("a watch of {outside:?} was accepted"),
+        }
+    }
+
+    // Another client asking for every key widens the scope from the next
+    // revision on: earlier history of b/ is gone, as if compacted.
+    let b = PostgresStore::connect(&url, options(&schema))
+        .await
+        .unwrap();
+    match b.watch(b"b/", 1).await {
+        Err(StoreError::Compacted { requested, oldest }) => {
+            assert_eq!((requested, oldest), (1, 5));
+        }
+        Err(other) => panic!("expected compacted, got {other:?}"),
+        Ok(_) => panic!("a watch of b/ from before it was recorded was accepted"),
+    }
+    let mut under_b = b.watch(b"b/", 5).await.unwrap();
+    // `a` still holds the old scope: its next write is refused by the
+    // version check and runs again with the new one, so it is logged.
+    assert_eq!(put(&a, "b/3", "z").await, 5);
+    assert_eq!(put(&b, "b/4", "z").await, 6);
+    assert_eq!(
+        summary(&next_events(&mut under_b, 2).await),
+        [
+            (EventKind::Put, "b/3".into(), 5),
+            (EventKind::Put, "b/4".into(), 6)
+        ]
+    );
+    // a/ stays complete from the start.
+    let mut again = b.watch(b"a/", 1).await.unwrap();
+    assert_eq!(key_of(&next_event(&mut again).await), "a/1");
+    assert_eq!(log_rows(&raw, &schema).await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

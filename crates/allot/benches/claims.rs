@@ -65,6 +65,9 @@
 //! - `ALLOT_BENCH_PG_IN_FLIGHT` [the store's default, 2]: the PostgreSQL
 //!   store's `max_in_flight` (0: every commit on the locked two-round-trip
 //!   path, as before speculative commits; for A/B runs);
+//! - `ALLOT_BENCH_PG_HISTORY` [engine]: which keys' changes the PostgreSQL
+//!   store logs for watches: `engine`, the engine's watched prefixes, as
+//!   `allot serve` opens it; `all`, every key (as before schema v5; A/B);
 //! - `ALLOT_BENCH_PG_VACUUM` [1]: `VACUUM (ANALYZE)` both PostgreSQL stores of
 //!   the bulk part after the fill, before measuring, as autovacuum would
 //!   soon after a load (0: measure at once after the fill);
@@ -372,12 +375,24 @@ struct Opened {
 }
 
 /// A store on the bench's PostgreSQL server with the bench's options
-/// (`ALLOT_BENCH_PG_IN_FLIGHT`), through a delaying proxy when
+/// (`ALLOT_BENCH_PG_IN_FLIGHT`, `ALLOT_BENCH_PG_HISTORY`), through a delaying proxy when
 /// `ALLOT_BENCH_PG_DELAY_US` is set.
 async fn pg_store(server: &PgServer) -> Result<PostgresStore, String> {
     let defaults = PostgresOptions::default();
+    // As `allot serve` opens it: history of the watched prefixes only;
+    // ALLOT_BENCH_PG_HISTORY=all records every key, as before schema v5.
+    let history_prefixes = match std::env::var("ALLOT_BENCH_PG_HISTORY").as_deref() {
+        Ok("all") => None,
+        Ok("engine") | Err(_) => Some(allot::keys::WATCHED_PREFIXES.map(<[u8]>::to_vec).to_vec()),
+        Ok(other) => {
+            return Err(format!(
+                "ALLOT_BENCH_PG_HISTORY={other:?}: use all or engine"
+            ))
+        }
+    };
     let options = PostgresOptions {
         max_in_flight: env_or("ALLOT_BENCH_PG_IN_FLIGHT", defaults.max_in_flight),
+        history_prefixes,
         ..defaults
     };
     let mut url = server.url();

@@ -16,6 +16,24 @@
 //! | `mi/{member}`               | last incarnation (u64 LE)   |
 //! | `o/{pool}/{block: u64 BE}`  | block owner + epoch (JSON)  |
 //! | `t/{pool}`                  | turn request: engine id (u64 LE) |
+//!
+//! The engine watches only the prefixes of [`WATCHED_PREFIXES`].
+
+/// Every prefix the engine watches: its change stream (`e/`, `m/`), the
+/// follower of other writers (`b/`, `p/`, `t/`) and the owner map (`p/`,
+/// `m/`, `o/`). A store that can record watch history selectively needs it
+/// for these only; the others (claim records, keys, answers, ...) are read,
+/// never watched. The PostgreSQL store opened by `allot-backends` records
+/// just these (`PostgresOptions::history_prefixes`), and a watch outside
+/// them fails there, which the engine's tests on PostgreSQL would catch.
+pub const WATCHED_PREFIXES: [&[u8]; 6] = [
+    POOLS_PREFIX,
+    BLOCKS_PREFIX,
+    EVENTS_PREFIX,
+    MEMBERS_PREFIX,
+    OWNERS_PREFIX,
+    TURNS_PREFIX,
+];
 
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
