@@ -76,6 +76,13 @@
 //!   tokio's timer rounds it up to whole milliseconds), as if the database
 //!   were on another host. The SKIP LOCKED part connects directly.
 
+/// The allocator `allot serve` runs with (`allot-cli`'s `main.rs`), so the
+/// engine is measured as the server runs it: glibc's malloc took about a
+/// quarter of this process's CPU at 64 clients on PostgreSQL (BENCHMARKS §6
+/// round 9).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "claims/delay_proxy.rs"]
 mod delay_proxy;
 #[path = "claims/skip_locked.rs"]
