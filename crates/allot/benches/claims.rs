@@ -77,9 +77,9 @@
 //!   were on another host. The SKIP LOCKED part connects directly.
 
 /// The allocator `allot serve` runs with (`allot-cli`'s `main.rs`), so the
-/// engine is measured as the server runs it: glibc's malloc took about a
-/// quarter of this process's CPU at 64 clients on PostgreSQL (BENCHMARKS §6
-/// round 9).
+/// engine is measured as the server runs it. (glibc's malloc and free were
+/// ~27% of this process's samples at 64 clients on PostgreSQL; throughput
+/// with either stayed within the run-to-run noise: BENCHMARKS §6 round 9.)
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
