@@ -20,6 +20,12 @@
 //! change under the new prefix. A watch of keys no recorded prefix covers is
 //! refused, and one starting before its prefix was recorded fails as
 //! compacted: never a silent gap.
+//!
+//! Since it never narrows, the saving needs every client of the database to
+//! ask for less than everything: one client with the default (every key),
+//! or a store upgraded from an earlier schema (which logged every key so
+//! far), records everything for good. Narrowing would have to end the
+//! watches of the dropped prefixes first; there is no way to do it yet.
 
 use allot_store::Revision;
 use tokio_postgres::Row;

@@ -15,9 +15,10 @@
 //!   code as every other backend (`allot_store::backend::apply_txn`),
 //!   against keys read after the lock was taken; the outcome is written with
 //!   one multi-row upsert and one delete.
-//! - **Watch**: every event is appended to a change log in the same
-//!   transaction; watchers replay it and then follow new rows, woken by
-//!   `LISTEN`/`NOTIFY` (see the `watch` module).
+//! - **Watch**: every event of a key under the recorded prefixes (`history`
+//!   module; every key unless all clients asked for less) is appended to a
+//!   change log in the same transaction; watchers replay it and then follow
+//!   new rows, woken by `LISTEN`/`NOTIFY` (see the `watch` module).
 //! - **Leases**: a table of deadlines judged by the database clock
 //!   (`clock_timestamp()`), so every server agrees; a background task on
 //!   every server deletes expired leases' keys in one revision (the revision
@@ -109,7 +110,9 @@ pub struct PostgresOptions {
     /// [`StoreError::Invalid`], and one starting before that revision as
     /// compacted. Changes of other keys get no log row: a write is cheaper
     /// (the engine asks only for what it watches, see
-    /// `allot::keys::WATCHED_PREFIXES`).
+    /// `allot::keys::WATCHED_PREFIXES`). The scope never narrows: once any
+    /// client asked for every key (this default), or for a store upgraded
+    /// from before schema v5, every key stays recorded.
     ///
     /// ```
     /// let options = allot_store_postgres::PostgresOptions {

@@ -5,8 +5,8 @@
 //! - `allot_schema_version`: one row, the version of the layout below;
 //! - `allot_revision`: one row, the store revision and the bookkeeping of the
 //!   history (oldest retained revision, number of retained events, sequence
-//!   number of the next event, the history scope). Every writing transaction locks this row
-//!   first (`SELECT ... FOR UPDATE`) and updates it, so writers are
+//!   number of the next event, the history scope). Every writing
+//!   transaction locks this row first (`SELECT ... FOR UPDATE`) and updates it, so writers are
 //!   serialized and revisions commit in order: a reader can never see
 //!   revision N+1 without N;
 //! - `allot_kv`: the current key space, one row per key;
@@ -442,16 +442,14 @@ $$;
     r#"
 -- v5 records history only for the key prefixes clients ask for (see
 -- history.rs): each prefix with the first revision recorded under it, and a
--- version every write checks. A store already written to has recorded every
--- key (the empty prefix) from its oldest retained revision on; a new one
--- records nothing until a client widens the scope as it connects.
+-- version every write checks. A new store records nothing until a client
+-- widens the scope as it connects; one upgraded from an earlier version
+-- keeps recording every key (`migrate_in_txn`), as its clients of earlier
+-- builds expect.
 ALTER TABLE {s}.allot_revision
     ADD COLUMN history_prefixes bytea[] NOT NULL DEFAULT '{}',
     ADD COLUMN history_since bigint[] NOT NULL DEFAULT '{}',
     ADD COLUMN history_version bigint NOT NULL DEFAULT 0;
-UPDATE {s}.allot_revision
-   SET history_prefixes = ARRAY[''::bytea], history_since = ARRAY[oldest]
- WHERE revision > 1;
 "#,
 ];
 
@@ -544,6 +542,18 @@ async fn migrate_in_txn(conn: &Object, schema: &str) -> Result<(), CallError> {
         conn.batch_execute(&migration.replace("{s}", schema))
             .await?;
     }
+    if current > 0 && current < 5 {
+        // Its history so far holds every key, and servers of earlier builds
+        // may still be watching any of them.
+        conn.execute(
+            &format!(
+                "UPDATE {schema}.allot_revision \
+                 SET history_prefixes = ARRAY[''::bytea], history_since = ARRAY[oldest]"
+            ),
+            &[],
+        )
+        .await?;
+    }
     if current == 0 {
         conn.execute(
             &format!("INSERT INTO {schema}.allot_schema_version (version) VALUES ($1)"),
@@ -571,6 +581,8 @@ pub(crate) struct Sql {
     pub lock_head: String,
     /// Sets the history scope (`history.rs`); the revision row is locked.
     pub widen_history: String,
+    /// Reads the history scope without the lock.
+    pub history_scope: String,
     pub current_revision: String,
     pub get: String,
     pub get_many: String,
@@ -606,6 +618,10 @@ impl Sql {
                 "SELECT revision, oldest, history_events, next_event, writer, \
                    history_prefixes, history_since, history_version \
                  FROM {s}.allot_revision FOR UPDATE"
+            ),
+            history_scope: format!(
+                "SELECT history_prefixes, history_since, history_version \
+                 FROM {s}.allot_revision"
             ),
             widen_history: format!(
                 "UPDATE {s}.allot_revision SET history_prefixes = $1::bytea[], \

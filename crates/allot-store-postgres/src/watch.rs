@@ -9,6 +9,10 @@
 //! is the safety net for a notification lost while the listener
 //! reconnects.
 //!
+//! Only keys under the recorded prefixes have log rows (`history.rs`): a
+//! watch of other keys is refused at the start, and one starting before its
+//! prefix was first recorded fails as compacted.
+//!
 //! Event numbers (`seq`) have no gaps across the store, so a page whose
 //! first event is not the one after the watcher's position means history it
 //! still needed was compacted: the stream then ends with

@@ -1,5 +1,6 @@
 //! Everything that writes: the transaction committer (group commit,
-//! pipelined), lease revocation and expiry, and compaction.
+//! pipelined), lease revocation and expiry, compaction, and widening the
+//! history scope (`history.rs`).
 //!
 //! Every revision is made by a PostgreSQL transaction holding the one
 //! revision row's lock (`SELECT ... FOR UPDATE`) until its commit is
@@ -8,9 +9,10 @@
 //! transaction go through one statement (`Sql::write`, schema v4; the
 //! PL/pgSQL `allot_write` and `allot_commit` before), which checks, under
 //! that lock, that the store is where the writer assumed it to be (the
-//! revision, the token of the batch that made it, and the mod revision of
-//! every key read; a key assumed absent and created is checked
-//! by its plain INSERT), and writes nothing otherwise. The history bounds
+//! revision, the token of the batch that made it, the version of the
+//! history scope its log rows were chosen by, and the mod revision of every
+//! key read; a key assumed absent and created is checked by its plain
+//! INSERT), and writes nothing otherwise. The history bounds
 //! are applied after the commit, before the answer, by `allot_bound` in a
 //! transaction of its own, and only when the write reports one crossed.
 //!
@@ -36,7 +38,8 @@
 //!   even reached the server. The checks make both ways safe: a batch whose
 //!   assumptions failed (another server wrote, a key was not as cached, or
 //!   the batch it was stacked on failed) wrote nothing, and its
-//!   transactions are run again on the locked path.
+//!   transactions are run again on the locked path. (A history scope
+//!   widened by another client fails it the same way.)
 //! - **Locked** (two round trips, always succeeds): `BEGIN`, lock, read every
 //!   key the batch depends on (after the lock: in READ COMMITTED each read
 //!   sees every earlier commit), evaluate, then the write and `COMMIT`.
@@ -1182,6 +1185,13 @@ pub(crate) async fn widen_history(
 }
 
 async fn widen_on(conn: &Object, shared: &Shared, wanted: &[Vec<u8>]) -> Result<(), CallError> {
+    // Usually nothing is missing: look without the lock first, which would
+    // hold up every writer of the store for a round trip.
+    let peek = conn.prepare_cached(&shared.sql.history_scope).await?;
+    let scope = HistoryScope::from_row(&conn.query_one(&peek, &[]).await?, 0)?;
+    if scope.widened(wanted, 1).is_none() {
+        return Ok(());
+    }
     let (lock, widen) = futures::try_join!(
         conn.prepare_cached(&shared.sql.lock_head),
         conn.prepare_cached(&shared.sql.widen_history),

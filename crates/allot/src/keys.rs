@@ -24,8 +24,11 @@
 /// `m/`, `o/`). A store that can record watch history selectively needs it
 /// for these only; the others (claim records, keys, answers, ...) are read,
 /// never watched. The PostgreSQL store opened by `allot-backends` records
-/// just these (`PostgresOptions::history_prefixes`), and a watch outside
-/// them fails there, which the engine's tests on PostgreSQL would catch.
+/// just these (`PostgresOptions::history_prefixes`) and refuses a watch
+/// outside them. Tests hold the engine to the list: the store wrapper of
+/// `tests/support` asserts it for every watch, the two-engine test on
+/// PostgreSQL (`tests/turns.rs`) records only these, and the server and
+/// testkit tests open PostgreSQL through `allot-backends`.
 pub const WATCHED_PREFIXES: [&[u8]; 6] = [
     POOLS_PREFIX,
     BLOCKS_PREFIX,

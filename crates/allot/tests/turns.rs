@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use allot::{AllocRequest, Allot, PoolKind, PoolSpec, Target};
 use allot_store::{Op, Store, Txn};
 use allot_store_etcd::{EtcdOptions, EtcdStore};
-use allot_store_postgres::testing::{fresh_store, shared_server};
+use allot_store_postgres::testing::{shared_server, unique_schema};
 use allot_store_postgres::{PostgresOptions, PostgresStore};
 use std::time::Duration;
 
@@ -28,25 +28,29 @@ struct Progress {
     other_at_first_finish: OnceLock<u64>,
 }
 
-/// A second store on the same schema: another server's connection.
-async fn second_store(schema: &str) -> PostgresStore {
+/// A store on `schema` as a server opens it: two of them on one schema are
+/// two servers' connections.
+async fn engine_store(schema: &str) -> PostgresStore {
     let url = tokio::task::spawn_blocking(|| shared_server().map(|s| s.url()))
         .await
         .expect("joining")
         .expect("the shared PostgreSQL server");
     let options = PostgresOptions {
         schema: schema.to_string(),
+        // As `allot serve` opens it: a watch of anything else would fail.
+        history_prefixes: Some(allot::keys::WATCHED_PREFIXES.map(<[u8]>::to_vec).to_vec()),
         ..PostgresOptions::default()
     };
     PostgresStore::connect(&url, options)
         .await
-        .expect("a second store")
+        .expect("a store on the shared server")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_hammering_one_pool_both_get_through_on_postgres() {
-    let (a, schema) = fresh_store(10_000, 1_000_000).await;
-    let b = second_store(&schema).await;
+    let schema = unique_schema();
+    let a = engine_store(&schema).await;
+    let b = engine_store(&schema).await;
     both_get_through(Arc::new(a), Arc::new(b)).await;
 }
 
@@ -55,7 +59,7 @@ async fn two_engines_hammering_one_pool_both_get_through_on_etcd() {
     let (a, server) = allot_store_etcd::testing::fresh_store(10_000, 1_000_000).await;
     let b = EtcdStore::connect(&server.endpoints(), EtcdOptions::default())
         .await
-        .expect("a second store");
+        .expect("a store on the shared server");
     both_get_through(Arc::new(a), Arc::new(b)).await;
     // Stopping the server waits for it: off the runtime's threads.
     tokio::task::spawn_blocking(move || drop(server))

@@ -72,6 +72,16 @@ impl Store for Counting {
         prefixes: &Prefixes,
         from: Revision,
     ) -> Result<WatchStream, StoreError> {
+        // Stores may record history of these only (PostgreSQL does).
+        for prefix in prefixes.iter() {
+            assert!(
+                allot::keys::WATCHED_PREFIXES
+                    .iter()
+                    .any(|w| prefix.starts_with(w)),
+                "the engine watches {:?}, outside allot::keys::WATCHED_PREFIXES",
+                String::from_utf8_lossy(prefix)
+            );
+        }
         self.inner.watch_prefixes(prefixes, from).await
     }
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
