@@ -29,6 +29,15 @@ fn options(schema: &str) -> PostgresOptions {
     }
 }
 
+/// A store asking for the watch history of keys under `prefix` only.
+async fn logging_only(url: &str, schema: &str, prefix: &str) -> PostgresStore {
+    let options = PostgresOptions {
+        history_prefixes: Some(vec![prefix.as_bytes().to_vec()]),
+        ..options(schema)
+    };
+    PostgresStore::connect(url, options).await.unwrap()
+}
+
 /// A plain client for poking at the database behind the store's back.
 async fn raw_client(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -231,15 +240,7 @@ async fn schema_is_versioned_and_a_newer_one_refused() {
     .unwrap();
     // A client asking for the history of one prefix only: the upgraded
     // store has logged every key so far, and keeps doing so.
-    let s = PostgresStore::connect(
-        &url,
-        PostgresOptions {
-            history_prefixes: Some(vec![b"x/".to_vec()]),
-            ..options(&schema)
-        },
-    )
-    .await
-    .unwrap();
+    let s = logging_only(&url, &schema, "x/").await;
     assert_eq!(value(&s, "k").await.as_deref(), Some("v"));
     assert_eq!(put(&s, "k", "v2").await, 3);
     let mut all = s.watch(b"", 1).await.unwrap();
@@ -281,15 +282,7 @@ async fn history_is_logged_only_under_the_prefixes_clients_ask_for() {
     let url = shared_url().await;
     let schema = unique_schema();
     let raw = raw_client(&url).await;
-    let a = PostgresStore::connect(
-        &url,
-        PostgresOptions {
-            history_prefixes: Some(vec![b"a/".to_vec()]),
-            ..options(&schema)
-        },
-    )
-    .await
-    .unwrap();
+    let a = logging_only(&url, &schema, "a/").await;
     assert_eq!(put(&a, "a/1", "x").await, 2);
     assert_eq!(put(&a, "b/1", "x").await, 3);
     let both = Txn::new()
