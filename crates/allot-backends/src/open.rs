@@ -111,12 +111,7 @@ impl Backend {
             } => {
                 let mut options = PostgresOptions {
                     // The engine's watches are all it needs history for.
-                    history_prefixes: Some(
-                        allot::keys::WATCHED_PREFIXES
-                            .iter()
-                            .map(|p| p.to_vec())
-                            .collect(),
-                    ),
+                    history_prefixes: Some(allot::keys::watched_prefixes()),
                     ..PostgresOptions::default()
                 };
                 if let Some(schema) = schema {

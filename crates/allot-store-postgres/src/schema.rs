@@ -6,8 +6,8 @@
 //! - `allot_revision`: one row, the store revision and the bookkeeping of the
 //!   history (oldest retained revision, number of retained events, sequence
 //!   number of the next event, the history scope). Every writing
-//!   transaction locks this row first (`SELECT ... FOR UPDATE`) and updates it, so writers are
-//!   serialized and revisions commit in order: a reader can never see
+//!   transaction locks this row first (`SELECT ... FOR UPDATE`) and updates
+//!   it, so writers are serialized and revisions commit in order: a reader can never see
 //!   revision N+1 without N;
 //! - `allot_kv`: the current key space, one row per key;
 //! - `allot_log`: the change log watches replay, one row per event, keyed by

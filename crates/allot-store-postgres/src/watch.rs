@@ -60,9 +60,8 @@ pub(crate) async fn start(
             Ok::<_, CallError>((current, oldest, next_event, first_seq, history))
         })
         .await;
-    let (current, oldest, next_event, first_seq, history) = shared.settle(conn, result)?;
+    let (current, mut oldest, next_event, first_seq, history) = shared.settle(conn, result)?;
     // Only changes under recorded prefixes are in the log (`history.rs`).
-    let mut oldest = oldest;
     for prefix in prefixes.iter() {
         match history.complete_from(prefix) {
             Some(since) => oldest = oldest.max(since),

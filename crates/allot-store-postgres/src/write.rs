@@ -1170,6 +1170,14 @@ async fn expire_on(conn: &Object, shared: &Shared) -> Result<Option<f64>, CallEr
     next_deadline(conn, shared).await
 }
 
+/// `BEGIN` and the revision row's lock, in one round trip: the start of a
+/// transaction that does not read anything else along with the head.
+async fn begin_locked(conn: &Object, shared: &Shared) -> Result<Head, CallError> {
+    let lock = conn.prepare_cached(&shared.sql.lock_head).await?;
+    let (_, head) = futures::try_join!(conn.batch_execute("BEGIN"), conn.query_one(&lock, &[]))?;
+    Head::from_row(&head)
+}
+
 // ---------------------------------------------------------------- history
 
 /// Widens the history scope to record changes under `wanted` too (see
@@ -1189,15 +1197,11 @@ async fn widen_on(conn: &Object, shared: &Shared, wanted: &[Vec<u8>]) -> Result<
     // hold up every writer of the store for a round trip.
     let peek = conn.prepare_cached(&shared.sql.history_scope).await?;
     let scope = HistoryScope::from_row(&conn.query_one(&peek, &[]).await?, 0)?;
-    if scope.widened(wanted, 1).is_none() {
+    if wanted.iter().all(|prefix| scope.records(prefix)) {
         return Ok(());
     }
-    let (lock, widen) = futures::try_join!(
-        conn.prepare_cached(&shared.sql.lock_head),
-        conn.prepare_cached(&shared.sql.widen_history),
-    )?;
-    let (_, head) = futures::try_join!(conn.batch_execute("BEGIN"), conn.query_one(&lock, &[]))?;
-    let head = Head::from_row(&head)?;
+    let widen = conn.prepare_cached(&shared.sql.widen_history).await?;
+    let head = begin_locked(conn, shared).await?;
     // Revision 1 is the empty store's: nothing was written, so nothing was
     // left out of the log.
     let since = if head.revision <= 1 {
@@ -1233,12 +1237,8 @@ pub(crate) async fn compact(
 }
 
 async fn compact_on(conn: &Object, shared: &Shared, revision: Revision) -> Result<(), CallError> {
-    let (lock, drop_history) = futures::try_join!(
-        conn.prepare_cached(&shared.sql.lock_head),
-        conn.prepare_cached(&shared.sql.drop_history),
-    )?;
-    let (_, head) = futures::try_join!(conn.batch_execute("BEGIN"), conn.query_one(&lock, &[]))?;
-    let head = Head::from_row(&head)?;
+    let drop_history = conn.prepare_cached(&shared.sql.drop_history).await?;
+    let head = begin_locked(conn, shared).await?;
     if revision > head.revision {
         return Err(StoreError::FutureRevision {
             requested: revision,

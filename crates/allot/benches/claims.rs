@@ -390,7 +390,7 @@ async fn pg_store(server: &PgServer) -> Result<PostgresStore, String> {
     // ALLOT_BENCH_PG_HISTORY=all records every key, as before schema v5.
     let history_prefixes = match std::env::var("ALLOT_BENCH_PG_HISTORY").as_deref() {
         Ok("all") => None,
-        Ok("engine") | Err(_) => Some(allot::keys::WATCHED_PREFIXES.map(<[u8]>::to_vec).to_vec()),
+        Ok("engine") | Err(_) => Some(allot::keys::watched_prefixes()),
         Ok(other) => {
             return Err(format!(
                 "ALLOT_BENCH_PG_HISTORY={other:?}: use all or engine"

@@ -38,6 +38,12 @@ pub const WATCHED_PREFIXES: [&[u8]; 6] = [
     TURNS_PREFIX,
 ];
 
+/// [`WATCHED_PREFIXES`] as owned byte strings, the shape store options take
+/// (`allot_store_postgres::PostgresOptions::history_prefixes`).
+pub fn watched_prefixes() -> Vec<Vec<u8>> {
+    WATCHED_PREFIXES.map(<[u8]>::to_vec).to_vec()
+}
+
 pub fn pool(name: &str) -> Vec<u8> {
     format!("p/{name}").into_bytes()
 }

@@ -38,7 +38,7 @@ async fn engine_store(schema: &str) -> PostgresStore {
     let options = PostgresOptions {
         schema: schema.to_string(),
         // As `allot serve` opens it: a watch of anything else would fail.
-        history_prefixes: Some(allot::keys::WATCHED_PREFIXES.map(<[u8]>::to_vec).to_vec()),
+        history_prefixes: Some(allot::keys::watched_prefixes()),
         ..PostgresOptions::default()
     };
     PostgresStore::connect(&url, options)
