@@ -58,9 +58,9 @@ use std::sync::Arc;
 use allot_store::backend::{apply_txn, delete_keys_txn, Applied};
 use allot_store::{EventKind, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnResponse};
 use deadpool_postgres::Object;
-use futures::future::try_join_all;
+use futures::future::{try_join_all, BoxFuture};
+use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -200,8 +200,8 @@ fn token() -> i64 {
     -((rand::random::<u64>() >> 1) as i64) - 1
 }
 
-/// The arguments of one write statement, owned, so that a spawned task
-/// can send them.
+/// The arguments of one write statement, owned, so that a flight's commit
+/// (a `'static` future the committer polls) can send them.
 struct CommitArgs {
     expected: i64,
     writer: i64,
@@ -503,11 +503,11 @@ enum Outcome {
 }
 
 /// The connection speculative batches are sent on, one behind the other
-/// while any is in flight (see the module doc), shared by their tasks. The
-/// first flight takes it from the pool; each flight sends its statement
+/// while any is in flight (see the module doc), shared by their commits.
+/// The first flight takes it from the pool; each flight sends its statement
 /// only after the flight before it on the pipe has sent (or given up), so
 /// the statements reach the server in the order the batches were built,
-/// whichever task runs first.
+/// whichever commit is polled first.
 struct Pipe {
     conn: tokio::sync::OnceCell<Object>,
     /// Flights given a place on the pipe so far (the next one's is this + 1).
@@ -516,7 +516,7 @@ struct Pipe {
     sent: tokio::sync::watch::Sender<u64>,
     /// An error left the connection unfit for reuse: no later batch is
     /// sent on it, and it is dropped, not returned to the pool, once the
-    /// last task lets go of it.
+    /// last flight lets go of it.
     broken: AtomicBool,
 }
 
@@ -574,11 +574,12 @@ impl Drop for SendTurn<'_> {
     }
 }
 
-/// A speculative batch in flight.
+/// What the committer keeps of a speculative batch in flight until it ends
+/// (its commit itself is polled in `run_committer`'s `commits`, in the
+/// same order).
 struct Flight {
     requests: Vec<Request>,
     answers: Answers,
-    done: JoinHandle<Result<Outcome, StoreError>>,
 }
 
 /// The committer task: takes whatever transactions are queued (up to the
@@ -594,6 +595,12 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let max_in_flight = shared.limits.max_in_flight;
     let mut known: Option<Known> = None;
     let mut flights: VecDeque<Flight> = VecDeque::new();
+    // The flights' commits, polled by this task rather than spawned: a task
+    // per flight cost two more hand-offs between threads per batch (sending
+    // and answering), each a wake-up of a parked worker when the runtime is
+    // idle, which is most of a lone request's overhead.
+    let mut commits: FuturesOrdered<BoxFuture<'static, Result<Outcome, StoreError>>> =
+        FuturesOrdered::new();
     // The connection of the flights, while any is in flight.
     let mut pipe: Option<Arc<Pipe>> = None;
     // Requests to run again on the locked path, once nothing is in flight.
@@ -620,7 +627,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
         let can_send = open && redo.is_empty() && flights.len() < max_in_flight.max(1);
         tokio::select! {
             biased;
-            outcome = front_done(&mut flights) => {
+            Some(outcome) = commits.next() => {
                 let Some(flight) = flights.pop_front() else { continue };
                 if flights.is_empty() {
                     pipe = None;
@@ -685,8 +692,8 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                             None => pipe.insert(Arc::new(Pipe::new())).clone(),
                         };
                         let place = on.place();
-                        let done = tokio::spawn(commit_fast(shared.clone(), on, place, args));
-                        flights.push_back(Flight { requests: batch, answers, done });
+                        commits.push_back(Box::pin(commit_fast(shared.clone(), on, place, args)));
+                        flights.push_back(Flight { requests: batch, answers });
                     }
                     Some(Err(err)) => {
                         let answers = failed(&batch, &err);
@@ -709,17 +716,6 @@ fn top_up(rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, max: usize
             Ok(request) => batch.push(request),
             Err(_) => break,
         }
-    }
-}
-
-/// The outcome of the oldest flight (pending forever if there is none).
-async fn front_done(flights: &mut VecDeque<Flight>) -> Result<Outcome, StoreError> {
-    match flights.front_mut() {
-        Some(flight) => match (&mut flight.done).await {
-            Ok(outcome) => outcome,
-            Err(err) => Err(StoreError::Backend(format!("commit task failed: {err}"))),
-        },
-        None => std::future::pending().await,
     }
 }
 
