@@ -378,6 +378,8 @@ struct Opened {
     /// The file or directory of an embedded store.
     path: PathBuf,
     pg: Option<PgServer>,
+    /// The PostgreSQL store itself, for its counters.
+    pg_store: Option<PostgresStore>,
     etcd: Option<EtcdServer>,
 }
 
@@ -430,7 +432,7 @@ impl Opened {
         let failed = |e: &dyn std::fmt::Display| -> ! {
             panic!("opening the {} store {name}: {e}", backend.name())
         };
-        let (mut pg, mut etcd) = (None, None);
+        let (mut pg, mut pg_handle, mut etcd) = (None, None, None);
         let allot = match backend {
             Backend::Redb => Allot::new(Arc::new(
                 RedbStore::open(&path, RedbOptions::default()).unwrap_or_else(|e| failed(&e)),
@@ -443,6 +445,7 @@ impl Opened {
                 let store = pg_store(&server).await.unwrap_or_else(|e| failed(&e));
                 println!("  {name}: PostgreSQL at {}", server.url());
                 pg = Some(server);
+                pg_handle = Some(store.clone());
                 Allot::new(Arc::new(store))
             }
             Backend::Etcd => {
@@ -460,6 +463,7 @@ impl Opened {
             backend,
             path,
             pg,
+            pg_store: pg_handle,
             etcd,
         }
     }
@@ -743,14 +747,17 @@ fn print_level(l: &Level, extra: f64) {
 async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64) {
     let rev0 = current_revision(&main.allot).await;
     let xid0 = main.pg_xid().await;
+    let redone = || main.pg_store.as_ref().map_or(0, PostgresStore::redone_batches);
+    let redone0 = redone();
     let level = drive(cfg, ops).await;
     let revisions = current_revision(&main.allot).await - rev0;
     if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
         let commits = b.saturating_sub(a + 1).max(1);
         println!(
-            "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit)",
+            "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit); {} speculative batches redone on the locked path",
             level.total_reqs,
-            level.total_reqs as f64 / commits as f64
+            level.total_reqs as f64 / commits as f64,
+            redone() - redone0
         );
     }
     (level, revisions)
