@@ -747,7 +747,11 @@ fn print_level(l: &Level, extra: f64) {
 async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64) {
     let rev0 = current_revision(&main.allot).await;
     let xid0 = main.pg_xid().await;
-    let redone = || main.pg_store.as_ref().map_or(0, PostgresStore::redone_batches);
+    let redone = || {
+        main.pg_store
+            .as_ref()
+            .map_or(0, PostgresStore::redone_batches)
+    };
     let redone0 = redone();
     let level = drive(cfg, ops).await;
     let revisions = current_revision(&main.allot).await - rev0;
