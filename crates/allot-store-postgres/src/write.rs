@@ -52,13 +52,14 @@
 //! backend shares.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use allot_store::backend::{apply_txn, delete_keys_txn, Applied};
 use allot_store::{EventKind, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnResponse};
 use deadpool_postgres::Object;
-use futures::future::{try_join_all, BoxFuture};
+use futures::future::{try_join_all, BoxFuture, FutureExt};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -597,8 +598,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let mut flights: VecDeque<Flight> = VecDeque::new();
     // The flights' commits, polled by this task rather than spawned: a task
     // per flight cost two more hand-offs between threads per batch (sending
-    // and answering), each a wake-up of a parked worker when the runtime is
-    // idle, which is most of a lone request's overhead.
+    // and answering), each of which can wake a parked worker.
     let mut commits: FuturesOrdered<BoxFuture<'static, Result<Outcome, StoreError>>> =
         FuturesOrdered::new();
     // The connection of the flights, while any is in flight.
@@ -692,7 +692,16 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                             None => pipe.insert(Arc::new(Pipe::new())).clone(),
                         };
                         let place = on.place();
-                        commits.push_back(Box::pin(commit_fast(shared.clone(), on, place, args)));
+                        // A panic in one flight fails its batch, as a
+                        // panicking task of its own did, not the committer.
+                        let commit = AssertUnwindSafe(commit_fast(shared.clone(), on, place, args))
+                            .catch_unwind()
+                            .map(|done| {
+                                done.unwrap_or_else(|_| {
+                                    Err(StoreError::Backend("commit task panicked".into()))
+                                })
+                            });
+                        commits.push_back(Box::pin(commit));
                         flights.push_back(Flight { requests: batch, answers });
                     }
                     Some(Err(err)) => {

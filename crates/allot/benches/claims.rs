@@ -521,6 +521,8 @@ impl Opened {
 
     async fn close(self) {
         self.allot.close().await;
+        // The store's own tasks end before its server does.
+        drop(self.pg_store);
         let (pg, etcd) = (self.pg, self.etcd);
         // Stopping a server waits for it: off the runtime's threads.
         tokio::task::spawn_blocking(move || {
