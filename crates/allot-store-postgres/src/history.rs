@@ -67,7 +67,7 @@ impl HistoryScope {
 
     /// Whether a change of `key` goes into the log.
     pub fn records(&self, key: &[u8]) -> bool {
-        self.entries.iter().any(|(p, _)| key.starts_with(p))
+        covers(&self.entries, key)
     }
 
     /// The first revision from which every change of a key under `prefix`
@@ -88,8 +88,7 @@ impl HistoryScope {
         let mut added = false;
         let mut entries = self.entries.clone();
         for prefix in wanted {
-            let covered = entries.iter().any(|(p, _)| prefix.starts_with(p));
-            if !covered {
+            if !covers(&entries, prefix) {
                 entries.push((prefix.clone(), since));
                 added = true;
             }
@@ -103,6 +102,11 @@ impl HistoryScope {
             .collect();
         Some((entries.into_iter().map(|(p, _)| p).collect(), since))
     }
+}
+
+/// Whether one of `entries` is a prefix of `key`.
+fn covers(entries: &[(Vec<u8>, Revision)], key: &[u8]) -> bool {
+    entries.iter().any(|(p, _)| key.starts_with(p))
 }
 
 #[cfg(test)]

@@ -240,14 +240,16 @@ impl PostgresStore {
             redone: std::sync::atomic::AtomicU64::new(0),
         });
 
-        let conn = shared.conn().await?;
-        let result = shared.timed(schema::migrate(&conn, &options.schema)).await;
-        shared.settle(conn, result)?;
         let wanted = options.history_prefixes.unwrap_or_else(|| vec![Vec::new()]);
         let conn = shared.conn().await?;
-        let result = shared
-            .timed(write::widen_history(&conn, &shared, &wanted))
-            .await;
+        let result = match shared.timed(schema::migrate(&conn, &options.schema)).await {
+            Ok(()) => {
+                shared
+                    .timed(write::widen_history(&conn, &shared, &wanted))
+                    .await
+            }
+            Err(err) => Err(err),
+        };
         shared.settle(conn, result)?;
 
         let (txns, queue) = mpsc::channel(limits.max_batch * 4);
