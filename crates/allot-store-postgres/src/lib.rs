@@ -238,6 +238,7 @@ impl PostgresStore {
             expiry_lock: tokio::sync::Mutex::new(()),
             expiry_wake: Notify::new(),
             redone: std::sync::atomic::AtomicU64::new(0),
+            staged: std::sync::atomic::AtomicU64::new(0),
         });
 
         let wanted = options.history_prefixes.unwrap_or_else(|| vec![Vec::new()]);
@@ -284,6 +285,23 @@ impl PostgresStore {
     pub fn redone_batches(&self) -> u64 {
         self.shared()
             .redone
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Speculative batches this store sent staged since it opened: as
+    /// `BEGIN`, the write statement and `COMMIT`, behind another batch, with
+    /// the next batch held back until the statement had run. The committer
+    /// stages batches while they are small (a few callers at a time), where
+    /// holding the next one back lets more callers join it.
+    ///
+    /// ```no_run
+    /// # async fn f(store: allot_store_postgres::PostgresStore) {
+    /// println!("{} batches staged", store.staged_flights());
+    /// # }
+    /// ```
+    pub fn staged_flights(&self) -> u64 {
+        self.shared()
+            .staged
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     /// Speculative batches that failed their checks and ran again on the
     /// locked path (see `PostgresStore::redone_batches`).
     pub redone: std::sync::atomic::AtomicU64,
+    /// Speculative batches sent staged (see `PostgresStore::staged_flights`).
+    pub staged: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {

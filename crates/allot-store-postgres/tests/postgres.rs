@@ -506,6 +506,80 @@ async fn concurrent_small_writes_all_commit() {
     }
 }
 
+/// Batches of a few transactions at a time are staged (`BEGIN`, the write,
+/// `COMMIT`, the next batch held back until the write has run): every
+/// acknowledged write is stored, at the revision its answer gave, and a
+/// watch from before them sees every revision once, in order, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_batches_keep_every_write_in_revision_order() {
+    let url = shared_url().await;
+    let s = PostgresStore::connect(&url, options(&unique_schema()))
+        .await
+        .unwrap();
+    let start = s.current_revision().await.unwrap();
+    let (tasks, per_task, puts) = (12usize, 80usize, 4usize);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let mut revisions = Vec::with_capacity(per_task);
+            for i in 0..per_task {
+                let first = format!("s/{t}/{i}/0");
+                let mut txn = Txn::new().when(Compare::absent(&first));
+                for j in 0..puts {
+                    txn = txn.then(Op::put(format!("s/{t}/{i}/{j}"), "v"));
+                }
+                let resp = s.txn(txn).await.unwrap();
+                assert!(resp.succeeded);
+                revisions.push(resp.revision);
+            }
+            revisions
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for handle in handles {
+        acknowledged.extend(handle.await.unwrap());
+    }
+    let total = tasks * per_task;
+    assert!(
+        s.staged_flights() > 0,
+        "no batch was staged: the test does not cover staging"
+    );
+    assert_eq!(
+        s.redone_batches(),
+        0,
+        "batches failed their own speculation"
+    );
+    let stored = s.range(b"s/", b"s0", 0).await.unwrap().kvs.len();
+    assert_eq!(stored, total * puts, "every acknowledged write is stored");
+    acknowledged.sort_unstable();
+    let mut watch = s.watch(b"s/", start + 1).await.unwrap();
+    let mut seen: Vec<u64> = Vec::with_capacity(total * puts);
+    while seen.len() < total * puts {
+        let event = timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("the watch stalled")
+            .unwrap()
+            .unwrap();
+        seen.push(event.revision());
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "events out of revision order"
+    );
+    let mut revisions = seen.clone();
+    revisions.dedup();
+    assert_eq!(revisions, acknowledged, "one revision per acknowledged txn");
+    assert!(
+        revisions.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap in the revisions"
+    );
+    assert!(
+        seen.chunk_by(|a, b| a == b).all(|run| run.len() == puts),
+        "a revision without all of its writes"
+    );
+}
+
 /// The committer evaluates batches on what it knows of the store (keys it
 /// has not read are assumed absent) and the write statement checks that
 /// under the lock: a key that exists but was never read by this store, and writes by

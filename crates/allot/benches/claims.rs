@@ -755,14 +755,21 @@ async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64
             .map_or(0, PostgresStore::redone_batches)
     };
     let redone0 = redone();
+    let staged = || {
+        main.pg_store
+            .as_ref()
+            .map_or(0, PostgresStore::staged_flights)
+    };
+    let staged0 = staged();
     let level = drive(cfg, ops).await;
     let revisions = current_revision(&main.allot).await - rev0;
     if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
         let commits = b.saturating_sub(a + 1).max(1);
         println!(
-            "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit); {} speculative batches redone on the locked path",
+            "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit); {} speculative batches staged, {} redone on the locked path",
             level.total_reqs,
             level.total_reqs as f64 / commits as f64,
+            staged() - staged0,
             redone() - redone0
         );
     }
