@@ -296,10 +296,10 @@ impl PostgresStore {
     ///
     /// ```no_run
     /// # async fn f(store: allot_store_postgres::PostgresStore) {
-    /// println!("{} batches staged", store.staged_flights());
+    /// println!("{} batches staged", store.staged_batches());
     /// # }
     /// ```
-    pub fn staged_flights(&self) -> u64 {
+    pub fn staged_batches(&self) -> u64 {
         self.shared()
             .staged
             .load(std::sync::atomic::Ordering::Relaxed)

@@ -78,7 +78,7 @@ pub(crate) struct Shared {
     /// Speculative batches that failed their checks and ran again on the
     /// locked path (see `PostgresStore::redone_batches`).
     pub redone: std::sync::atomic::AtomicU64,
-    /// Speculative batches sent staged (see `PostgresStore::staged_flights`).
+    /// Speculative batches sent staged (see `PostgresStore::staged_batches`).
     pub staged: std::sync::atomic::AtomicU64,
 }
 

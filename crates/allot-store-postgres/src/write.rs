@@ -27,19 +27,19 @@
 //!   sends the write statement alone, as a transaction of its own (it takes
 //!   the lock itself). With `max_in_flight` 1 that is all. With 2 (the
 //!   default) or more, the next batch (evaluated on top of the first,
-//!   assuming it commits) goes out at once, also as the write statement
-//!   alone, on the *same* connection (`Pipe`), and never before the batch
-//!   it builds on was sent there: PostgreSQL runs a connection's statements
-//!   in order, so it starts as soon as the first has committed, sees its
-//!   writes, and no round trip is lost in between. A pipe an error broke
-//!   gets no new batch while flights remain on it.
-//!   While recent batches are small (`STAGED_SIZES`), a batch sent behind
-//!   another is staged (`Form::Staged`): `BEGIN`, the statement and
-//!   `COMMIT`, so that the statement's answer comes before the commit's WAL
-//!   flush, and the next batch waits in the committer until that answer,
-//!   gathering the callers the batch ahead answered in the meantime,
-//!   instead of waiting a whole commit in PostgreSQL's queue.
-//!   It names the batch it builds on by the token that batch writes as the
+//!   assuming it commits) goes out on the *same* connection (`Pipe`), and
+//!   never before the batch it builds on was sent there: PostgreSQL runs a
+//!   connection's statements in order, so it starts as soon as the first has
+//!   committed, sees its writes, and no round trip is lost in between. It
+//!   goes out at once, as the write statement alone, unless recent batches
+//!   were small (`STAGED_SIZES`): then it is staged (`Form::Staged`) as
+//!   `BEGIN`, the statement and `COMMIT`, so that its statement's answer
+//!   comes before its WAL flush, and the batch after it waits in the
+//!   committer until that answer, gathering the callers answered in the
+//!   meantime, instead of waiting a whole commit in PostgreSQL's queue
+//!   (staging thus keeps at most two flights out, whatever `max_in_flight`).
+//!   A pipe an error broke gets no new batch while flights remain on it.
+//!   A batch names the batch it builds on by the token that batch writes as the
 //!   revision row's `writer`, chosen here, so known before that batch has
 //!   even reached the server. The checks make both ways safe: a batch whose
 //!   assumptions failed (another server wrote, a key was not as cached, or
@@ -439,7 +439,8 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    /// How much the transaction does: its compares and operations.
+    /// How much the transaction does, for `STAGED_SIZES`: its compares and
+    /// operations (both branches: a rough measure is enough).
     fn size(&self) -> usize {
         let txn = &self.txn;
         txn.compare.len() + txn.success.len() + txn.failure.len()
@@ -455,14 +456,15 @@ const CACHE_KEYS: usize = 200_000;
 const CACHE_BYTES: usize = 64 << 20;
 
 /// A flight is staged (see `Form`) only while recent flights were of these
-/// sizes (compares and operations; a keyed claim of the engine is ~3 plus
-/// ~4 per batch): from about two keyed claims to about twenty. A flight of
+/// sizes (`Request::size`, a moving average; an engine batch of n keyed
+/// claims is about 3n + 4): from about two keyed claims to about twenty. A flight of
 /// one claim has nobody to wait for: its caller is all the batch behind it
 /// could gather, so staging only adds the two statements. The callers of a
 /// larger one take the engine longer to bring back than a statement runs
 /// (~300 µs for 30 keyed claims, measured), so waiting for them emptied
 /// the pipe in ~1 flight out of 6. Measured (BENCHMARKS §6, round 11): 8
-/// callers of one pool +34-60% claims/s, 64 within the noise.
+/// callers of one pool +17-60% claims/s (about 20 alternated pairs), 8
+/// pools × 1 caller +24-38%; 1 and 64 callers hardly ever stage.
 const STAGED_SIZES: std::ops::Range<usize> = 10..64;
 
 /// The most batches run on the locked path after another writer was seen
@@ -645,7 +647,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     let mut statements_out: usize = 0;
     // The size of recent flights (a moving average), which decides whether
     // the next is staged (`STAGED_SIZES`).
-    let mut usual_size: usize = 0;
+    // Four times the average, so that integer division does not drag it
+    // below a steady size.
+    let mut usual_size_x4: usize = 0;
     let mut open = true;
     loop {
         if flights.is_empty() && !redo.is_empty() {
@@ -666,7 +670,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
             biased;
             Some(outcome) = commits.next() => {
                 let Some(flight) = flights.pop_front() else { continue };
-                usual_size = (3 * usual_size + flight.size) / 4;
+                usual_size_x4 = usual_size_x4 - usual_size_x4 / 4 + flight.size;
                 if flights.is_empty() {
                     pipe = None;
                 }
@@ -736,6 +740,7 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
                             None => pipe.insert(Arc::new(Pipe::new())).clone(),
                         };
                         let place = on.place();
+                        let usual_size = usual_size_x4 / 4;
                         let form = if flights.is_empty() || !STAGED_SIZES.contains(&usual_size) {
                             Form::Alone
                         } else {
@@ -952,6 +957,12 @@ async fn fast_on(
     let params = args.params(&shared.limits, &shared.sql.channel);
     let own = shared.expect_own(args.last);
     pipe.turn(place).await;
+    if pipe.is_broken() {
+        // Nothing of this batch was sent, and the connection is unfit (a
+        // flight ahead may have left a transaction open on it): the batch
+        // runs again on the locked path, on another connection.
+        return Ok((Outcome::Differs, false));
+    }
     let answer = match form {
         Form::Alone => {
             let query = conn.query_one(&write, &params);
@@ -966,10 +977,13 @@ async fn fast_on(
             let query = conn.query_one(&write, &params);
             let commit = conn.batch_execute("COMMIT");
             futures::pin_mut!(begin, query, commit);
+            // Dropped before `turn` if a poll below panics.
+            let mut unfinished = Unfinished(Some(pipe));
             // Each first poll puts its statement on the connection, in order.
             let begun = futures::poll!(begin.as_mut());
             let ran = futures::poll!(query.as_mut());
             let committed = futures::poll!(commit.as_mut());
+            unfinished.0 = None;
             drop(turn);
             let begun = polled(begun, begin).await;
             let ran = polled(ran, query).await;
@@ -988,6 +1002,19 @@ async fn fast_on(
     };
     own.committed();
     Ok((Outcome::Committed, due))
+}
+
+/// Breaks the pipe if dropped while armed: a staged flight that panicked
+/// after putting its `BEGIN` on the connection, and before its `COMMIT`,
+/// left a transaction open there, which no later batch may run in.
+struct Unfinished<'a>(Option<&'a Pipe>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.0 {
+            pipe.broken.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The output of a future polled once already (`first`).

@@ -758,7 +758,7 @@ async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64
     let staged = || {
         main.pg_store
             .as_ref()
-            .map_or(0, PostgresStore::staged_flights)
+            .map_or(0, PostgresStore::staged_batches)
     };
     let staged0 = staged();
     let level = drive(cfg, ops).await;
