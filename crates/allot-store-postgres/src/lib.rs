@@ -243,14 +243,12 @@ impl PostgresStore {
 
         let wanted = options.history_prefixes.unwrap_or_else(|| vec![Vec::new()]);
         let conn = shared.conn().await?;
-        let result = match shared.timed(schema::migrate(&conn, &options.schema)).await {
-            Ok(()) => {
-                shared
-                    .timed(write::widen_history(&conn, &shared, &wanted))
-                    .await
-            }
-            Err(err) => Err(err),
-        };
+        let mut result = shared.timed(schema::migrate(&conn, &options.schema)).await;
+        if result.is_ok() {
+            result = shared
+                .timed(write::widen_history(&conn, &shared, &wanted))
+                .await;
+        }
         shared.settle(conn, result)?;
 
         let (txns, queue) = mpsc::channel(limits.max_batch * 4);

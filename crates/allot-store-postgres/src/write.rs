@@ -457,9 +457,9 @@ const CACHE_BYTES: usize = 64 << 20;
 
 /// A flight is staged (see `Form`) only while recent flights were of these
 /// sizes (`Request::size`, a moving average; an engine batch of n keyed
-/// claims is about 3n + 4): from about two keyed claims to about twenty. A flight of
-/// one claim has nobody to wait for: its caller is all the batch behind it
-/// could gather, so staging only adds the two statements. The callers of a
+/// claims is about 3n + 4): from about two keyed claims to about twenty. A
+/// flight of one claim has nobody to wait for: its caller is all the batch
+/// behind it could gather, so staging only adds the two statements. The callers of a
 /// larger one take the engine longer to bring back than a statement runs
 /// (~300 µs for 30 keyed claims, measured), so waiting for them emptied
 /// the pipe in ~1 flight out of 6. Measured (BENCHMARKS §6, round 11): 8
@@ -645,10 +645,9 @@ pub(crate) async fn run_committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Re
     // whole commit early.
     let (ran_tx, mut ran_rx) = mpsc::unbounded_channel::<()>();
     let mut statements_out: usize = 0;
-    // The size of recent flights (a moving average), which decides whether
-    // the next is staged (`STAGED_SIZES`).
-    // Four times the average, so that integer division does not drag it
-    // below a steady size.
+    // Four times the moving average of recent flights' sizes, which decides
+    // whether the next is staged (`STAGED_SIZES`); times four, so that
+    // integer division does not drag it below a steady size.
     let mut usual_size_x4: usize = 0;
     let mut open = true;
     loop {

@@ -506,6 +506,16 @@ async fn concurrent_small_writes_all_commit() {
     }
 }
 
+/// Task `t`'s `i`th transaction of the staging tests: `puts` keys under
+/// `s/{t}/{i}/`, created together if the first is absent.
+fn create_set(t: usize, i: usize, puts: usize, value: &str) -> Txn {
+    let mut txn = Txn::new().when(Compare::absent(format!("s/{t}/{i}/0")));
+    for j in 0..puts {
+        txn = txn.then(Op::put(format!("s/{t}/{i}/{j}"), value));
+    }
+    txn
+}
+
 /// Batches of a few transactions at a time are staged (`BEGIN`, the write,
 /// `COMMIT`, the next batch held back until the write has run): every
 /// acknowledged write is stored, at the revision its answer gave, and a
@@ -524,12 +534,7 @@ async fn staged_batches_keep_every_write_in_revision_order() {
         handles.push(tokio::spawn(async move {
             let mut revisions = Vec::with_capacity(per_task);
             for i in 0..per_task {
-                let first = format!("s/{t}/{i}/0");
-                let mut txn = Txn::new().when(Compare::absent(&first));
-                for j in 0..puts {
-                    txn = txn.then(Op::put(format!("s/{t}/{i}/{j}"), "v"));
-                }
-                let resp = s.txn(txn).await.unwrap();
+                let resp = s.txn(create_set(t, i, puts, "v")).await.unwrap();
                 assert!(resp.succeeded);
                 revisions.push(resp.revision);
             }
@@ -606,12 +611,7 @@ async fn staged_batches_give_way_to_another_writer() {
         let a = a.clone();
         handles.push(tokio::spawn(async move {
             for i in 0..per_task {
-                let first = format!("s/{t}/{i}/0");
-                let mut txn = Txn::new().when(Compare::absent(&first));
-                for j in 0..puts {
-                    txn = txn.then(Op::put(format!("s/{t}/{i}/{j}"), "a"));
-                }
-                assert!(a.txn(txn).await.unwrap().succeeded);
+                assert!(a.txn(create_set(t, i, puts, "a")).await.unwrap().succeeded);
             }
         }));
     }

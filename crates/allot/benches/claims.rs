@@ -749,18 +749,11 @@ fn print_level(l: &Level, extra: f64) {
 async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64) {
     let rev0 = current_revision(&main.allot).await;
     let xid0 = main.pg_xid().await;
-    let redone = || {
-        main.pg_store
-            .as_ref()
-            .map_or(0, PostgresStore::redone_batches)
-    };
-    let redone0 = redone();
-    let staged = || {
-        main.pg_store
-            .as_ref()
-            .map_or(0, PostgresStore::staged_batches)
-    };
-    let staged0 = staged();
+    let count = |counter: fn(&PostgresStore) -> u64| main.pg_store.as_ref().map_or(0, counter);
+    let (staged0, redone0) = (
+        count(PostgresStore::staged_batches),
+        count(PostgresStore::redone_batches),
+    );
     let level = drive(cfg, ops).await;
     let revisions = current_revision(&main.allot).await - rev0;
     if let (Some(a), Some(b)) = (xid0, main.pg_xid().await) {
@@ -769,8 +762,8 @@ async fn drive_counted(main: &Opened, cfg: &Config, ops: Vec<Op>) -> (Level, u64
             "  {} requests in {revisions} store revisions and {commits} PostgreSQL commits ({:.1} requests per commit); {} speculative batches staged, {} redone on the locked path",
             level.total_reqs,
             level.total_reqs as f64 / commits as f64,
-            staged() - staged0,
-            redone() - redone0
+            count(PostgresStore::staged_batches) - staged0,
+            count(PostgresStore::redone_batches) - redone0
         );
     }
     (level, revisions)
