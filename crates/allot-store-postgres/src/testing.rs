@@ -454,6 +454,13 @@ pub fn shared_server() -> Result<&'static PgServer, String> {
         .map_err(Clone::clone)
 }
 
+/// The connection settings a store opened on `url` with default options
+/// uses for each of its sessions (the same as [`PostgresStore::connect`]
+/// builds), so that a test can open such a session and look at it.
+pub fn session_config(url: &str) -> Result<tokio_postgres::Config, String> {
+    crate::pg_config(url, PostgresOptions::default().timeout).map_err(|e| e.to_string())
+}
+
 /// A schema name no other test of this process uses.
 pub fn unique_schema() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -47,6 +47,48 @@ async fn raw_client(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The settings the store's sessions ask for are in effect: durable commits
+/// whatever the server's default, index plans whatever the statistics, and
+/// statements planned once per session instead of on every execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_with_the_stores_settings() {
+    let config = allot_store_postgres::testing::session_config(&shared_url().await).unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    for (name, wanted) in [
+        ("synchronous_commit", "on"),
+        ("enable_seqscan", "off"),
+        ("jit", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+        ("application_name", "allot"),
+    ] {
+        let row = client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), wanted, "{name}");
+    }
+    // A statement with array parameters, as the store's writes have: run
+    // more often than the five custom plans PostgreSQL tries by default
+    // before it may settle on a generic one, it is never planned anew.
+    let text = "SELECT count(*) FROM unnest($1::bytea[]) AS k(key)";
+    let stmt = client.prepare(text).await.unwrap();
+    for n in 0..8usize {
+        let keys: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8]).collect();
+        client.query_one(&stmt, &[&keys]).await.unwrap();
+    }
+    let plans = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+             WHERE statement = $1",
+            &[&text],
+        )
+        .await
+        .unwrap();
+    assert_eq!(plans.get::<_, i64>(1), 0, "custom plans made");
+    assert!(plans.get::<_, i64>(0) >= 8, "generic plans used");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_fails_fast_and_the_store_reconnects_by_itself() {
     let server = allot_store_postgres::testing::start_server().await;
