@@ -52,7 +52,7 @@ use allot_store::{
     WatchStream,
 };
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, watch as signal, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -208,6 +208,10 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
+            // The connection used last: its backend's caches and memory are
+            // warm. First in, first out went round every idle connection,
+            // one backend per commit at a single caller.
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(options.timeout))
             .create_timeout(Some(options.timeout))
