@@ -57,7 +57,7 @@
 //! Evaluation is always `allot_store::backend::apply_txn`, the code every
 //! backend shares.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -481,8 +481,11 @@ struct Known {
     /// the locked path, whatever its writer wrote there: a token, a
     /// transaction id from an earlier build, or 0).
     writer: i64,
-    /// Keys as of `revision` (`None`: absent).
-    keys: HashMap<Vec<u8>, Option<KeyValue>>,
+    /// Keys as of `revision` (`None`: absent). Hashed with foldhash, not
+    /// the standard SipHash: looking keys up and storing them was a fifth
+    /// of a batch's evaluation, and foldhash is seeded at random too, so
+    /// clients' keys cannot be chosen to collide.
+    keys: foldhash::HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
     /// The history scope as last read under the lock.
     history: Arc<HistoryScope>,
@@ -494,7 +497,7 @@ impl Known {
             revision: head.revision,
             next_event: head.next_event,
             writer: head.writer,
-            keys: HashMap::new(),
+            keys: foldhash::HashMap::default(),
             bytes: 0,
             history: head.history.clone(),
         }
