@@ -341,9 +341,10 @@ fn pg_config(url: &str, timeout: Duration) -> Result<tokio_postgres::Config, Sto
     let ms = timeout.as_millis();
     // synchronous_commit: an acknowledged write is on disk, whatever the
     // server's default says (never weaker than the other backends).
-    // enable_seqscan=off: every statement of the store has an index path,
-    // but plans are cached per connection and made while a table is small;
-    // one made on tiny statistics kept scanning allot_kv whole after it grew
+    // enable_seqscan=off: every statement on allot_kv and allot_log has an
+    // index path, but plans are cached per connection and made while a
+    // table is small; one made on tiny statistics kept scanning allot_kv
+    // whole after it grew
     // (a read of two keys took 20 ms at 200k keys instead of 0.05 ms, and
     // keyed claims at 64 clients fell from 15k/s to 2.8k/s). jit=off: the
     // statements are short, and the penalty seq-scan costs carry would
@@ -623,5 +624,58 @@ impl PostgresStore {
             .await;
         let (revision, view) = shared.settle(conn, result)?;
         Ok(apply_txn(&view, &txn, revision, |_| false)?.response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::fresh_store;
+
+    async fn backend_pid(conn: &crate::shared::Conn) -> (i32, bool) {
+        let row = conn
+            .query_one(
+                "SELECT pg_backend_pid(), txid_current_if_assigned() IS NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    /// A call whose future is dropped half-way (a caller's timeout, a
+    /// client gone) must not hand its connection, perhaps inside a
+    /// transaction it began, to the next call; one that ends normally gives
+    /// it back, and the next call gets that same, warm connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_left_mid_call_is_discarded_and_a_settled_one_reused() {
+        let (store, _) = fresh_store(1000, 100_000).await;
+        let shared = store.shared();
+
+        let conn = shared.conn().await.unwrap();
+        let (settled, idle) = backend_pid(&conn).await;
+        assert!(idle);
+        shared.settle(conn, Ok(())).unwrap();
+        let conn = shared.conn().await.unwrap();
+        assert_eq!(
+            backend_pid(&conn).await.0,
+            settled,
+            "the warm one comes back"
+        );
+
+        // As `expire_on` would leave it if its caller went away after BEGIN.
+        conn.batch_execute("BEGIN; SELECT txid_current()")
+            .await
+            .unwrap();
+        drop(conn);
+        for _ in 0..3 {
+            let conn = shared.conn().await.unwrap();
+            let (pid, idle) = backend_pid(&conn).await;
+            assert_ne!(
+                pid, settled,
+                "the abandoned connection was handed out again"
+            );
+            assert!(idle, "a connection inside a transaction was handed out");
+            shared.settle(conn, Ok(())).unwrap();
+        }
     }
 }

@@ -82,11 +82,52 @@ pub(crate) struct Shared {
     pub staged: std::sync::atomic::AtomicU64,
 }
 
+/// A pooled connection taken for one call, given back by
+/// [`Shared::settle`]. Dropped without it (the call's future was dropped
+/// half-way: a caller's timeout, a client gone), the connection is
+/// discarded, not returned: it may be inside a transaction the call began,
+/// holding the revision row's lock, and the pool hands out the connection
+/// used last, so the next call would run inside that transaction.
+pub(crate) struct Conn(Option<Object>);
+
+impl Conn {
+    /// The connection itself, for a holder that guards it by other means
+    /// (the committer's pipe).
+    pub fn keep(mut self) -> Object {
+        match self.0.take() {
+            Some(conn) => conn,
+            None => unreachable!("{EMPTIED}"),
+        }
+    }
+}
+
+/// `Conn` is emptied only by `keep` and `settle`, which consume it.
+const EMPTIED: &str = "a connection given back is used";
+
+impl std::ops::Deref for Conn {
+    type Target = Object;
+
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            Some(conn) => conn,
+            None => unreachable!("{EMPTIED}"),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
+
 impl Shared {
     /// Takes a connection from the pool, within the call timeout.
-    pub async fn conn(&self) -> Result<Object, StoreError> {
+    pub async fn conn(&self) -> Result<Conn, StoreError> {
         match tokio::time::timeout(self.limits.timeout, self.pool.get()).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => Ok(Conn(Some(conn))),
             Ok(Err(err)) => Err(PgError::Pool(err).into()),
             Err(_) => Err(PgError::Timeout(self.limits.timeout).into()),
         }
@@ -108,11 +149,11 @@ impl Shared {
     /// through a pipeline or inside an aborted transaction; the pool opens a
     /// fresh one when needed, which is also how the store reconnects after
     /// an outage.
-    pub fn settle<T>(&self, conn: Object, result: Result<T, CallError>) -> Result<T, StoreError> {
-        if let Err(err) = &result {
-            if err.poisons_connection() {
-                drop(Object::take(conn));
-            }
+    pub fn settle<T>(&self, conn: Conn, result: Result<T, CallError>) -> Result<T, StoreError> {
+        let poisoned = matches!(&result, Err(err) if err.poisons_connection());
+        if !poisoned {
+            // Back to the pool; a poisoned one is discarded as `conn` drops.
+            drop(conn.keep());
         }
         result.map_err(StoreError::from)
     }

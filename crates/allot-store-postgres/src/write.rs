@@ -482,9 +482,10 @@ struct Known {
     /// transaction id from an earlier build, or 0).
     writer: i64,
     /// Keys as of `revision` (`None`: absent). Hashed with foldhash, not
-    /// the standard SipHash: looking keys up and storing them was a fifth
-    /// of a batch's evaluation, and foldhash is seeded at random too, so
-    /// clients' keys cannot be chosen to collide.
+    /// the standard SipHash, which was much of the quarter of a batch's
+    /// evaluation spent storing keys here. foldhash is seeded per map but
+    /// claims only minimal resistance to chosen collisions; the map is
+    /// bounded (`CACHE_KEYS`) and never iterated, which limits the harm.
     keys: foldhash::HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
     /// The history scope as last read under the lock.
@@ -953,7 +954,11 @@ async fn fast_on(
     let turn = SendTurn { pipe, place };
     let conn = pipe
         .conn
-        .get_or_try_init(|| async { shared.conn().await.map_err(CallError::Store) })
+        .get_or_try_init(|| async {
+            // The pipe guards it itself: dropped, not pooled, once broken.
+            let conn = shared.conn().await.map_err(CallError::Store)?;
+            Ok::<_, CallError>(conn.keep())
+        })
         .await?;
     let write = conn.prepare_cached(&shared.sql.write).await?;
     let params = args.params(&shared.limits, &shared.sql.channel);
