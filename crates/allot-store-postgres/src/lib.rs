@@ -344,11 +344,11 @@ fn pg_config(url: &str, timeout: Duration) -> Result<tokio_postgres::Config, Sto
     // enable_seqscan=off: every statement on allot_kv and allot_log has an
     // index path, but plans are cached per connection and made while a
     // table is small; one made on tiny statistics kept scanning allot_kv
-    // whole after it grew
-    // (a read of two keys took 20 ms at 200k keys instead of 0.05 ms, and
-    // keyed claims at 64 clients fell from 15k/s to 2.8k/s). jit=off: the
-    // statements are short, and the penalty seq-scan costs carry would
-    // otherwise cross the JIT threshold and compile every plan.
+    // whole after it grew (a read of two keys took 20 ms at 200k keys
+    // instead of 0.05 ms, and keyed claims at 64 clients fell from 15k/s to
+    // 2.8k/s). jit=off: the statements are short, and the penalty seq-scan
+    // costs carry would otherwise cross the JIT threshold and compile every
+    // plan.
     // plan_cache_mode=force_generic_plan: PostgreSQL kept planning the
     // write statement anew on every execution (its array parameters make a
     // custom plan look cheaper than the generic one), a quarter of the

@@ -39,8 +39,8 @@
 //!   meantime, instead of waiting a whole commit in PostgreSQL's queue
 //!   (staging thus keeps at most two flights out, whatever `max_in_flight`).
 //!   A pipe an error broke gets no new batch while flights remain on it.
-//!   A batch names the batch it builds on by the token that batch writes as the
-//!   revision row's `writer`, chosen here, so known before that batch has
+//!   A batch names the batch it builds on by the token that batch writes as
+//!   the revision row's `writer`, chosen here, so known before that batch has
 //!   even reached the server. The checks make both ways safe: a batch whose
 //!   assumptions failed (another server wrote, a key was not as cached, or
 //!   the batch it was stacked on failed) wrote nothing, and its
@@ -459,10 +459,10 @@ const CACHE_BYTES: usize = 64 << 20;
 /// sizes (`Request::size`, a moving average; an engine batch of n keyed
 /// claims is about 3n + 4): from about two keyed claims to about twenty. A
 /// flight of one claim has nobody to wait for: its caller is all the batch
-/// behind it could gather, so staging only adds the two statements. The callers of a
-/// larger one take the engine longer to bring back than a statement runs
-/// (~300 µs for 30 keyed claims, measured), so waiting for them emptied
-/// the pipe in ~1 flight out of 6. Measured (BENCHMARKS §6, round 11): 8
+/// behind it could gather, so staging only adds the two statements. The
+/// callers of a larger one take the engine longer to bring back than a
+/// statement runs (~300 µs for 30 keyed claims, measured), so waiting for
+/// them emptied the pipe in ~1 flight out of 6. Measured (BENCHMARKS §6, round 11): 8
 /// callers of one pool +17-60% claims/s (about 20 alternated pairs), 8
 /// pools × 1 caller +24-38%; 1 and 64 callers hardly ever stage.
 const STAGED_SIZES: std::ops::Range<usize> = 10..64;

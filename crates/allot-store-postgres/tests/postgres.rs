@@ -29,6 +29,11 @@ fn options(schema: &str) -> PostgresOptions {
     }
 }
 
+/// A store on `schema` of the server at `url`, with default options.
+async fn open(url: &str, schema: &str) -> PostgresStore {
+    PostgresStore::connect(url, options(schema)).await.unwrap()
+}
+
 /// A store asking for the watch history of keys under `prefix` only.
 async fn logging_only(url: &str, schema: &str, prefix: &str) -> PostgresStore {
     let options = PostgresOptions {
@@ -195,9 +200,7 @@ async fn watch_each_wakes_for_other_servers_and_brings_our_own_along() {
     let url = shared_url().await;
     let schema = unique_schema();
     let a = never_polling(&url, &schema).await;
-    let b = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let b = open(&url, &schema).await;
     let prefixes = allot_store::Prefixes::new([b"b/".as_slice(), b"t/"]);
     let mut follow = a.watch_each(&prefixes, 0).await.unwrap();
     // The watch reads (nothing) and goes to sleep before anything is
@@ -244,16 +247,12 @@ async fn watch_each_wakes_for_other_servers_and_brings_our_own_along() {
 async fn schema_is_versioned_and_a_newer_one_refused() {
     let url = shared_url().await;
     let schema = unique_schema();
-    let s = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let s = open(&url, &schema).await;
     put(&s, "k", "v").await;
     drop(s);
 
     // Connecting again (as another server would) keeps everything.
-    let s = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let s = open(&url, &schema).await;
     assert_eq!(value(&s, "k").await.as_deref(), Some("v"));
     assert_eq!(s.current_revision().await.unwrap(), 2);
     drop(s);
@@ -357,9 +356,7 @@ async fn history_is_logged_only_under_the_prefixes_clients_ask_for() {
 
     // Another client asking for every key widens the scope from the next
     // revision on: earlier history of b/ is gone, as if compacted.
-    let b = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let b = open(&url, &schema).await;
     match b.watch(b"b/", 1).await {
         Err(StoreError::Compacted { requested, oldest }) => {
             assert_eq!((requested, oldest), (1, 5));
@@ -565,9 +562,7 @@ fn create_set(t: usize, i: usize, puts: usize, value: &str) -> Txn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_batches_keep_every_write_in_revision_order() {
     let url = shared_url().await;
-    let s = PostgresStore::connect(&url, options(&unique_schema()))
-        .await
-        .unwrap();
+    let s = open(&url, &unique_schema()).await;
     let start = s.current_revision().await.unwrap();
     let (tasks, per_task, puts) = (12usize, 80usize, 4usize);
     let mut handles = Vec::new();
@@ -635,12 +630,8 @@ async fn staged_batches_keep_every_write_in_revision_order() {
 async fn staged_batches_give_way_to_another_writer() {
     let url = shared_url().await;
     let schema = unique_schema();
-    let a = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
-    let b = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let a = open(&url, &schema).await;
+    let b = open(&url, &schema).await;
     let (tasks, per_task, puts, foreign) = (12usize, 60usize, 4usize, 150usize);
     let other = tokio::spawn(async move {
         for i in 0..foreign {
@@ -690,9 +681,7 @@ async fn speculation_is_checked_against_keys_and_other_writers() {
 async fn speculation_checked(in_flight: usize) {
     let url = shared_url().await;
     let schema = unique_schema();
-    let b = PostgresStore::connect(&url, options(&schema))
-        .await
-        .unwrap();
+    let b = open(&url, &schema).await;
     for i in 0..20 {
         put(&b, &format!("pre/{i}"), "b").await;
     }
